@@ -1,0 +1,1 @@
+"""ehrfm.data_shards"""

@@ -1,0 +1,54 @@
+"""Shared contracts of the data stage: special tokens, token types and the batch/shard column names.
+
+Everything downstream (models, finetuning, kernels) imports these names instead of re-declaring them.
+"""
+from __future__ import annotations
+
+import enum
+
+PAD, UNK, MASK, CLS, VS, VE, REG = "[PAD]", "[UNK]", "[MASK]", "[CLS]", "[VS]", "[VE]", "[REG]"
+# Time-interval tokens placed between [REG] of one visit and [VS] of the next (CEHR-BERT / EhrMamba):
+# [W0]..[W3] = whole weeks 0-3, [M1]..[M12] = whole months 1-12 (30-day months), [LT] = longer than that.
+WEEK_TOKENS = tuple(f"[W{i}]" for i in range(4))
+MONTH_TOKENS = tuple(f"[M{i}]" for i in range(1, 13))
+LONG_TERM = "[LT]"
+INTERVAL_TOKENS = WEEK_TOKENS + MONTH_TOKENS + (LONG_TERM,)
+# Order fixes the ids: [PAD] is always id 0, [UNK] 1, [MASK] 2 ...; task tokens follow, then codes.
+SPECIAL_TOKENS = (PAD, UNK, MASK, CLS, VS, VE, REG) + INTERVAL_TOKENS
+PAD_ID = 0
+
+
+class TokenType(enum.IntEnum):
+    """Per-token event type (the `type_ids` stream). 0 is padding so embeddings can use padding_idx=0."""
+
+    PAD = 0
+    CLS = 1
+    VS = 2
+    VE = 3
+    REG = 4
+    INTERVAL = 5  # [W*], [M*], [LT]
+    TASK = 6  # task tokens used by multitask prompted finetuning
+    DX = 7  # conditions / diagnoses
+    MED = 8  # medications (requests, administrations)
+    LAB = 9  # laboratory observations
+    PRO = 10  # procedures
+    VIT = 11  # vital signs
+    IMM = 12  # immunizations
+    OTHER = 13  # any other coded event (demographics, unmapped systems)
+
+
+NUM_TOKEN_TYPES = len(TokenType)
+SPECIAL_TYPES = frozenset({TokenType.CLS, TokenType.VS, TokenType.VE, TokenType.REG, TokenType.INTERVAL, TokenType.TASK})
+
+# Per-token streams of one patient sequence (a shard row) and of a model batch. All have the same length.
+#   input_ids       int64  vocabulary ids
+#   type_ids        int64  TokenType
+#   ages            float32 age of the patient at the token, in years
+#   times           float32 weeks since 1970-01-01 (UTC) of the token's event
+#   visit_segments  int64  0 for [CLS]/pad, then 1/2 alternating per visit
+#   visit_orders    int64  0 for [CLS]/pad, visit number (1-based) otherwise
+#   event_time_s    int64  seconds since epoch of the token's event (shards only: task cutting)
+SEQUENCE_STREAMS = ("input_ids", "type_ids", "ages", "times", "visit_segments", "visit_orders")
+# A model batch adds: position_ids (B, L) restarting at 0 per document, attention_mask (B, L) 1 = real token,
+# document_ids (B, L) when packed (0 = padding, 1.. = document index within the row), labels (B, L).
+BATCH_KEYS = SEQUENCE_STREAMS + ("position_ids", "attention_mask", "document_ids")

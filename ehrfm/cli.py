@@ -1,0 +1,46 @@
+"""The `ehrfm` command: one entry point, one subcommand per stage.
+
+Each stage module exposes ``add_parser(subparsers)`` which registers its subcommand and sets ``func``;
+the heavy imports happen inside ``func`` so `ehrfm --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module providing add_parser) in the order shown by `ehrfm --help`
+SUBCOMMAND_MODULES = (
+    "ehrfm.data_shards.cli",  # prepare
+    "ehrfm.pretrain.cli",  # models (presets / parameter counts)
+    "ehrfm.demo",  # demo
+    "ehrfm.bench",  # bench
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ehrfm", description="Foundation models for electronic health records: prepare, pretrain, finetune."
+    )
+    parser.add_argument("--version", action="version", version=f"ehrfm {importlib.import_module('ehrfm').__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from ehrfm.logging import setup_logging
+
+    setup_logging(args.log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
