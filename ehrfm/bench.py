@@ -67,6 +67,13 @@ def main(args: argparse.Namespace) -> int:
     module_name, func_name = BENCHMARKS[args.name].split(":")
     run = getattr(importlib.import_module(module_name), func_name)
     rest = [a for a in args.rest if a != "--"]
+    # `--json-out` is ours wherever it appears (also after the benchmark name)
+    if "--json-out" in rest:
+        i = rest.index("--json-out")
+        if i + 1 >= len(rest):
+            raise SystemExit("ehrfm bench: --json-out needs a file name")
+        args.json_out = Path(rest[i + 1])
+        del rest[i : i + 2]
     result = {
         "benchmark": args.name,
         "command": " ".join(["ehrfm", "bench", args.name] + rest),

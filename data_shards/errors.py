@@ -1,0 +1,5 @@
+"""Errors of the data stage. Messages always name the file and, where known, the row / resource and field."""
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as given (missing/mistyped columns, unparseable values, ...)."""

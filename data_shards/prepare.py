@@ -1,0 +1,246 @@
+"""`ehrfm prepare`: MEDS or FHIR input -> tokenized, sharded, versioned corpus (see :mod:`.shards`).
+
+Two streaming passes over the (MEDS-shaped) input, one shard in memory at a time:
+
+1. clean, split, and learn the vocabulary on the pretraining split: code counts and a seeded reservoir of
+   numeric values per code for the quantile bins (pretraining split only, so no statistics leak from the
+   finetune/test patients);
+2. clean again, tokenize into patient sequences, write them to the split's shards, and compute task labels.
+
+FHIR input is first converted into a MEDS folder (kept as ``events/`` in the output) so both formats share
+one code path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from ..config import save_config, to_dict
+from . import splits as splits_mod
+from .cleaning import Tally, clean_events
+from .config import PrepareConfig
+from .errors import DataError
+from .readers import fhir
+from .readers.meds import iter_meds, list_meds_shards, read_subject_splits
+from .shards import FORMAT_VERSION, SplitShardWriter, atomic_output_dir, commit_output_dir, write_json_atomic
+from .tasks import TaskConfig, TaskTally, compute_labels, load_tasks, read_external_labels
+from .timeline import build_sequences, code_counts, prepare_events
+from .vocab import ValueReservoir, Vocabulary
+
+log = logging.getLogger("ehrfm.prepare")
+
+
+def source_fingerprint(files: list[Path], root: Path) -> str:
+    """Content hash of the input files (relative path + bytes), so a corpus records exactly what it saw."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode())
+        file_hash = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                file_hash.update(block)
+        digest.update(file_hash.digest())
+    return digest.hexdigest()[:24]
+
+
+def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: int, progress: bool) -> fhir.FhirTally:
+    """FHIR bundles / NDJSON -> MEDS folder (``data/<i>.parquet``, whole patients per shard)."""
+    bundles, ndjson = fhir.list_fhir_files(input_dir)
+    data_dir = meds_root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tally = fhir.FhirTally()
+    shard = 0
+    for start in tqdm(range(0, len(bundles), patients_per_shard), desc="fhir bundles", unit="shard", disable=not progress):
+        frame = fhir.read_bundle_files(bundles[start : start + patients_per_shard], tally)
+        if frame.height:
+            frame.sort("subject_id", "time", nulls_last=False).write_parquet(data_dir / f"{shard}.parquet")
+            shard += 1
+    if ndjson:
+        # Resources of one patient are spread over files: bucket events by subject, then merge each bucket.
+        parts_dir = meds_root / "_parts"
+        parts_dir.mkdir()
+        n_buckets = max(1, sum(p.stat().st_size for p in ndjson) // (patients_per_shard * 4_000_000) + 1)
+        part = 0
+        for path in tqdm(ndjson, desc="fhir ndjson", unit="file", disable=not progress):
+            for frame in fhir.iter_ndjson_events(path, tally):
+                frame = frame.with_columns(_bucket=(pl.col("subject_id") % n_buckets))
+                for (bucket,), group in frame.partition_by("_bucket", as_dict=True).items():
+                    group.drop("_bucket").write_parquet(parts_dir / f"{bucket}-{part}.parquet")
+                part += 1
+        for bucket in range(n_buckets):
+            files = sorted(parts_dir.glob(f"{bucket}-*.parquet"))
+            if files:
+                pl.concat([pl.read_parquet(f) for f in files]).sort("subject_id", "time", nulls_last=False).write_parquet(
+                    data_dir / f"{shard}.parquet"
+                )
+                shard += 1
+        shutil.rmtree(parts_dir)
+    if shard == 0:
+        raise DataError(f"{input_dir}: the FHIR files contained no clinical events")
+    return tally
+
+
+def _with_splits(frame: pl.DataFrame, cfg: PrepareConfig, meds_splits) -> pl.DataFrame:
+    assigned = splits_mod.assign_splits(frame.select("subject_id"), cfg.splits, meds_splits)
+    return frame.join(assigned, on="subject_id", how="left")
+
+
+def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = True) -> dict:
+    """Run both passes; returns the manifest. ``out`` appears only when everything succeeded."""
+    started = time.time()
+    input_dir, out = Path(input_dir), Path(out)
+    tasks = load_tasks(cfg.tasks)
+    task_tokens = list(dict.fromkeys([t.token for t in tasks if t.token] + list(cfg.vocab.extra_task_tokens)))
+    tmp = atomic_output_dir(out)
+    try:
+        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress)
+        manifest["seconds"] = round(time.time() - started, 2)
+        write_json_atomic(tmp / "manifest.json", manifest)
+        commit_output_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "prepared %s: %d patients, %d tokens, vocab %d, %.1f s",
+        out, manifest["counts"]["patients_total"], manifest["counts"]["tokens_total"], manifest["vocab_size"], manifest["seconds"],
+    )
+    return manifest
+
+
+def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool) -> dict:
+    fhir_tally = None
+    if cfg.format == "fhir":
+        bundles, ndjson = fhir.list_fhir_files(input_dir)
+        input_files = bundles + ndjson
+        meds_root = tmp / "events"
+        fhir_tally = convert_fhir_to_meds(input_dir, meds_root, cfg.shards.fhir_bundles_per_shard, progress)
+    else:
+        meds_root = input_dir
+        input_files = list_meds_shards(input_dir)
+    fingerprint = source_fingerprint(input_files, input_dir if input_dir.is_dir() else input_dir.parent)
+    meds_splits = read_subject_splits(meds_root)
+    n_shards = len(list_meds_shards(meds_root))
+
+    # Pass 1: vocabulary and value bins from the pretraining split.
+    counts: Counter = Counter()
+    reservoir = ValueReservoir(cfg.vocab.max_values_per_code, cfg.splits.seed)
+    data_end = None
+    tally = Tally()
+    for _, frame in tqdm(iter_meds(meds_root), total=n_shards, desc="pass 1 vocab", unit="shard", disable=not progress):
+        events = prepare_events(clean_events(frame, cfg.cleaning, tally), cfg.vocab)
+        shard_end = events["time"].max()
+        if shard_end is not None:
+            data_end = shard_end if data_end is None else max(data_end, shard_end)
+        pre = _with_splits(events, cfg, meds_splits).filter(pl.col("split") == "pretrain")
+        for code, count in code_counts(pre, cfg.history).iter_rows():
+            counts[code] += count
+        reservoir.add(pre.filter(pl.col("time").is_not_null()))
+    if tally.subjects_out == 0:
+        raise DataError(f"{input_dir}: no patient has any usable event after cleaning ({tally.to_dict()['dropped_rows']})")
+    edges = reservoir.edges(cfg.vocab.num_bins)
+    token_counts = Counter()
+    for code, count in counts.items():
+        token_counts[code] += count
+        if code in edges:
+            for k in range(1, len(edges[code]) + 2):
+                token_counts[f"{code}//Q{k}"] += count
+    vocab = Vocabulary.build(dict(token_counts), edges, min_frequency=cfg.vocab.min_frequency, task_tokens=task_tokens)
+    vocab.save(tmp / "tokenizer")
+    save_config(cfg, tmp / "config.yaml")
+
+    # Pass 2: sequences and labels.
+    writers = {s: SplitShardWriter(tmp, s, cfg.shards.patients_per_shard) for s in splits_mod.SPLITS}
+    labels: dict[tuple[str, str], list[pl.DataFrame]] = {}
+    task_tallies = {t.name: TaskTally() for t in tasks}
+    split_counts: Counter = Counter()
+    unk_tokens = 0
+    for _, frame in tqdm(iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress):
+        events = prepare_events(clean_events(frame, cfg.cleaning, Tally()), cfg.vocab)
+        events = _with_splits(events, cfg, meds_splits)
+        seqs = build_sequences(events.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=cfg.history)
+        seqs = seqs.join(events.select("subject_id", "split").unique(), on="subject_id", how="left")
+        unk_tokens += int(seqs["input_ids"].explode().eq(vocab.unk_id).sum())
+        for (split,), part in seqs.partition_by("split", as_dict=True).items():
+            writers[split].write(part.sort("subject_id"))
+            split_counts[split] += part.height
+        subject_split = events.select("subject_id", "split").unique()
+        for task in tasks:
+            task_labels = compute_labels(events, task, data_end, task_tallies[task.name])
+            task_labels = task_labels.join(subject_split, on="subject_id", how="left")
+            for (split,), part in task_labels.partition_by("split", as_dict=True).items():
+                labels.setdefault((task.name, split), []).append(part.drop("split"))
+    shard_lists = {s: w.finish() for s, w in writers.items()}
+    for path in cfg.external_labels:
+        external = read_external_labels(Path(path))
+        external = external.join(_subject_splits_of(tmp, shard_lists), on="subject_id", how="left")
+        unknown = external.filter(pl.col("split").is_null())
+        if unknown.height:
+            raise DataError(f"{path}: {unknown.height} label row(s) for subjects not in the data, e.g. {unknown['subject_id'][0]}")
+        name = Path(path).stem
+        for (split,), part in external.partition_by("split", as_dict=True).items():
+            labels.setdefault((name, split), []).append(part.drop("split"))
+        tasks = [*tasks, TaskConfig(name=name, description=f"external labels from {path}")]
+        task_tallies[name] = TaskTally(labels=external.height, positives=int(external["boolean_value"].sum() or 0))
+    label_files = _write_labels(tmp, tasks, labels)
+
+    tokens_per_split = {s: sum(x["tokens"] for x in shard_lists[s]) for s in shard_lists}
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": {"path": str(input_dir.resolve()), "format": cfg.format, "fingerprint": fingerprint, "files": len(input_files)},
+        "vocab_size": len(vocab),
+        "vocab_fingerprint": vocab.fingerprint(),
+        "task_tokens": task_tokens,
+        "tasks": {t.name: {"token": t.token, "description": t.description, **task_tallies[t.name].to_dict(), "files": label_files.get(t.name, {})} for t in tasks},
+        "data_end": str(data_end),
+        "counts": {
+            "patients": dict(split_counts),
+            "tokens": tokens_per_split,
+            "patients_total": sum(split_counts.values()),
+            "tokens_total": sum(tokens_per_split.values()),
+            "events_in": tally.rows_in,
+            "unk_tokens": unk_tokens,
+        },
+        "cleaning": tally.to_dict(),
+        "fhir": fhir_tally.to_dict() if fhir_tally else None,
+        "shards": shard_lists,
+        "config": to_dict(cfg),
+    }
+
+
+def _write_labels(tmp: Path, tasks, labels) -> dict:
+    files: dict[str, dict] = {}
+    for task in tasks:
+        for split in splits_mod.SPLITS:
+            parts = labels.get((task.name, split))
+            frame = (
+                pl.concat(parts).sort("subject_id", "prediction_time")
+                if parts
+                else pl.DataFrame(schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean})
+            )
+            path = tmp / "labels" / task.name / f"{split}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.write_parquet(path)
+            files.setdefault(task.name, {})[split] = {
+                "path": str(path.relative_to(tmp)), "rows": frame.height, "positives": int(frame["boolean_value"].sum() or 0)
+            }
+    return files
+
+
+def _subject_splits_of(root: Path, shard_lists: dict) -> pl.DataFrame:
+    """subject_id -> split of every written sequence (reads only the subject_id column)."""
+    import pyarrow as pa
+
+    frames = []
+    for split, shards in shard_lists.items():
+        for shard in shards:
+            with pa.memory_map(str(root / shard["path"])) as source:
+                ids = pa.ipc.open_file(source).read_all().column("subject_id")
+            frames.append(pl.DataFrame({"subject_id": pl.Series(ids.to_numpy()), "split": split}))
+    return pl.concat(frames) if frames else pl.DataFrame(schema={"subject_id": pl.Int64, "split": pl.String})

@@ -1,0 +1,129 @@
+"""MEDS reader: a folder ``data/**/*.parquet`` (+ ``metadata/``) streamed shard by shard.
+
+The schema of every shard is checked with the ``meds`` package's :class:`meds.DataSchema` before reading.
+Safe widenings are accepted and cast (``timestamp[ns|ms|s]`` -> ``timestamp[us]``, ``float64`` ->
+``float32``, integer subject ids -> ``int64``, ``large_string`` -> ``string``); anything else is an error
+naming the file and the columns. MEDS keeps each subject in one shard; a subject seen in two shards is an
+error (we rely on it to stream without a global sort).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import meds
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import DataError
+
+EXTRA_COLUMNS = ("encounter_id", "event_type")
+
+
+def list_meds_shards(root: Path) -> list[Path]:
+    root = Path(root)
+    data_dir = root / meds.data_subdirectory
+    if not data_dir.is_dir():
+        raise DataError(f"{root}: not a MEDS dataset (no {meds.data_subdirectory}/ folder)")
+    shards = sorted(data_dir.rglob("*.parquet"))
+    if not shards:
+        raise DataError(f"{data_dir}: no parquet shards found")
+    return shards
+
+
+def _castable(field: pa.Field, want: pa.DataType) -> bool:
+    t = field.type
+    if pa.types.is_timestamp(want):
+        return pa.types.is_timestamp(t) or pa.types.is_date(t)
+    if pa.types.is_floating(want):
+        return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(t)
+    if pa.types.is_string(want) or pa.types.is_large_string(want):
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+    return False
+
+
+_WANT = {
+    "subject_id": pa.int64(),
+    "time": pa.timestamp("us"),
+    "code": pa.string(),
+    "numeric_value": pa.float32(),
+    "text_value": pa.large_string(),
+}
+
+
+def check_schema(path: Path) -> pa.Schema:
+    """Validate a shard's schema with meds.DataSchema; return it if it is valid or safely castable."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    try:
+        meds.DataSchema.validate(schema)
+        return schema
+    except Exception as err:  # noqa: BLE001 - flexible_schema's error type; re-checked below
+        message = str(err)
+    missing = [c for c in ("subject_id", "time", "code") if c not in schema.names]
+    if missing:
+        raise DataError(f"{path}: missing required MEDS column(s) {missing} ({message})")
+    bad = [
+        f"{name} ({schema.field(name).type}, want {want})"
+        for name, want in _WANT.items()
+        if name in schema.names and not _castable(schema.field(name), want)
+    ]
+    if bad:
+        raise DataError(f"{path}: mistyped MEDS column(s): {', '.join(bad)}")
+    return schema
+
+
+def read_meds_shard(path: Path) -> pl.DataFrame:
+    """One shard as a DataFrame with MEDS columns (typed) plus the optional extra columns we use."""
+    schema = check_schema(path)
+    columns = [c for c in (*_WANT, *EXTRA_COLUMNS) if c in schema.names]
+    try:
+        frame = pl.read_parquet(path, columns=columns)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read parquet data ({err})") from None
+    casts = {
+        "subject_id": pl.Int64,
+        "time": pl.Datetime("us"),
+        "code": pl.String,
+        "numeric_value": pl.Float32,
+        "text_value": pl.String,
+        "encounter_id": pl.String,
+        "event_type": pl.String,
+    }
+    frame = frame.with_columns([pl.col(c).cast(t) for c, t in casts.items() if c in frame.columns])
+    if frame["time"].dtype != pl.Datetime("us", None):
+        frame = frame.with_columns(pl.col("time").dt.replace_time_zone(None))
+    for name, dtype in casts.items():
+        if name not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))
+    return frame.select(list(casts))
+
+
+def read_subject_splits(root: Path) -> pl.DataFrame | None:
+    path = Path(root) / meds.subject_splits_filepath
+    if not path.exists():
+        return None
+    frame = pl.read_parquet(path)
+    if not {"subject_id", "split"} <= set(frame.columns):
+        raise DataError(f"{path}: needs columns subject_id and split, found {frame.columns}")
+    return frame.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+
+
+def iter_meds(root: Path) -> Iterator[tuple[Path, pl.DataFrame]]:
+    """(shard path, events) for each shard; raises if a subject appears in two shards."""
+    seen: dict[int, Path] = {}
+    for path in list_meds_shards(root):
+        frame = read_meds_shard(path)
+        subjects = frame["subject_id"].unique()
+        for sid in subjects.to_list():
+            if sid in seen:
+                raise DataError(
+                    f"subject_id {sid} appears in both {seen[sid]} and {path}; MEDS shards must hold whole subjects"
+                )
+        seen.update(dict.fromkeys(subjects.to_list(), path))
+        yield path, frame

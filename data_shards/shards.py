@@ -1,0 +1,140 @@
+"""Sharded sequence files and the manifest.
+
+Layout of a prepared folder::
+
+    manifest.json                  format version, source fingerprint, counts, shard list + checksums, config
+    config.yaml                    the resolved prepare config
+    tokenizer/                     HF tokenizer (AutoTokenizer.from_pretrained) + ehrfm_vocab.json (bins, counts)
+    shards/<split>/<split>-00000.arrow   one row per patient (Arrow IPC, uncompressed: memory-mapped reads)
+    labels/<task>/<split>.parquet  MEDS label schema (subject_id, prediction_time, boolean_value)
+
+Everything is written into ``<out>.tmp-<pid>`` and renamed to ``<out>`` only when complete, so an
+interrupted run never leaves a folder that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+SHARD_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.int64()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("type_ids", pa.list_(pa.int8())),
+        ("ages", pa.list_(pa.float32())),
+        ("times", pa.list_(pa.float32())),
+        ("visit_segments", pa.list_(pa.int8())),
+        ("visit_orders", pa.list_(pa.int32())),
+        ("event_time_s", pa.list_(pa.int64())),
+        ("length", pa.int32()),
+    ]
+)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SplitShardWriter:
+    """Appends patient sequences to ``shards/<split>/`` files, starting a new file every N patients."""
+
+    def __init__(self, root: Path, split: str, patients_per_shard: int) -> None:
+        self.dir = root / "shards" / split
+        self.split = split
+        self.per_shard = patients_per_shard
+        self.shards: list[dict] = []
+        self._writer = None
+        self._rows = 0
+        self._tokens = 0
+        self._path: Path | None = None
+
+    def _open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._path = self.dir / f"{self.split}-{len(self.shards):05d}.arrow"
+        self._writer = pa.ipc.new_file(str(self._path), SHARD_SCHEMA)
+        self._rows = self._tokens = 0
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        assert self._path is not None
+        self.shards.append(
+            {
+                "path": str(self._path.relative_to(self.dir.parent.parent)),
+                "rows": self._rows,
+                "tokens": self._tokens,
+                "sha256": file_sha256(self._path),
+            }
+        )
+        self._writer = None
+
+    def write(self, seqs: pl.DataFrame) -> None:
+        table = seqs.select(SHARD_SCHEMA.names).to_arrow().cast(SHARD_SCHEMA)
+        offset = 0
+        while offset < table.num_rows:
+            if self._writer is None:
+                self._open()
+            take = min(self.per_shard - self._rows, table.num_rows - offset)
+            chunk = table.slice(offset, take)
+            self._writer.write_table(chunk)
+            self._rows += take
+            self._tokens += int(pa.compute.sum(chunk["length"]).as_py() or 0)
+            offset += take
+            if self._rows >= self.per_shard:
+                self._close()
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def atomic_output_dir(out: Path) -> Path:
+    """A fresh temp folder beside ``out`` (removed first if a previous run left one)."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_output_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished temp folder to ``out``, replacing an older complete output."""
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        from .errors import DataError
+
+        raise DataError(f"{folder}: not a prepared ehrfm data folder (no manifest.json); run `ehrfm prepare` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        from .errors import DataError
+
+        raise DataError(f"{path}: format version {manifest.get('format_version')} != {FORMAT_VERSION}; re-run prepare")
+    return manifest

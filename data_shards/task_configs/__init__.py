@@ -1,0 +1,1 @@
+"""Shipped clinical task definitions (YAML)."""

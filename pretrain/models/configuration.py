@@ -1,0 +1,183 @@
+"""Configurations of the EHR backbones: the HF config of each backbone plus the EHR embedding fields.
+
+Each class subclasses the HF config of its backbone (so every HF field keeps its meaning and name) and adds
+the fields of ``EhrEmbeddingFields``. Size presets follow 003 Table 5 (Tiny / Small / Medium); every field
+can be overridden: ``EhrLlamaConfig.from_preset("small", vocab_size=8000, num_hidden_layers=2)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import BertConfig, LlamaConfig, Mamba2Config, MambaConfig
+
+from ...data_shards.schema import NUM_TOKEN_TYPES, PAD_ID
+
+# 003 used a 4470-token vocabulary; the real size comes from the tokenizer of the data stage.
+DEFAULT_VOCAB_SIZE = 4470
+EMBEDDING_COMBINE = ("concat_project", "sum")
+
+
+@dataclass(kw_only=True)
+class EhrEmbeddingFields:
+    """Fields of the EHR embedding layer (``embeddings.EhrEmbeddings``), shared by every backbone config.
+
+    embedding_combine: "concat_project" (001 C.2: concatenate concept, time and age embeddings and project
+        back to hidden_size, then add the other attribute embeddings) or "sum" (001 eq. 1: project time and age
+        to hidden_size and add everything).
+    time_embedding_size: width of each Time2Vec embedding (time, age); 001 uses 32.
+    age_scale: multiplies `ages` (years) before Time2Vec; time_scale multiplies `times` (weeks since epoch).
+        Defaults map both to decades so that the initial Time2Vec frequencies see inputs of order 1-10.
+    max_visit_orders: rows of the visit-order table; larger visit numbers share the last row.
+    num_visit_segments: rows of the visit-segment table (0 = [CLS]/special/pad, 1 and 2 alternate).
+    embedding_dropout: dropout after the embedding LayerNorm.
+    """
+
+    type_vocab_size: int = NUM_TOKEN_TYPES
+    embedding_combine: str = "concat_project"
+    time_embedding_size: int = 32
+    age_scale: float = 0.1
+    time_scale: float = 1.0 / 520.0
+    max_visit_orders: int = 512
+    num_visit_segments: int = 3
+    embedding_dropout: float = 0.1
+    embedding_layer_norm_eps: float = 1e-5
+
+    def validate_ehr_fields(self) -> None:
+        if self.embedding_combine not in EMBEDDING_COMBINE:
+            raise ValueError(f"embedding_combine must be one of {EMBEDDING_COMBINE}, got {self.embedding_combine!r}")
+        if self.type_vocab_size < NUM_TOKEN_TYPES:
+            raise ValueError(f"type_vocab_size must be >= {NUM_TOKEN_TYPES} (schema.TokenType)")
+
+
+class _PresetMixin:
+    """``from_preset(size, **overrides)`` over the class attribute ``PRESETS`` {size: {field: value}}."""
+
+    PRESETS: dict[str, dict] = {}
+
+    @classmethod
+    def from_preset(cls, size: str = "tiny", **overrides):
+        size = size.lower()
+        if size not in cls.PRESETS:
+            raise ValueError(f"unknown size {size!r}; choose from {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[size], **overrides})
+
+
+_COMMON = dict(vocab_size=DEFAULT_VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=None, eos_token_id=None)
+# 003 Table 5: d_m 256/512/512, n_m 4/4/6, n_h 4/4/8, d_f 512/1024/2048 (transformers)
+_TRANSFORMER_SIZES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "medium": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+}
+# 003 Table 5: Mamba blocks n_b 2/6/12; Mamba2 head dim 32/64/64 (16 heads at expand 2)
+_MAMBA_SIZES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=2),
+    "small": dict(hidden_size=512, num_hidden_layers=6),
+    "medium": dict(hidden_size=512, num_hidden_layers=12),
+}
+_MAMBA2_HEAD_DIM = {"tiny": 32, "small": 64, "medium": 64}
+
+
+class EhrLlamaConfig(_PresetMixin, LlamaConfig, EhrEmbeddingFields):
+    """Llama (RoPE, SwiGLU, RMSNorm pre-norm; causal NTP) over EHR embeddings."""
+
+    model_type = "ehr_llama"
+    # class defaults = the Tiny preset (HF's defaults are a 7B model)
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    pad_token_id: int | None = PAD_ID
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    PRESETS = {k: {**_COMMON, "max_position_embeddings": 2048, **v} for k, v in _TRANSFORMER_SIZES.items()}
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+
+
+class EhrBertConfig(_PresetMixin, BertConfig, EhrEmbeddingFields):
+    """BERT (absolute positions, GeLU, post-LayerNorm; bidirectional MLM) over EHR embeddings.
+
+    BERT's own ``type_vocab_size`` is the token-type table here, sized by ``schema.TokenType``."""
+
+    model_type = "ehr_bert"
+    type_vocab_size: int = NUM_TOKEN_TYPES
+    # class defaults = the Tiny preset
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 2048
+    pad_token_id: int | None = PAD_ID
+    PRESETS = {k: {**_COMMON, "max_position_embeddings": 2048, **v} for k, v in _TRANSFORMER_SIZES.items()}
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+
+
+class EhrMambaConfig(_PresetMixin, MambaConfig, EhrEmbeddingFields):
+    """Mamba v1 (selective SSM blocks, RMSNorm pre-norm; causal NTP) over EHR embeddings (001 C.1)."""
+
+    model_type = "ehr_mamba"
+    # class defaults = the Tiny preset
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    pad_token_id: int | None = PAD_ID
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    PRESETS = {
+        k: {**_COMMON, "state_size": 16, "expand": 2, "conv_kernel": 4, **v} for k, v in _MAMBA_SIZES.items()
+    }
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+
+
+class EhrMamba2Config(_PresetMixin, Mamba2Config, EhrEmbeddingFields):
+    """Mamba2 (SSD, scalar A per head, gated RMSNorm; causal NTP) over EHR embeddings."""
+
+    model_type = "ehr_mamba2"
+    # class defaults = the Tiny preset
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    num_heads: int = 16
+    head_dim: int = 32
+    state_size: int = 128
+    n_groups: int = 1
+    chunk_size: int = 64
+    pad_token_id: int | None = PAD_ID
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    PRESETS = {
+        k: {
+            **_COMMON,
+            "expand": 2,
+            "state_size": 128,
+            "n_groups": 1,
+            "head_dim": _MAMBA2_HEAD_DIM[k],
+            "num_heads": 2 * v["hidden_size"] // _MAMBA2_HEAD_DIM[k],
+            "chunk_size": 64,
+            **v,
+        }
+        for k, v in _MAMBA_SIZES.items()
+    }
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+
+
+CONFIG_CLASSES = {
+    "llama": EhrLlamaConfig,
+    "mamba": EhrMambaConfig,
+    "mamba2": EhrMamba2Config,
+    "bert": EhrBertConfig,
+}
