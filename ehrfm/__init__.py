@@ -4,8 +4,12 @@ __version__ = "0.1.0"
 
 def register_models() -> None:
     """Register the ehrfm backbones (ehr_llama, ehr_mamba, ehr_mamba2, ehr_bert) with transformers' Auto
-    classes so ``AutoModel*.from_pretrained`` loads saved folders. Kept out of ``import ehrfm`` because it
-    imports torch and transformers (seconds); ``import ehrfm.pretrain.models`` does the same."""
-    from ehrfm.pretrain.models import register_auto_classes
+    classes now. ``import ehrfm`` already arranges this lazily (see ``ehrfm._auto_register``)."""
+    from ehrfm._auto_register import register_now
 
-    register_auto_classes()
+    register_now()
+
+
+from ehrfm import _auto_register  # noqa: E402
+
+_auto_register.install()

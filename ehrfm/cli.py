@@ -13,6 +13,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "ehrfm.data_shards.cli",  # prepare
     "ehrfm.pretrain.cli",  # models (presets / parameter counts)
+    "ehrfm.pretrain.cli_train",  # pretrain, export
     "ehrfm.demo",  # demo
     "ehrfm.bench",  # bench
 )

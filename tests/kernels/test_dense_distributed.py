@@ -75,10 +75,11 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def rank_results():
+def rank_results(spawnable):
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    with spawnable():
+        mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
     return dict(results)
 
 

@@ -107,12 +107,13 @@ def _rank_worker(rank, port, results):
 
 
 @pytest.mark.distributed
-def test_one_row_per_rank_equals_whole_batch():
+def test_one_row_per_rank_equals_whole_batch(spawnable):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_rank_worker, args=(port, results), nprocs=2, join=True)
+    with spawnable():
+        mp.spawn(_rank_worker, args=(port, results), nprocs=2, join=True)
     h = _hidden().requires_grad_()
     total, logs = dense_aux_loss(h, CFG_BOTH, attention_mask=ATTENTION, document_ids=DOC_IDS, type_ids=TYPE_IDS)
     total.backward()

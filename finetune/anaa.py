@@ -1,0 +1,201 @@
+"""ANAA during finetuning: swap the self-attention of a Llama or BERT backbone for ``anaa_attention``.
+
+    handle = enable_anaa(model, ANAAConfig(sigma_eh=0.33))      # or: with anaa_finetuning(model, cfg): ...
+    ...train...  (model.train(): noise N(mu, sigma^2) + smoothing;  model.eval(): deterministic mu term, eq. 10)
+    handle.remove()                                              # back to the original attention for export
+
+Mechanism: ANAA is registered in transformers' ``AttentionInterface`` (and ``AttentionMaskInterface``, with
+sdpa's boolean masks) under the name ``"ehrfm_anaa"`` and selected with ``model.set_attn_implementation``; no
+weights or modules change, so checkpoints stay loadable with any attention implementation. Every attention
+module carrying the per-model :class:`ANAAConfig` runs ANAA; other modules (e.g. cross-attention) use sdpa.
+
+Masks: a forward pre-hook on the swapped model records the ``document_ids`` (packed rows) or 2D
+``attention_mask`` the model is called with, so ANAA sees documents and padding exactly; if neither keyword is
+given, documents and padding are read off the 4D mask the model builds (query i is valid iff it may attend to
+itself; a new document starts where position i may not see i - 1).
+
+Choices (documented defaults): ``variant=None`` picks "causal" for causal attention modules (Llama: no
+position ever sees the future) and "symmetric" -- the paper's operator -- for bidirectional ones (BERT);
+``sigma_norm="paper"``; ``detach_sigma=True``; ``mode="rna"`` gives the paper's noise-only ablation. Attention
+dropout is not applied on top of ANAA. Mamba / Mamba2 backbones have no attention and are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+
+ATTN_NAME = "ehrfm_anaa"
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class ANAAConfig:
+    """Settings of ``ehrfm.kernels.anaa_attention`` used inside the swapped model (see its docstring)."""
+
+    sigma_eh: float = 0.33
+    variant: str | None = None  # None: causal for causal attention modules, symmetric otherwise
+    mode: str = "anaa"  # "anaa" | "rna" | "smooth"
+    sigma_norm: str = "paper"
+    detach_sigma: bool = True
+    impl: str = "auto"
+    kernel_size: int | None = None
+
+
+class _State:
+    """Per swapped model: the config and the (batch, seq) document ids of the current forward call."""
+
+    def __init__(self, cfg: ANAAConfig):
+        self.cfg = cfg
+        self.doc: torch.Tensor | None = None
+
+
+def _is_mamba(model) -> bool:
+    cfg = getattr(model, "config", None)
+    names = [str(getattr(cfg, "model_type", ""))] + [type(m).__name__ for m in model.modules()]
+    return any("mamba" in name.lower() for name in names)
+
+
+def _attention_modules(model):
+    return [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "is_causal") and hasattr(m, "config")
+            and not getattr(m, "is_cross_attention", False)]
+
+
+def _docs_from_4d(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, n, n) bool (True = attend) or additive float mask -> (B, n) document ids, 0 = padding."""
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    if allowed.shape[-1] != allowed.shape[-2]:
+        raise ValueError("ANAA needs square self-attention masks (no KV cache)")
+    valid = torch.diagonal(allowed, dim1=-2, dim2=-1)
+    prev_link = torch.diagonal(allowed, offset=-1, dim1=-2, dim2=-1) | torch.diagonal(allowed, offset=1, dim1=-2,
+                                                                                        dim2=-1)
+    start = valid.clone()
+    start[:, 1:] = valid[:, 1:] & ~(prev_link & valid[:, :-1])
+    return torch.cumsum(start.long(), dim=1) * valid
+
+
+def anaa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface function: query/key/value (B, H, n, d) -> ((B, n, H, d), None)."""
+    state: _State | None = getattr(module, "_ehrfm_anaa", None)
+    if state is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from ehrfm.kernels import anaa_attention
+
+    B, H, n, d = query.shape
+    if key.shape[2] != n:
+        raise ValueError("ANAA replaces full self-attention; incremental decoding with a KV cache is not supported")
+    n_rep = H // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    doc = state.doc
+    if doc is None or doc.shape != (B, n):
+        doc = _docs_from_4d(attention_mask) if attention_mask is not None else None
+    cfg = state.cfg
+    variant = cfg.variant or ("causal" if getattr(module, "is_causal", False) else "symmetric")
+    if scaling is not None:
+        query = query * (scaling * d ** 0.5)  # anaa_attention scales scores by 1/sqrt(d)
+    out = anaa_attention(query, key, value, sigma_eh=cfg.sigma_eh, variant=variant, training=module.training,
+                         document_ids=doc, sigma_norm=cfg.sigma_norm, detach_sigma=cfg.detach_sigma,
+                         impl=cfg.impl, mode=cfg.mode, kernel_size=cfg.kernel_size)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"ehrfm_anaa"`` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, anaa_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+class ANAAHandle:
+    """Returned by :func:`enable_anaa`; ``remove()`` restores the original attention implementation."""
+
+    def __init__(self, model, previous_impl: str, modules, hooks):
+        self.model, self.previous_impl, self.modules, self.hooks = model, previous_impl, modules, hooks
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        for m in self.modules:
+            if hasattr(m, "_ehrfm_anaa"):
+                del m._ehrfm_anaa
+        self.model.set_attn_implementation(self.previous_impl)
+
+
+def enable_anaa(model, cfg: ANAAConfig | None = None) -> ANAAHandle:
+    """Make every self-attention module of ``model`` (an HF Llama / BERT style model) run ANAA.
+
+    Raises ValueError for Mamba backbones (no attention to augment) and for models without attention modules.
+    """
+    cfg = cfg or ANAAConfig()
+    if _is_mamba(model):
+        raise ValueError("ANAA (--anaa) perturbs self-attention weights, but this is a Mamba/Mamba2 backbone "
+                         "which has no attention; finetune it without --anaa (use a Llama or BERT backbone for ANAA).")
+    modules = _attention_modules(model)
+    if any(hasattr(m, "_ehrfm_anaa") for m in modules):
+        raise ValueError("ANAA is already enabled on this model (call handle.remove() first)")
+    if not modules:
+        raise ValueError(f"ANAA found no self-attention modules in {type(model).__name__}")
+    if cfg.variant == "symmetric" and any(getattr(m, "is_causal", False) for m in modules):
+        _log.warning("symmetric ANAA on a causal model: smoothing and noise let positions see later tokens")
+    register()
+    previous = model.config._attn_implementation or "sdpa"
+    state = _State(cfg)
+    for m in modules:
+        m._ehrfm_anaa = state
+
+    def capture(_mod, args, kwargs):
+        doc = kwargs.get("document_ids")
+        if doc is None:
+            am = kwargs.get("attention_mask")
+            doc = (am != 0).long() if am is not None and am.dim() == 2 else None
+        state.doc = doc
+
+    def release(_mod, args, kwargs, output):
+        state.doc = None
+
+    hooks = [model.register_forward_pre_hook(capture, with_kwargs=True),
+             model.register_forward_hook(release, with_kwargs=True)]
+    model.set_attn_implementation(ATTN_NAME)
+    _log.info("ANAA enabled on %d attention modules: %s", len(modules), asdict(cfg))
+    return ANAAHandle(model, previous, modules, hooks)
+
+
+@contextlib.contextmanager
+def anaa_finetuning(model, cfg: ANAAConfig | None = None):
+    """``with anaa_finetuning(model, cfg): train(...)`` -- ANAA inside the block only."""
+    handle = enable_anaa(model, cfg)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def add_anaa_arguments(parser: argparse.ArgumentParser) -> None:
+    """``ehrfm finetune`` flags: --anaa, --anaa-sigma-eh, --anaa-variant, --anaa-mode, --anaa-sigma-norm."""
+    g = parser.add_argument_group("ANAA (adaptive noise-augmented attention, finetuning only)")
+    g.add_argument("--anaa", action="store_true", help="swap attention for ANAA while finetuning")
+    g.add_argument("--anaa-sigma-eh", type=float, default=0.33, help="event-horizon std of the smoothing kernel")
+    g.add_argument("--anaa-variant", choices=["causal", "symmetric"], default=None,
+                   help="default: causal for decoders (Llama), symmetric for encoders (BERT)")
+    g.add_argument("--anaa-mode", choices=["anaa", "rna", "smooth"], default="anaa",
+                   help="rna = noise only (the paper's RNA ablation); smooth = smoothing only")
+    g.add_argument("--anaa-sigma-norm", choices=["paper", "entries"], default="paper")
+    g.add_argument("--anaa-grad-sigma", action="store_true", help="differentiate through sigma (default: detach)")
+
+
+def anaa_config_from_args(args: argparse.Namespace) -> ANAAConfig | None:
+    """ANAAConfig from parsed :func:`add_anaa_arguments` flags, or None without --anaa."""
+    if not getattr(args, "anaa", False):
+        return None
+    return ANAAConfig(sigma_eh=args.anaa_sigma_eh, variant=args.anaa_variant, mode=args.anaa_mode,
+                      sigma_norm=args.anaa_sigma_norm, detach_sigma=not args.anaa_grad_sigma)

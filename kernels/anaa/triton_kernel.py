@@ -1,0 +1,289 @@
+"""Fused ANAA attention in Triton: flash-attention tiles, online S2, in-kernel Philox noise (forward + backward).
+
+The kernel computes, per (batch, head) and tile of query rows, with V' = G_k^T V already convolved (O(n d)):
+
+    Y_A = softmax(S) V'         (online softmax over key tiles; S = q k^T / sqrt(d), masked)
+    Y_Z = (Z . M) V'            (separate accumulator: the noise never enters the softmax loop)
+    r_i = sum_j A_ij^2          (online: s2 <- s2 * alpha^2 + sum p^2, divided by l^2 at the end)
+    lse_i                       (for the backward pass)
+
+and PyTorch finishes the O(n d) epilogue: per-document mu = 1/L and sigma from r (eq. 6-7),
+``Y = Y_A + mu * (M V') + sigma * Y_Z`` and ``O = G_q Y``. Masks: padding and packed documents via a
+(batch, seq) int32 document-id vector (0 = pad), causal via the tile index.
+
+Noise: ``z_ij = randn(seed, ((b * H + h) * n + i) * n + j)`` (Philox, 64-bit counter), regenerated tile by tile in
+backward for dV' += Z^T dY_Z -- no n x n tensor is ever stored. Debug mode (``noise`` given) loads the
+materialised Z instead, so outputs and gradients can be compared exactly with the reference;
+:func:`philox_noise` materialises the Philox Z a kernel uses, for tests.
+
+Backward (two kernels, no atomics): dS_ij = P_ij (dP_ij - Delta_i + 2 dr_i (P_ij - r_i)), with
+dP = dY_A V'^T, Delta_i = dY_A_i . Y_A_i, and dr the gradient reaching r through sigma (0 when detached).
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (tests, fp32, small shapes). Inputs are upcast to fp32 and
+accumulation is fp32; fp32 inputs use IEEE fp32 dots, fp16/bf16 inputs tf32 dots.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .factorized import noise_statistics
+from .gaussian import conv_rows
+from .masks import run_starts_index, segment_cumsum, segment_sum
+
+NOISE_OFF, NOISE_PHILOX, NOISE_EXPLICIT = 0, 1, 2
+NEG: tl.constexpr = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _tile_mask(doc_q, doc_k, offs_m, offs_n, CAUSAL: tl.constexpr):
+    ok = (doc_q[:, None] == doc_k[None, :]) & (doc_q[:, None] != 0)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    return ok
+
+
+@triton.jit
+def _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, NOISE: tl.constexpr):
+    if NOISE == 2:
+        ptr = Z + bh.to(tl.int64) * n * n + offs_m[:, None].to(tl.int64) * n + offs_n[None, :]
+        z = tl.load(ptr, mask=ok, other=0.0)
+    else:
+        ctr = (bh.to(tl.int64) * n + offs_m[:, None].to(tl.int64)) * n + offs_n[None, :].to(tl.int64)
+        z = tl.randn(seed, ctr)
+    return tl.where(ok, z, 0.0)
+
+
+@triton.jit
+def _anaa_fwd(Q, K, V, DOC, Z, YA, YZ, R, LSE, seed, n, H, d, scale,
+              CAUSAL: tl.constexpr, NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+              PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    base = bh.to(tl.int64) * n * d
+    row_ok = offs_m < n
+    q_mask = row_ok[:, None] & (offs_d[None, :] < d)
+    q = tl.load(Q + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
+    doc_q = tl.load(DOC + b * n + offs_m, mask=row_ok, other=0)
+    m_i = tl.full((BM,), NEG, tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    s2 = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BD), tl.float32)
+    accz = tl.zeros((BM, BD), tl.float32)
+    hi = n
+    if CAUSAL:
+        hi = tl.minimum(n, (pid_m + 1) * BM)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        col_ok = offs_n < n
+        kv_mask = col_ok[:, None] & (offs_d[None, :] < d)
+        k = tl.load(K + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+        doc_k = tl.load(DOC + b * n + offs_n, mask=col_ok, other=-1)
+        ok = _tile_mask(doc_q, doc_k, offs_m, offs_n, CAUSAL)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where(ok, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        s2 = s2 * alpha * alpha + tl.sum(p * p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        m_i = m_new
+        if NOISE != 0:
+            z = _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, NOISE)
+            accz += tl.dot(z, v, input_precision=PREC)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_mask = row_ok[:, None] & (offs_d[None, :] < d)
+    tl.store(YA + base + offs_m[:, None] * d + offs_d[None, :], acc / l_safe[:, None], mask=out_mask)
+    tl.store(YZ + base + offs_m[:, None] * d + offs_d[None, :], accz, mask=out_mask)
+    tl.store(R + bh * n + offs_m, s2 / (l_safe * l_safe), mask=row_ok)
+    tl.store(LSE + bh * n + offs_m, m_i + tl.log(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _anaa_bwd_dkdv(Q, K, V, DOC, Z, DYA, DYZ, LSE, DELTA, DR, R, DK, DV, seed, n, H, d, scale,
+                   CAUSAL: tl.constexpr, NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BD: tl.constexpr, PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    base = bh.to(tl.int64) * n * d
+    col_ok = offs_n < n
+    kv_mask = col_ok[:, None] & (offs_d[None, :] < d)
+    k = tl.load(K + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+    doc_k = tl.load(DOC + b * n + offs_n, mask=col_ok, other=-1)
+    dk = tl.zeros((BN, BD), tl.float32)
+    dv = tl.zeros((BN, BD), tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BN // BM) * BM
+    for start_m in range(lo, n, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        row_ok = offs_m < n
+        q_mask = row_ok[:, None] & (offs_d[None, :] < d)
+        q = tl.load(Q + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
+        dya = tl.load(DYA + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
+        doc_q = tl.load(DOC + b * n + offs_m, mask=row_ok, other=0)
+        lse = tl.load(LSE + bh * n + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * n + offs_m, mask=row_ok, other=0.0)
+        dr = tl.load(DR + bh * n + offs_m, mask=row_ok, other=0.0)
+        r = tl.load(R + bh * n + offs_m, mask=row_ok, other=0.0)
+        ok = _tile_mask(doc_q, doc_k, offs_m, offs_n, CAUSAL)
+        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, NEG)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p), dya, input_precision=PREC)
+        if NOISE != 0:
+            dyz = tl.load(DYZ + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
+            z = _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, NOISE)
+            dv += tl.dot(tl.trans(z), dyz, input_precision=PREC)
+        dp = tl.dot(dya, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None] + 2.0 * dr[:, None] * (p - r[:, None]))
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
+    tl.store(DK + base + offs_n[:, None] * d + offs_d[None, :], dk, mask=kv_mask)
+    tl.store(DV + base + offs_n[:, None] * d + offs_d[None, :], dv, mask=kv_mask)
+
+
+@triton.jit
+def _anaa_bwd_dq(Q, K, V, DOC, DYA, LSE, DELTA, DR, R, DQ, n, H, d, scale,
+                 CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    base = bh.to(tl.int64) * n * d
+    row_ok = offs_m < n
+    q_mask = row_ok[:, None] & (offs_d[None, :] < d)
+    q = tl.load(Q + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
+    dya = tl.load(DYA + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
+    doc_q = tl.load(DOC + b * n + offs_m, mask=row_ok, other=0)
+    lse = tl.load(LSE + bh * n + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * n + offs_m, mask=row_ok, other=0.0)
+    dr = tl.load(DR + bh * n + offs_m, mask=row_ok, other=0.0)
+    r = tl.load(R + bh * n + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros((BM, BD), tl.float32)
+    hi = n
+    if CAUSAL:
+        hi = tl.minimum(n, (pid_m + 1) * BM)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        col_ok = offs_n < n
+        kv_mask = col_ok[:, None] & (offs_d[None, :] < d)
+        k = tl.load(K + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + base + offs_n[:, None] * d + offs_d[None, :], mask=kv_mask, other=0.0)
+        doc_k = tl.load(DOC + b * n + offs_n, mask=col_ok, other=-1)
+        ok = _tile_mask(doc_q, doc_k, offs_m, offs_n, CAUSAL)
+        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, NEG)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(dya, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None] + 2.0 * dr[:, None] * (p - r[:, None]))
+        dq += tl.dot(ds, k, input_precision=PREC) * scale
+    tl.store(DQ + base + offs_m[:, None] * d + offs_d[None, :], dq, mask=q_mask)
+
+
+@triton.jit
+def _philox_noise_kernel(Z, seed, n, BM: tl.constexpr, BN: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    ok = (offs_m[:, None] < n) & (offs_n[None, :] < n)
+    z = _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, 1)
+    tl.store(Z + bh.to(tl.int64) * n * n + offs_m[:, None] * n + offs_n[None, :], z, mask=ok)
+
+
+def philox_noise(seed: int, batch: int, heads: int, n: int, device="cpu") -> torch.Tensor:
+    """The standard-normal Z (batch, heads, n, n) the fused kernel draws for ``seed`` (float32)."""
+    z = torch.empty(batch, heads, n, n, dtype=torch.float32, device=device)
+    _philox_noise_kernel[(triton.cdiv(n, 16), triton.cdiv(n, 16), batch * heads)](z, seed, n, BM=16, BN=16)
+    return z
+
+
+def _blocks(d: int):
+    return 16, 16, max(16, triton.next_power_of_2(d))
+
+
+class _FusedANAA(torch.autograd.Function):
+    """(q, k, V') -> (Y_A, Y_Z, r), all float32; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q, k, vp, doc32, z, seed: int, causal: bool, noise_mode: int, prec: str):
+        B, H, n, d = q.shape
+        q, k, vp = (t.float().contiguous() for t in (q, k, vp))
+        ya = torch.empty_like(q)
+        yz = torch.empty_like(q)
+        r = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
+        lse = torch.empty_like(r)
+        BM, BN, BD = _blocks(d)
+        zz = z.float().contiguous() if z is not None else ya  # unused pointer unless explicit noise
+        _anaa_fwd[(triton.cdiv(n, BM), B * H)](q, k, vp, doc32, zz, ya, yz, r, lse, seed, n, H, d, d ** -0.5,
+                                               CAUSAL=causal, NOISE=noise_mode, BM=BM, BN=BN, BD=BD, PREC=prec)
+        ctx.save_for_backward(q, k, vp, doc32, zz, ya, r, lse)
+        ctx.seed, ctx.causal, ctx.noise_mode, ctx.prec = seed, causal, noise_mode, prec
+        return ya, yz, r
+
+    @staticmethod
+    def backward(ctx, dya, dyz, dr):
+        q, k, vp, doc32, zz, ya, r, lse = ctx.saved_tensors
+        B, H, n, d = q.shape
+        dya = torch.zeros_like(ya) if dya is None else dya.float().contiguous()
+        dyz = torch.zeros_like(ya) if dyz is None else dyz.float().contiguous()
+        dr = torch.zeros_like(r) if dr is None else dr.float().contiguous()
+        delta = (dya * ya).sum(-1).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(vp)
+        BM, BN, BD = _blocks(d)
+        _anaa_bwd_dkdv[(triton.cdiv(n, BN), B * H)](
+            q, k, vp, doc32, zz, dya, dyz, lse, delta, dr, r, dk, dv, ctx.seed, n, H, d, d ** -0.5,
+            CAUSAL=ctx.causal, NOISE=ctx.noise_mode, BM=BM, BN=BN, BD=BD, PREC=ctx.prec)
+        _anaa_bwd_dq[(triton.cdiv(n, BM), B * H)](
+            q, k, vp, doc32, dya, lse, delta, dr, r, dq, n, H, d, d ** -0.5,
+            CAUSAL=ctx.causal, BM=BM, BN=BN, BD=BD, PREC=ctx.prec)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def anaa_triton(q, k, v, *, taps, variant, mode, training, doc, noise, seed, detach_sigma, sigma_norm):
+    """q, k, v: (B, H, n, d) on CUDA (or CPU under TRITON_INTERPRET=1); doc (B, n), 0 = pad; noise: explicit
+    Z (debug mode) or None (Philox with ``seed``; None draws a seed from torch's RNG). Returns (B, H, n, d)."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("impl='triton' needs CUDA tensors (on CPU: set TRITON_INTERPRET=1 before importing "
+                           "triton, or use impl='factorized')")
+    causal = variant == "causal"
+    smooth = mode != "rna"
+    use_noise = training and mode != "smooth"
+    if use_noise and noise is None and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    noise_mode = NOISE_OFF if not use_noise else (NOISE_EXPLICIT if noise is not None else NOISE_PHILOX)
+    valid = (doc != 0)[:, None, :, None].to(torch.float32)
+    starts = run_starts_index(doc)
+    vp = v.float() * valid
+    if smooth:
+        vp = conv_rows(vp, taps, doc, variant, transpose=True)
+    doc32 = doc.to(torch.int32).contiguous()
+    # fp32/fp64 inputs: IEEE fp32 dots (matches the reference); half inputs: tf32 tensor cores, whose rounding
+    # is below the inputs' own precision
+    prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    ya, yz, r = _FusedANAA.apply(q, k, vp, doc32, noise, int(seed or 0), causal, noise_mode, prec)
+    y = ya
+    if mode != "smooth":
+        msum = segment_cumsum(vp, starts) if causal else segment_sum(vp, starts)
+        mu, sigma = noise_statistics(r, doc, starts, sigma_norm)
+        y = y + mu[..., None] * msum
+        if use_noise:
+            if detach_sigma:
+                sigma = sigma.detach()
+            y = y + sigma[..., None] * yz
+    y = y * valid
+    if smooth:
+        y = conv_rows(y, taps, doc, variant, transpose=False)
+    return y.to(q.dtype)
