@@ -100,11 +100,24 @@ class SplitShardWriter:
         return self.shards
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_output_dir(out: Path) -> Path:
-    """A fresh temp folder beside ``out`` (removed first if a previous run left one)."""
+    """A fresh temp folder beside ``out``; leftovers of killed runs (``out.tmp-<dead pid>``) are removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 

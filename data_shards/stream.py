@@ -164,10 +164,6 @@ class PatientStream(IterableDataset):
         self.num_workers = 1
         self.role_shift = 0
 
-    # -- positions ------------------------------------------------------------------------------
-    def _positions_for(self, epoch: int, consumer: int, consumers: int, base: ConsumedSet) -> np.ndarray:
-        return base.remaining(self.total)[consumer::consumers]
-
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
@@ -199,7 +195,7 @@ class PatientStream(IterableDataset):
         and how many of its batches were already emitted, so a resumed run re-packs the same rows."""
         cfg = self.cfg
         order = epoch_order(self.row_counts, cfg.seed, state["epoch"], cfg.shuffle_buffer)
-        mine = self._positions_for(state["epoch"], consumer, consumers, state["base"])
+        mine = state["base"].remaining(self.total)[consumer::consumers]
         read = state["read"]
         resume_window = [tuple(k) for k in state.get("window") or []]
         skip = state.get("skip", 0)

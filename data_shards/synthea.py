@@ -10,11 +10,24 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .errors import DataError
 
 PROPERTIES = "exporter.use_uuid_filenames = true\ngenerate.clinical_notes = false\n"
+
+
+def _follow(proc: subprocess.Popen, fhir_dir: Path, patients: int, progress: bool) -> None:
+    """Wait for Synthea, showing a progress bar of bundles written (it prints none we could parse)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=patients, desc="synthea patients", unit="patient", disable=not progress) as bar:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            done = len(list(fhir_dir.glob("*.json"))) if fhir_dir.exists() else 0
+            bar.update(max(0, min(done, patients) - bar.n))
+        bar.update(patients - bar.n)
 
 
 def cache_root() -> Path:
@@ -23,7 +36,7 @@ def cache_root() -> Path:
 
 def generate_cohort(
     patients: int, *, seed: int = 7, age: str | None = "50-90", reference_date: str = "20250101",
-    threads: int = 2, cache_dir: Path | None = None,
+    threads: int = 2, cache_dir: Path | None = None, progress: bool = True,
 ) -> Path:
     """Folder of FHIR bundles (one per patient) for the cohort, generating it if not cached."""
     name = f"seed{seed}-n{patients}-age{age or 'all'}-ref{reference_date}"
@@ -43,9 +56,10 @@ def generate_cohort(
     if age:
         cmd[1:1] = ["-a", age]
     with open(tmp / "synthea.log", "w") as log:
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise DataError(f"synthea failed ({result.returncode}); see {tmp / 'synthea.log'}")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _follow(proc, tmp / "fhir", patients, progress)
+    if proc.returncode != 0:
+        raise DataError(f"synthea failed ({proc.returncode}); see {tmp / 'synthea.log'}")
     if not any((tmp / "fhir").glob("*.json")):
         raise DataError(f"synthea wrote no FHIR bundles; see {tmp / 'synthea.log'}")
     (tmp / "COMPLETE").write_text(" ".join(cmd) + "\n")

@@ -18,6 +18,9 @@ def register_now() -> None:
     global _done
     if _done:
         return
+    models = sys.modules.get("ehrfm.pretrain.models")
+    if models is not None and not hasattr(models, "register_auto_classes"):
+        return  # the models package is importing the Auto classes itself; it registers when it finishes
     _done = True
     from ehrfm.pretrain.models import register_auto_classes
 
@@ -31,10 +34,7 @@ class _RegisterAfterAutoImport(importlib.abc.MetaPathFinder):
         if fullname != _AUTO_MODULE:
             return None
         sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            pass
+        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
         original_exec = spec.loader.exec_module

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.pretrain.cli_train",  # pretrain, export
     "ehrfm.demo",  # demo
     "ehrfm.bench",  # bench
+    "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed
 )
 
 

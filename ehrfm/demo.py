@@ -40,15 +40,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"[2/3] prepare {source} -> {data_dir}")
     manifest = prepare(source, data_dir, PrepareConfig(format=fmt, tasks=["demo"]))
     print(f"[3/3] packing report at context length {args.context_length}")
-    report = packing_report(data_dir, "pretrain", args.context_length)
+    report = packing_report(data_dir, "pretrain", args.context_length, long_sequences="split")
     counts = manifest["counts"]
     print()
     print(f"patients {counts['patients_total']}, tokens {counts['tokens_total']}, vocabulary {manifest['vocab_size']}")
     print(f"{'task':18s} {'labels':>7s} {'positive':>9s}")
     for name, task in manifest["tasks"].items():
         print(f"{name:18s} {task['labels']:7d} {task['positives']:9d}")
-    print(f"real-token fraction: packed {report['packed']['real_token_fraction']:.3f}, "
-          f"padded {report['padded']['real_token_fraction']:.3f}")
+    print(f"real-token fraction at C={args.context_length}: packed {report['packed']['real_token_fraction']:.3f}, "
+          f"length-bucketed padding {report['padded']['real_token_fraction']:.3f}, "
+          f"padding to C {report['padded_to_context']['real_token_fraction']:.3f}")
     (args.out / "demo_report.json").write_text(json.dumps({"manifest_counts": counts, "packing": report}, indent=2))
     print(f"\nprepared data: {data_dir}\nreport: {args.out / 'demo_report.json'}\n({time.time() - started:.0f} s)")
     return 0

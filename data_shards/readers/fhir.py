@@ -185,9 +185,9 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
     rid = resource.get("id")
     source = f"{source_file}|{rtype}/{rid}"
     if rtype == "Patient":
-        sid = subject_id_for(rid or "")
         if not rid:
             raise DataError(f"{source_file}: Patient resource without an id")
+        sid = subject_id_for(rid)
         birth = resource.get("birthDate")
         if birth:
             out.add(sid, birth, "MEDS_BIRTH", None, None, None, "OTHER", source)

@@ -162,3 +162,30 @@ def test_external_labels_schema_errors(tmp_path):
     pl.DataFrame({"subject_id": [1], "boolean_value": [True]}).write_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: not in the MEDS label schema.*prediction_time"):
         read_external_labels(tmp_path / "bad.parquet")
+
+
+def test_killed_prepare_leaves_no_complete_looking_folder(tmp_path, meds_dataset):
+    """SIGKILL mid-run: `out` never appears; the next run removes the dead run's temp folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    code = (
+        "import sys, time; from pathlib import Path\n"
+        "import ehrfm.data_shards.prepare as p\n"
+        "orig = p.build_sequences\n"
+        "def slow(*a, **k):\n"
+        "    print('tokenizing', flush=True); time.sleep(60); return orig(*a, **k)\n"
+        "p.build_sequences = slow\n"
+        f"p.prepare(Path({str(meds_dataset)!r}), Path({str(out)!r}), p.PrepareConfig(tasks=[]), progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "tokenizing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert len(list(tmp_path.glob("out.tmp-*"))) == 1
+    prepare(meds_dataset, out, PrepareConfig(tasks=[]), progress=False)
+    assert (out / "manifest.json").exists() and not list(tmp_path.glob("out.tmp-*"))

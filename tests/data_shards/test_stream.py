@@ -141,3 +141,13 @@ def test_assemble_rows_restarts_positions_and_numbers_documents():
     assert batch["document_ids"].tolist() == [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]]
     assert batch["labels"].tolist()[1] == [5, 5, 5, 5, -100, -100]
     assert batch["attention_mask"].sum() == 9
+
+
+def test_packing_report_counts_the_same_real_tokens_in_both_modes(stream_data):
+    from ehrfm.data_shards.packing_report import packing_report
+
+    data, context = stream_data["synthea"]
+    report = packing_report(data, "pretrain", context, batch_size=2)
+    assert report["packed"]["real_tokens"] == report["padded"]["real_tokens"] > 0
+    assert report["packed"]["real_token_fraction"] >= report["padded_to_context"]["real_token_fraction"]
+    assert report["packed"]["rows"] <= report["padded"]["rows"]
