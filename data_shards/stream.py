@@ -171,7 +171,8 @@ class PatientStream(IterableDataset):
         role = (worker + self.role_shift) % workers
         consumers = self.world_size * workers
         consumer = self.rank * workers + role
-        if consumers > self.total:
+        if self.cfg.infinite and consumers > self.total:
+            # (a finite pass is fine: consumers without rows simply yield nothing)
             raise DataError(
                 f"split {self.split!r} has {self.total} patients, fewer than the {consumers} data consumers "
                 f"(world size {self.world_size} x {workers} workers); use fewer ranks/workers or more data"

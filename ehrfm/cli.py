@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.data_shards.cli",  # prepare
     "ehrfm.pretrain.cli",  # models (presets / parameter counts)
     "ehrfm.pretrain.cli_train",  # pretrain, export
+    "ehrfm.launch.cli",  # launch
     "ehrfm.demo",  # demo
     "ehrfm.bench",  # bench
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed

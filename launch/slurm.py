@@ -1,0 +1,105 @@
+"""Render and submit the multi-node pretraining sbatch script (``ehrfm launch slurm``).
+
+The template (templates/pretrain.sbatch) holds no user names, hosts or paths: everything site-specific comes
+from the command line. Rendering is deterministic (no timestamps), so a dry run can be reviewed and
+snapshot-tested.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import string
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_SIGNAL_SECONDS = 300
+
+
+@dataclasses.dataclass
+class SlurmJob:
+    pretrain_args: list[str]
+    nodes: int = 1
+    gpus_per_node: int = 0
+    procs_per_node: int | None = None  # default: gpus_per_node, or 1 on CPU nodes
+    cpus_per_task: int = 8
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    job_name: str = "ehrfm-pretrain"
+    signal_seconds: int = DEFAULT_SIGNAL_SECONDS
+    max_restarts: int = 3
+    master_port: int | None = None  # default: derived from the job id on the cluster
+    setup: str | None = None  # shell line(s) that make `ehrfm` available, e.g. "source .venv/bin/activate"
+    extra_sbatch: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def run_dir(self) -> str:
+        """The ``--out`` of the pretraining command: checkpoints, logs and the preemption flag live there."""
+        args = self.pretrain_args
+        for i, arg in enumerate(args):
+            if arg == "--out" and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith("--out="):
+                return arg.split("=", 1)[1]
+        raise ValueError("the pretraining arguments need --out RUN (the run folder the job resumes from)")
+
+
+def default_setup() -> str:
+    """Activate the Python environment this command runs in (the same `ehrfm` on every node)."""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if activate.exists():
+        return f"source {shlex.quote(str(activate))}"
+    return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"
+
+
+def render(job: SlurmJob) -> str:
+    if job.nodes < 1 or job.gpus_per_node < 0:
+        raise ValueError("--nodes must be >= 1 and --gpus-per-node >= 0")
+    template = string.Template(resources.files("ehrfm.launch").joinpath("templates/pretrain.sbatch").read_text())
+    optional = []
+    if job.partition:
+        optional.append(f"#SBATCH --partition={job.partition}")
+    if job.account:
+        optional.append(f"#SBATCH --account={job.account}")
+    if job.time:
+        optional.append(f"#SBATCH --time={job.time}")
+    optional += [f"#SBATCH {line}" for line in job.extra_sbatch]
+    procs = job.procs_per_node or job.gpus_per_node or 1
+    run_dir = job.run_dir
+    return template.substitute(
+        job_name=job.job_name,
+        nodes=job.nodes,
+        gpu_line=f"#SBATCH --gpus-per-node={job.gpus_per_node}\n" if job.gpus_per_node else "",
+        cpus_per_task=job.cpus_per_task,
+        optional_lines="".join(line + "\n" for line in optional),
+        signal_seconds=job.signal_seconds,
+        log_dir=str(Path(run_dir) / "logs"),
+        setup=job.setup if job.setup is not None else default_setup(),
+        run_dir=shlex.quote(run_dir),
+        max_restarts=job.max_restarts,
+        procs_per_node=procs,
+        master_port=job.master_port or "$((20000 + SLURM_JOB_ID % 20000))",
+        pretrain_args=shlex.join(job.pretrain_args),
+    )
+
+
+def write_script(job: SlurmJob, path: Path | None = None) -> Path:
+    """Write the rendered script into RUN/slurm/ (or ``path``) atomically; returns its path."""
+    path = Path(path or Path(job.run_dir) / "slurm" / "pretrain.sbatch")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (Path(job.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(job))
+    tmp.chmod(0o755)
+    tmp.replace(path)
+    return path
+
+
+def submit(script: Path, env: dict | None = None) -> int:
+    """sbatch the script; returns the job id."""
+    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {result.stderr.strip()}")
+    return int(result.stdout.strip().split(";")[0])

@@ -1,0 +1,362 @@
+"""The pretraining loop: ``run(cfg) -> exit code``.
+
+One optimizer step = ``grad_accum`` micro-batches of ``data.batch_size`` rows per rank. The logged loss is
+the mean over micro-steps and ranks of each micro-batch's mean loss (what the gradient averages). Seeds:
+model init uses ``train.seed`` on every rank (identical replicas); afterwards each rank's RNG (dropout) is
+re-seeded from (seed, rank); MLM masks are a pure function of (seed, step, rank, micro-step). Together with
+the checkpointed RNG and loader states this makes a CPU resume bit-identical to an uninterrupted run.
+
+Exit codes: 0 done (max_steps or early stop), 75 (``PREEMPTION_EXIT_CODE``) preempted by SIGTERM/SIGUSR1
+after finishing the step and writing a checkpoint -- re-run the same command to resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..config import save_config, to_dict
+from ..data_shards.schema import SPECIAL_TOKENS
+from ..data_shards.shards import read_manifest
+from ..data_shards.stream import EhrDataLoader, PatientStream, StreamConfig
+from ..logging import get_logger
+from ..seeding import derive_seed, seed_everything
+from . import checkpoint as ckpt
+from .config import PREEMPTION_EXIT_CODE, PretrainConfig
+from .metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_mb
+from .objectives import Objective, dense_aux, target_count
+from .parallel import DistInfo, autocast_context, build_engine, describe_engine, init_distributed, lr_at
+
+log = get_logger(__name__)
+
+
+def build_model_for(cfg: PretrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The pretraining head model, freshly initialised from ``train.seed`` (same weights on every rank)."""
+    from .models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model.architecture, cfg.model.size, head=True, vocab_size=vocab_size,
+                       **model_overrides(cfg))
+
+
+def model_overrides(cfg: PretrainConfig) -> dict:
+    """``model.overrides`` with values typed: ``model.overrides.hidden_size=32`` arrives as the string "32"."""
+    overrides = cfg.model.overrides
+    if isinstance(overrides, str):
+        overrides = yaml.safe_load(overrides) or {}
+    return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in overrides.items()}
+
+
+def stream_config(cfg: PretrainConfig, infinite: bool) -> StreamConfig:
+    d = cfg.data
+    return StreamConfig(
+        context_length=d.context_length,
+        batch_size=d.batch_size,
+        mode=d.mode,
+        long_sequences=d.long_sequences,
+        shuffle_buffer=d.shuffle_buffer,
+        pack_window=d.pack_window,
+        seed=cfg.train.seed,
+        infinite=infinite,
+    )
+
+
+def first_code_id(data_dir: Path) -> int:
+    """Ids below are special and task tokens (never MLM replacements)."""
+    vocab = json.loads((Path(data_dir) / "tokenizer" / "ehrfm_vocab.json").read_text())
+    return len(SPECIAL_TOKENS) + len(vocab.get("task_tokens", []))
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits with code 75.
+
+    Under a launcher that cannot signal the workers themselves (SLURM: USR1 reaches only the batch shell, and
+    torchrun would die of it), the launcher creates the file named by ``$EHRFM_PREEMPT_FILE`` instead; its
+    existence counts as the same request. Ranks agree on it through the loop's per-step all-reduce.
+    """
+
+    def __init__(self) -> None:
+        self._signalled = False
+        self._file = os.environ.get("EHRFM_PREEMPT_FILE") or None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self._signalled or (self._file is not None and os.path.exists(self._file))
+
+    def _handle(self, signum, frame) -> None:
+        self._signalled = True
+        log.warning("received signal %d: finishing the step, then checkpointing", signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _private_generator() -> torch.Generator:
+    # torch's DataLoader draws its base seed from the global RNG whenever an iterator starts; a private
+    # generator keeps the global stream (dropout) independent of when loaders are (re)created.
+    return torch.Generator().manual_seed(0)
+
+
+def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=op)
+    return values
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(cfg.out)
+        self.data_dir = Path(cfg.data.path)
+        manifest = read_manifest(self.data_dir)
+        self.manifest = manifest
+        seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
+        module = build_model_for(cfg, manifest["vocab_size"])
+        self.flops_per_token = flops_per_token(module, cfg.data.context_length)
+        self.engine = build_engine(cfg, module, info)
+        seed_everything(derive_seed(cfg.train.seed, "rank", info.rank), deterministic=cfg.train.deterministic)
+        aux = {}
+        if cfg.dense.enabled:
+            aux["dense"] = dense_aux(cfg.dense, group=dist.group.WORLD if info.world_size > 1 else None)
+        self.objective = Objective(
+            cfg.model.architecture,
+            module,
+            seed=cfg.train.seed,
+            rank=info.rank,
+            mlm_probability=cfg.train.mlm_probability,
+            first_code_id=first_code_id(self.data_dir),
+            aux_losses=aux,
+        )
+        self.loader = EhrDataLoader(
+            PatientStream(self.data_dir, cfg.data.train_split, stream_config(cfg, True), rank=info.rank, world_size=info.world_size),
+            num_workers=cfg.data.num_workers,
+            generator=_private_generator(),
+        )
+        self.state = ckpt.TrainerState(
+            strategy=cfg.train.strategy,
+            world_size=info.world_size,
+            schedule={"lr": cfg.optim.lr, "warmup_fraction": cfg.optim.warmup_fraction, "schedule": cfg.optim.schedule,
+                      "total_steps": cfg.train.max_steps, "min_lr_ratio": cfg.optim.min_lr_ratio},
+        )
+        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+    # -- resume -----------------------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.resume else None
+        if path is None:
+            return
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        now = yaml.safe_load(self.config_yaml)
+        changed = _diff(saved, now)
+        if changed and self.info.rank == 0:
+            log.warning("resuming %s with a changed config: %s", path, changed)
+        state = ckpt.load_checkpoint(path, self.engine)
+        self.loader.load_state_dict([r["loader"] for r in state.ranks])
+        state.ranks = []
+        state.strategy, state.world_size = self.cfg.train.strategy, self.info.world_size
+        self.state = state
+        if self.info.rank == 0:
+            _truncate_metrics(self.run_dir, state.step)
+            log.info("resumed from %s (step %d)", path, state.step)
+
+    # -- one optimizer step -----------------------------------------------------------------------------
+    def train_step(self, batches) -> dict:
+        cfg, engine = self.cfg, self.engine
+        accum = cfg.train.grad_accum
+        engine.train(True)
+        totals = {"loss": 0.0, "real": 0, "slots": 0}
+        aux_logs: dict[str, float] = {}
+        for micro in range(accum):
+            raw = next(batches)
+            totals["real"] += int(raw["attention_mask"].sum())
+            totals["slots"] += raw["attention_mask"].numel()
+            batch = self.objective.prepare(raw, self.state.step, micro, self.info.device)
+            last = micro == accum - 1
+            with engine.accumulate(last):
+                with autocast_context(cfg, self.info.device):
+                    loss, logs = self.objective(engine.model, batch)
+                engine.backward(loss, last)
+            totals["loss"] += float(loss.detach()) / accum
+            for key, value in logs.items():
+                if key != "loss/objective":
+                    aux_logs[key] = aux_logs.get(key, 0.0) + float(value) / accum
+        lr = lr_at(self.state.step, cfg)
+        grad_norm = engine.step(lr)
+        keys = sorted(aux_logs)
+        vector = torch.tensor(
+            [totals["loss"], totals["real"], totals["slots"], float(self.preemption.requested)] + [aux_logs[k] for k in keys],
+            dtype=torch.float64,
+        )
+        flag = _all_reduce(vector[3:4].clone(), dist.ReduceOp.MAX)
+        vector = _all_reduce(vector)
+        world = self.info.world_size
+        record = {
+            "loss": vector[0].item() / world,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "real_tokens": int(vector[1].item()),
+            "padded_tokens": int(vector[2].item()),
+            "pad_fraction": 1.0 - vector[1].item() / max(1.0, vector[2].item()),
+        }
+        record.update({k: vector[4 + i].item() / world for i, k in enumerate(keys)})
+        record["_preempt"] = bool(flag.item())
+        return record
+
+    # -- validation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean target loss over a finite pass of the validation split (all ranks; summed token losses)."""
+        cfg, engine = self.cfg, self.engine
+        stream = PatientStream(self.data_dir, cfg.data.val_split, stream_config(cfg, False),
+                               rank=self.info.rank, world_size=self.info.world_size)
+        it = iter(EhrDataLoader(stream, num_workers=0, generator=_private_generator()))
+        engine.train(False)
+        total = torch.zeros(2, dtype=torch.float64)
+        first = None
+        i = 0
+        while True:
+            raw = next(it, None) if (not cfg.train.val_max_batches or i < cfg.train.val_max_batches) else None
+            more = _all_reduce(torch.tensor([float(raw is not None)]), dist.ReduceOp.MAX)
+            if more.item() == 0:
+                break
+            weight = 1.0
+            if raw is None:  # this rank is done; sharded engines still need its forward in every collective
+                raw, weight = first, 0.0
+            first = first if first is not None else raw
+            batch = self.objective.prepare(raw, 0, i, self.info.device, split="val")
+            with autocast_context(cfg, self.info.device):
+                loss, _ = self.objective(engine.model, batch, with_aux=False)
+            n = float(target_count(batch, self.objective.causal)) * weight
+            if n > 0:
+                total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            i += 1
+        total = _all_reduce(total)
+        val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_targets": int(total[1].item())}
+
+    def save(self, best: bool = False) -> None:
+        ckpt.save_checkpoint(
+            self.run_dir, self.engine, self.state, loader_state=self.loader.state_dict(),
+            config_yaml=self.config_yaml, keep=self.cfg.checkpoint.keep, best=best,
+        )
+
+    @torch.no_grad()
+    def save_probe(self) -> None:
+        """A validation batch and the training model's logits on it (``RUN/probe.safetensors``), so that an
+        export can be checked against the model that was trained."""
+        from safetensors.torch import save_file
+
+        stream = PatientStream(self.data_dir, self.cfg.data.val_split, stream_config(self.cfg, False),
+                               rank=self.info.rank, world_size=self.info.world_size)
+        raw = next(iter(EhrDataLoader(stream, generator=_private_generator())))
+        batch = self.objective.prepare(raw, 0, 0, self.info.device, split="probe")
+        self.engine.train(False)
+        out = self.engine.model(**batch)
+        if self.info.rank == 0:
+            tensors = {f"batch.{k}": v.detach().cpu().contiguous() for k, v in batch.items()}
+            tensors["logits"] = out.logits.detach().float().cpu().contiguous()
+            save_file(tensors, str(self.run_dir / "probe.safetensors"))
+
+    # -- loop -------------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, info = self.cfg, self.info
+        self.preemption = Preemption()
+        engine_info = describe_engine(self.engine)
+        if info.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "engine.json").write_text(json.dumps(engine_info, indent=2))
+            log.info("engine: %s", engine_info)
+        self.maybe_resume()
+        metrics = MetricsLogger(self.run_dir, enabled=info.rank == 0, total_steps=cfg.train.max_steps,
+                                start_step=self.state.step, progress=cfg.train.progress_bar)
+        peak = peak_flops(cfg.train.peak_flops)
+        batches = iter(self.loader)
+        exit_code = 0
+        try:
+            while self.state.step < cfg.train.max_steps and not self.state.stopped_early:
+                t0 = time.perf_counter()
+                record = self.train_step(batches)
+                self.state.step += 1
+                self.state.micro_steps += cfg.train.grad_accum
+                self.state.tokens_seen += record["real_tokens"]
+                dt = time.perf_counter() - t0
+                preempt = record.pop("_preempt")
+                record.update(step=self.state.step, step_time_s=dt, tokens_per_s=record["real_tokens"] / dt,
+                              peak_memory_mb=peak_memory_mb())
+                if peak > 0:
+                    record["mfu"] = self.flops_per_token * record["padded_tokens"] / dt / (peak * info.world_size)
+                if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.max_steps:
+                    metrics.log(record)
+                if cfg.train.crash_after_step and self.state.step == cfg.train.crash_after_step:
+                    os._exit(137)  # fault injection (tests): die like a SIGKILL, no checkpoint
+                final = self.state.step == cfg.train.max_steps
+                best = False
+                if (cfg.train.val_every and self.state.step % cfg.train.val_every == 0) or final:
+                    val = self.validate()
+                    self.state.val_history.append({"step": self.state.step, **val})
+                    metrics.log({"split": "val", "step": self.state.step, **val})
+                    if val["val_loss"] < self.state.best_val_loss:
+                        self.state.best_val_loss, self.state.best_step, self.state.bad_evals = val["val_loss"], self.state.step, 0
+                        best = True
+                    else:
+                        self.state.bad_evals += 1
+                        if cfg.train.patience and self.state.bad_evals >= cfg.train.patience:
+                            self.state.stopped_early = True
+                            log.info("early stopping at step %d (best %.4f at %d)", self.state.step,
+                                     self.state.best_val_loss, self.state.best_step)
+                every = cfg.checkpoint.every
+                if best or final or preempt or self.state.stopped_early or (every and self.state.step % every == 0):
+                    self.save(best=best)
+                if preempt:
+                    exit_code = PREEMPTION_EXIT_CODE
+                    break
+            if exit_code == 0 and cfg.train.save_probe:
+                self.save_probe()
+        finally:
+            metrics.close()
+            self.preemption.restore()
+        return exit_code
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records after the resumed step (they belong to work the crash lost and will be redone)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def run(cfg: PretrainConfig) -> int:
+    """Train (or resume) the run in ``cfg.out``; returns the process exit code."""
+    if not cfg.data.path or not cfg.out:
+        raise ValueError("pretraining needs data.path (--data) and out (--out)")
+    info = init_distributed()
+    code = Trainer(cfg, info).fit()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
