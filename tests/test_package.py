@@ -88,3 +88,33 @@ def test_seeding_is_reproducible():
     seed_everything(3)
     assert torch.equal(a, torch.rand(4))
     assert derive_seed(1, "x", 2) == derive_seed(1, "x", 2) != derive_seed(1, "x", 3)
+
+
+def test_import_ehrfm_registers_auto_classes_lazily(tmp_path):
+    """`import ehrfm` stays light (no torch/transformers), yet the Auto classes know the ehrfm backbones."""
+    code = (
+        "import sys, ehrfm\n"
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n"
+        "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM\n"
+        "for t in ('ehr_llama', 'ehr_mamba', 'ehr_mamba2', 'ehr_bert'):\n"
+        "    cfg = AutoConfig.for_model(t, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,\n"
+        "                               intermediate_size=32, vocab_size=50)\n"
+        "    head = AutoModelForMaskedLM if t == 'ehr_bert' else AutoModelForCausalLM\n"
+        "    print(type(AutoModel.from_config(cfg)).__name__, type(head.from_config(cfg)).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # registration must also survive a first import that enters transformers half-way (circular imports)
+    other_orders = [
+        "import ehrfm\nfrom transformers.models.mamba.modeling_mamba import MambaMixer\n",
+        "import transformers, ehrfm\n",
+        "from transformers import AutoConfig\nimport ehrfm\n",
+    ]
+    for prefix in other_orders:
+        check = prefix + "from transformers import AutoConfig\nprint(type(AutoConfig.for_model('ehr_mamba')).__name__)\n"
+        res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode == 0 and res.stdout.strip() == "EhrMambaConfig", (prefix, res.stderr[-2000:])
+    assert out.stdout.split() == [
+        "EhrLlamaModel", "EhrLlamaForCausalLM", "EhrMambaModel", "EhrMambaForCausalLM",
+        "EhrMamba2Model", "EhrMamba2ForCausalLM", "EhrBertModel", "EhrBertForMaskedLM",
+    ]
