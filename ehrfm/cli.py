@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.demo",  # demo
     "ehrfm.bench",  # bench
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed
+    "ehrfm.finetune.probe",  # probe
 )
 
 
