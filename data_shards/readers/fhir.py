@@ -39,6 +39,7 @@ import orjson
 import polars as pl
 
 from ..errors import DataError
+from . import EVENT_SCHEMA
 
 SYSTEM_PREFIXES = {
     "http://snomed.info/sct": "SNOMED",
@@ -53,7 +54,7 @@ SYSTEM_PREFIXES = {
     "http://www.whocc.no/atc": "ATC",
     "http://unitsofmeasure.org": "UCUM",
 }
-EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value", "text_value", "encounter_id", "event_type")
+EVENT_COLUMNS = tuple(EVENT_SCHEMA)
 MAX_EXAMPLES = 20  # examples of dropped resources kept in the tally
 
 
@@ -327,33 +328,14 @@ def _to_frame(buffer: _EventBuffer, tally: FhirTally) -> pl.DataFrame:
             f"{where[0]}: resource {where[1]} has an unparseable time {buffer.cols['time'][first]!r} "
             f"({len(bad)} such values in this batch)"
         )
-    frame = pl.DataFrame(
-        {
-            "subject_id": pl.Series(buffer.cols["subject_id"], dtype=pl.Int64),
-            "time": time,
-            "code": pl.Series(buffer.cols["code"], dtype=pl.String),
-            "numeric_value": pl.Series(buffer.cols["numeric_value"], dtype=pl.Float32),
-            "text_value": pl.Series(buffer.cols["text_value"], dtype=pl.String),
-            "encounter_id": pl.Series(buffer.cols["encounter_id"], dtype=pl.String),
-            "event_type": pl.Series(buffer.cols["event_type"], dtype=pl.String),
-        }
-    )
+    columns = {name: pl.Series(buffer.cols[name], dtype=dtype) for name, dtype in EVENT_SCHEMA.items() if name != "time"}
+    frame = pl.DataFrame({**columns, "time": time}).select(list(EVENT_SCHEMA))
     tally.events += frame.height
     return frame
 
 
 def empty_events() -> pl.DataFrame:
-    return pl.DataFrame(
-        schema={
-            "subject_id": pl.Int64,
-            "time": pl.Datetime("us"),
-            "code": pl.String,
-            "numeric_value": pl.Float32,
-            "text_value": pl.String,
-            "encounter_id": pl.String,
-            "event_type": pl.String,
-        }
-    )
+    return pl.DataFrame(schema=EVENT_SCHEMA)
 
 
 def _load_json(path: Path) -> dict:

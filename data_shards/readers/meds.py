@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import DataError
+from . import EVENT_SCHEMA
 
 EXTRA_COLUMNS = ("encounter_id", "event_type")
 
@@ -86,22 +87,13 @@ def read_meds_shard(path: Path) -> pl.DataFrame:
         frame = pl.read_parquet(path, columns=columns)
     except Exception as err:  # noqa: BLE001
         raise DataError(f"{path}: cannot read parquet data ({err})") from None
-    casts = {
-        "subject_id": pl.Int64,
-        "time": pl.Datetime("us"),
-        "code": pl.String,
-        "numeric_value": pl.Float32,
-        "text_value": pl.String,
-        "encounter_id": pl.String,
-        "event_type": pl.String,
-    }
-    frame = frame.with_columns([pl.col(c).cast(t) for c, t in casts.items() if c in frame.columns])
+    frame = frame.with_columns([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items() if c in frame.columns])
     if frame["time"].dtype != pl.Datetime("us", None):
         frame = frame.with_columns(pl.col("time").dt.replace_time_zone(None))
-    for name, dtype in casts.items():
+    for name, dtype in EVENT_SCHEMA.items():
         if name not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))
-    return frame.select(list(casts))
+    return frame.select(list(EVENT_SCHEMA))
 
 
 def read_subject_splits(root: Path) -> pl.DataFrame | None:
