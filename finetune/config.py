@@ -1,0 +1,76 @@
+"""Typed finetuning config (``ehrfm.config`` dataclasses: YAML + ``key=value`` overrides).
+
+Defaults follow 003 3.4 (AdamW, lr 5e-5, batch 32, 10 epochs, patience 2, dropout 0.1) and 002 2.3 for
+ALFIA / LoRA (N_f = 4 fused layers, LoRA r = 16, alpha = 16, dropout 0.05). The resolved config is written
+into every finetuned model folder (``finetune.yaml``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+METHODS = ("per-task", "mpf", "alfia")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    save: Literal["merged", "adapter"] = "merged"  # merged: full backbone; adapter: peft adapter + export path
+
+
+@dataclass
+class AlfiaSettings:
+    num_fuse_layers: int = 4  # N_f: top hidden layers fused (002: 4); clamped to layers + embeddings
+    layer_heads: int = 4  # n_h of the inter-layer attention (eqs. 3-6)
+    gating: bool = True  # eq. 7 sigmoid gate; False: mean attention scores over heads (sum to 1)
+    classifier_heads: int = 4  # heads of the ACH self-attention (002 Fig. 2: 4)
+    dropout: float = 0.1
+
+
+@dataclass
+class FinetuneConfig:
+    method: Literal["per-task", "mpf", "alfia"] = "per-task"
+    tasks: list[str] = field(default_factory=list)  # empty: every task of the data manifest
+    freeze: bool = False  # backbone frozen: linear/MLP probe
+    context_length: int = 512
+    epochs: int = 10
+    patience: int = 2  # epochs without a better validation AUPRC before stopping (002: 5)
+    learning_rate: float = 5e-5
+    head_learning_rate: float | None = None  # default: learning_rate
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    head_hidden: int | None = None  # hidden width of the two-layer head; default hidden_size
+    dropout: float = 0.1
+    pos_weight: str = "none"  # "none" | "auto" (negatives / positives of the training split) | a number
+    train_fraction: float = 1.0  # fraction of training *patients* kept (seeded), 0 < f <= 1
+    neftune_alpha: float = 0.0  # 0 = off; 001/000 Table 3 baselines use 5 and 10
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    alfia: AlfiaSettings = field(default_factory=AlfiaSettings)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for values outside their domain."""
+        from ehrfm.config import ConfigError
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method: {self.method!r} is not one of {list(METHODS)}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"train_fraction: must be in (0, 1], got {self.train_fraction}")
+        if self.context_length < 2:
+            raise ConfigError(f"context_length: must be >= 2, got {self.context_length}")
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
+            raise ConfigError("epochs, patience and batch_size must be >= 1")
+        if self.pos_weight not in ("none", "auto"):
+            try:
+                if float(self.pos_weight) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"pos_weight: 'none', 'auto' or a positive number, got {self.pos_weight!r}") from None
+        if self.lora.enabled and self.freeze:
+            raise ConfigError("lora.enabled and freeze exclude each other (LoRA already freezes the base weights)")
+        if self.neftune_alpha < 0:
+            raise ConfigError(f"neftune_alpha: must be >= 0, got {self.neftune_alpha}")

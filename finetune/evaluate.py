@@ -1,0 +1,159 @@
+"""`ehrfm evaluate`: a finetuned model on one split -> predictions, metrics with CIs, plots, report.
+
+Output folder (shared with `ehrfm baseline`):
+    metrics.json                 {model, split, n_bootstrap, seed, tasks: {task: {metric: {value, ci_low,
+                                  ci_high, n_valid}}}}
+    report.md                    one markdown table, value [95% CI] per metric and task
+    <task>/predictions.parquet   MEDS label schema: subject_id, prediction_time, boolean_value,
+                                  predicted_boolean_value (probability >= the best-F1 threshold on this split,
+                                  0.5 when undefined), predicted_boolean_probability
+    <task>/roc.png, pr.png, calibration.png
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ehrfm.data_shards.shards import read_manifest, write_json_atomic
+
+from .data import FinetuneDataset, check_vocabulary, resolve_tasks
+from .metrics import bootstrap_metrics
+
+log = logging.getLogger("ehrfm.finetune")
+REPORT_METRICS = ("auprc", "auroc", "brier", "best_f1", "best_f1_threshold", "best_f2", "best_f2_threshold", "prevalence", "n")
+
+
+def _plots(y: np.ndarray, p: np.ndarray, folder: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    if len(np.unique(y)) < 2:
+        return
+    fpr, tpr, _ = roc_curve(y, p)
+    prec, rec, _ = precision_recall_curve(y, p)
+    frac_pos, mean_pred = calibration_curve(y, p, n_bins=min(10, max(2, len(y) // 10)), strategy="quantile")
+    for name, (xs, ys, xl, yl, ref) in {
+        "roc": (fpr, tpr, "false positive rate", "true positive rate", ([0, 1], [0, 1])),
+        "pr": (rec, prec, "recall", "precision", ([0, 1], [y.mean(), y.mean()])),
+        "calibration": (mean_pred, frac_pos, "mean predicted probability", "observed frequency", ([0, 1], [0, 1])),
+    }.items():
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(xs, ys, marker="o" if name == "calibration" else None, drawstyle="steps-post" if name == "pr" else "default")
+        ax.plot(*ref, linestyle="--", color="grey")
+        ax.set(xlabel=xl, ylabel=yl, title=f"{title} {name}", xlim=(0, 1), ylim=(0, 1.02))
+        fig.tight_layout()
+        tmp = folder / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(folder / f"{name}.png")
+
+
+def _fmt(m: dict, key: str) -> str:
+    v = m[key]
+    if v["value"] is None or (isinstance(v["value"], float) and math.isnan(v["value"])):
+        return "n/a"
+    if key == "n":
+        return str(int(v["value"]))
+    if math.isnan(v["ci_low"]):
+        return f"{v['value']:.3f}"
+    return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+
+
+def markdown_table(results: dict[str, dict], title: str) -> str:
+    header = "| task | " + " | ".join(REPORT_METRICS) + " |"
+    lines = [f"# {title}", "", header, "|" + "---|" * (len(REPORT_METRICS) + 1)]
+    for task, m in results.items():
+        lines.append(f"| {task} | " + " | ".join(_fmt(m, k) for k in REPORT_METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def write_evaluation(frame: pl.DataFrame, out: Path, *, model: str, split: str, n_boot: int = 1000, seed: int = 0,
+                     extra: dict | None = None) -> dict:
+    """Score ``frame`` (subject_id, prediction_time, boolean_value, predicted_boolean_probability, task) into
+    ``out`` (see the module docstring), atomically (temp folder renamed at the end). Returns metrics.json."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    results = {}
+    for task in frame["task"].unique(maintain_order=True).to_list():
+        part = frame.filter(pl.col("task") == task)
+        y = part["boolean_value"].to_numpy().astype(bool)
+        p = part["predicted_boolean_probability"].to_numpy().astype(float)
+        m = bootstrap_metrics(y, p, part["subject_id"].to_numpy(), n_boot=n_boot, seed=seed)
+        results[task] = m
+        threshold = m["best_f1_threshold"]["value"]
+        threshold = 0.5 if threshold is None or math.isnan(threshold) else threshold
+        folder = tmp / task
+        folder.mkdir()
+        preds = part.select(
+            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
+            pl.col("boolean_value").cast(pl.Boolean),
+            (pl.col("predicted_boolean_probability") >= threshold).alias("predicted_boolean_value"),
+            pl.col("predicted_boolean_probability").cast(pl.Float64),
+        )
+        preds.write_parquet(folder / "predictions.parquet")
+        _plots(y.astype(int), p, folder, task)
+    metrics = _clean({"model": model, "split": split, "n_bootstrap": n_boot, "seed": seed, **(extra or {}), "tasks": results})
+    write_json_atomic(tmp / "metrics.json", metrics)
+    (tmp / "report.md").write_text(markdown_table(results, f"{model} on {split}"))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return metrics
+
+
+def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list[str] | None = None,
+             n_boot: int = 1000, seed: int = 0, batch_size: int = 64) -> dict:
+    """Predict every label row of ``split`` with a finetuned model and write the evaluation folder."""
+    from .model import load_finetuned
+    from .train import predict
+
+    manifest = read_manifest(data_dir)
+    model, meta = load_finetuned(ft_dir)
+    check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
+    tasks = resolve_tasks(manifest, data_dir, tasks or meta["tasks"])
+    unknown = [t for t in tasks if t not in meta["tasks"]]
+    if unknown:
+        raise ValueError(f"{ft_dir} was finetuned on {meta['tasks']}, not on {unknown}")
+    mpf_ids = meta.get("task_token_ids") if meta["method"] == "mpf" else None
+    dataset = FinetuneDataset(data_dir, meta["tasks"], split, meta["context_length"], mpf_ids)
+    handle = None
+    if meta.get("anaa"):
+        from .anaa import ANAAConfig, enable_anaa
+        from .regularizers import hf_model
+
+        handle = enable_anaa(hf_model(model.backbone), ANAAConfig(**meta["anaa"]))  # eval: deterministic eq. 10
+    try:
+        pred = predict(model, dataset, batch_size)
+    finally:
+        if handle is not None:
+            handle.remove()
+    frame = dataset.label_frame().with_columns(predicted_boolean_probability=pl.Series(pred["probability"]))
+    frame = frame.filter(pl.col("task").is_in(tasks))
+    metrics = write_evaluation(frame, out, model=str(ft_dir), split=split, n_boot=n_boot, seed=seed,
+                               extra={"method": meta["method"]})
+    log.info("evaluated %s on %s/%s -> %s", ft_dir, data_dir, split, out)
+    return metrics
+
+
+def load_metrics(folder: Path) -> dict:
+    return json.loads((Path(folder) / "metrics.json").read_text())

@@ -1,0 +1,190 @@
+"""`ehrfm finetune`: exported model + prepared data -> finetuned model folder.
+
+All checks (export metadata, vocabulary fingerprint, task names, positives and negatives in the train and
+validation splits, Mamba + ANAA) happen before any training. Training: AdamW, BCE-with-logits (optional
+pos_weight per task), shuffled batches that mix tasks, one validation pass per epoch; the score is the mean
+validation AUPRC over tasks; early stopping after ``patience`` epochs without improvement; the best state is
+restored and saved.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ehrfm.data_shards.shards import read_manifest
+from ehrfm.seeding import derive_seed, seed_everything
+
+from .config import FinetuneConfig
+from .data import (
+    TRAIN_SPLIT, VAL_SPLIT, FinetuneDataset, FinetuneInputError, check_label_counts, check_vocabulary, collate,
+    read_export_metadata, resolve_tasks, task_token_ids,
+)
+from .metrics import binary_metrics
+from .model import FinetuneModel, apply_lora, load_backbone, save_finetuned
+from .regularizers import attach_regularizers, hf_model
+
+log = logging.getLogger("ehrfm.finetune")
+
+
+def pos_weights(cfg: FinetuneConfig, counts: dict, tasks: list[str]) -> torch.Tensor | None:
+    """(T,) BCE pos_weight per task, or None."""
+    if cfg.pos_weight == "none":
+        return None
+    if cfg.pos_weight == "auto":
+        return torch.tensor([(counts[(t, TRAIN_SPLIT)][0] - counts[(t, TRAIN_SPLIT)][1]) / counts[(t, TRAIN_SPLIT)][1] for t in tasks])
+    return torch.full((len(tasks),), float(cfg.pos_weight))
+
+
+@torch.no_grad()
+def predict(model: FinetuneModel, dataset: FinetuneDataset, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Probabilities (N,), labels (N,), task indices (N,), ALF/pooled embeddings (N, H), layer weights (N, N_f)."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    probs, labels, tasks, embs, lams = [], [], [], [], []
+    for batch in loader:
+        out = model(batch)
+        probs.append(torch.sigmoid(out["logits"].float()).numpy())
+        labels.append(batch["label"].numpy().astype(bool))
+        tasks.append(batch["task"].numpy())
+        embs.append(out["embedding"].float().numpy())
+        if out["layer_weights"] is not None:
+            lams.append(out["layer_weights"].float().numpy())
+    empty = np.zeros(0)
+    return {
+        "probability": np.concatenate(probs) if probs else empty,
+        "label": np.concatenate(labels) if labels else empty.astype(bool),
+        "task": np.concatenate(tasks) if tasks else empty.astype(int),
+        "embedding": np.concatenate(embs) if embs else empty,
+        "layer_weights": np.concatenate(lams) if lams else None,
+    }
+
+
+def validation_score(pred: dict, tasks: list[str]) -> tuple[float, dict]:
+    """Mean AUPRC over tasks (NaN tasks ignored) and per-task {auprc, auroc}."""
+    per_task = {}
+    for t, name in enumerate(tasks):
+        sel = pred["task"] == t
+        m = binary_metrics(pred["label"][sel], pred["probability"][sel])
+        per_task[name] = {"auprc": m["auprc"], "auroc": m["auroc"], "brier": m["brier"]}
+    values = [v["auprc"] for v in per_task.values() if not np.isnan(v["auprc"])]
+    return (float(np.mean(values)) if values else float("nan")), per_task
+
+
+def prepare_run(model_dir: Path, data_dir: Path, cfg: FinetuneConfig) -> dict:
+    """Every pre-training check; returns what training needs (manifest, tasks, counts, export metadata)."""
+    cfg.validate()
+    meta = read_export_metadata(model_dir)
+    manifest = read_manifest(data_dir)
+    check_vocabulary(meta["vocab_fingerprint"], Path(model_dir) / "ehrfm_export.json", data_dir, manifest)
+    tasks = resolve_tasks(manifest, data_dir, cfg.tasks)
+    counts = check_label_counts(data_dir, tasks, (TRAIN_SPLIT, VAL_SPLIT))
+    token_ids = task_token_ids(data_dir, manifest, tasks) if cfg.method == "mpf" else None
+    return {"export": meta, "manifest": manifest, "tasks": tasks, "counts": counts, "token_ids": token_ids}
+
+
+def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, anaa=None) -> dict:
+    """Run one finetuning; returns the metadata written to ``out/finetune.json``."""
+    started = time.time()
+    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    run = prepare_run(model_dir, data_dir, cfg)
+    if anaa is not None and "mamba" in str(run["export"].get("architecture", "")).lower():
+        raise FinetuneInputError(
+            f"--anaa perturbs self-attention but {model_dir} is a {run['export']['architecture']} backbone "
+            "(no attention); drop --anaa or use a Llama / BERT export"
+        )
+    tasks = run["tasks"]
+    seed_everything(cfg.seed)
+    backbone = load_backbone(model_dir)
+    if cfg.lora.enabled:
+        backbone = apply_lora(backbone, cfg)
+    elif cfg.freeze:
+        backbone.requires_grad_(False)
+    model = FinetuneModel(backbone, cfg.method, tasks, cfg)
+    train_set = FinetuneDataset(data_dir, tasks, TRAIN_SPLIT, cfg.context_length, run["token_ids"],
+                                cfg.train_fraction, derive_seed(cfg.seed, "train_fraction"))
+    val_set = FinetuneDataset(data_dir, tasks, VAL_SPLIT, cfg.context_length, run["token_ids"])
+    for t, name in enumerate(tasks):
+        y = train_set.labels()[train_set.task_indices() == t]
+        if y.sum() == 0 or y.all():
+            raise FinetuneInputError(
+                f"task {name!r}: train_fraction {cfg.train_fraction} leaves only one class in split {TRAIN_SPLIT!r}"
+            )
+    pw = pos_weights(cfg, run["counts"], tasks)
+    head_params = list(model.heads.parameters())
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": cfg.head_learning_rate or cfg.learning_rate}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle"))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                                         generator=generator)
+    regs = attach_regularizers(model.backbone, cfg.neftune_alpha, anaa)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("finetune %s on %s: method %s, tasks %s, %d train / %d val examples, %d trainable parameters%s",
+             model_dir, data_dir, cfg.method, tasks, len(train_set), len(val_set), n_trainable,
+             " (ANAA)" if regs.anaa_active else "")
+    best_score, best_state, best_epoch, bad, history = -np.inf, None, -1, 0, []
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            if cfg.freeze:
+                model.backbone.eval()
+            losses = []
+            for batch in loader:
+                out_ = model(batch)
+                weight = None
+                if pw is not None:
+                    weight = torch.where(batch["label"] > 0, pw[batch["task"]], torch.ones_like(batch["label"]))
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(out_["logits"].float(), batch["label"], weight=weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            score, per_task = validation_score(predict(model, val_set, cfg.batch_size), tasks)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auprc": score, "val": per_task})
+            log.info("epoch %d: train loss %.4f, val AUPRC %.4f", epoch, np.mean(losses), score)
+            if score > best_score or best_state is None:
+                best_score, best_epoch, bad = score, epoch, 0
+                best_state = copy.deepcopy({k: v for k, v in model.state_dict().items()})
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    log.info("early stop after epoch %d (best epoch %d)", epoch, best_epoch)
+                    break
+    finally:
+        regs.remove()
+    model.load_state_dict(best_state)
+    meta = {
+        "method": cfg.method,
+        "tasks": tasks,
+        "task_token_ids": run["token_ids"],
+        "pooling": model.pooling,
+        "num_fuse": model.num_fuse,
+        "lora": cfg.lora.enabled,
+        "freeze": cfg.freeze,
+        "anaa": None if anaa is None else dataclasses.asdict(anaa),  # evaluate re-enables it (eq. 10 at inference)
+        "neftune_alpha": cfg.neftune_alpha,
+        "export": run["export"],
+        "export_dir": str(model_dir.resolve()),
+        "data_dir": str(data_dir.resolve()),
+        "vocab_fingerprint": run["manifest"]["vocab_fingerprint"],
+        "context_length": cfg.context_length,
+        "best_epoch": best_epoch,
+        "best_val_auprc": best_score,
+        "history": history,
+        "n_train": len(train_set),
+        "n_val": len(val_set),
+        "seconds": round(time.time() - started, 2),
+        "attn_implementation": getattr(hf_model(model.backbone).config, "_attn_implementation", None),
+    }
+    save_finetuned(model, out, meta, cfg, model_dir)
+    log.info("saved %s (best epoch %d, val AUPRC %.4f, %.1f s)", out, best_epoch, best_score, meta["seconds"])
+    return meta
