@@ -179,3 +179,32 @@ def save_diagnostics(model, batches, out_dir, *, label: str = "model", bins: int
     plt.close(fig)
     return {"histograms_png": str(hist_path), "distance_png": str(dist_path), "counts": counts, "edges": edges,
             "medians": medians}
+
+
+def save_finetuned_diagnostics(ft_dir, data_dir, split: str, out_dir, *, examples: int = 32,
+                               tasks: list[str] | None = None, batch_size: int = 8) -> dict:
+    """Diagnostics of a finetuned model folder over the first ``examples`` task examples of ``split`` (inputs
+    cut at their prediction times, as the model saw them). Mamba backbones have no attention: refused."""
+    from ehrfm.data_shards.collate import assemble_rows
+    from ehrfm.data_shards.examples import TaskExamples
+
+    from .data import FinetuneInputError
+    from .model import hf_model, load_finetuned
+
+    model, meta = load_finetuned(ft_dir)
+    base = hf_model(model.backbone)
+    if "mamba" in type(base).__name__.lower():
+        raise FinetuneInputError(f"{ft_dir}: a Mamba backbone has no attention to diagnose")
+    task = (tasks or meta["tasks"])[0]
+    context = meta.get("context_length") or 512
+    dataset = TaskExamples(data_dir, task, split, context)
+    samples = [dataset[i][0] for i in range(min(examples, len(dataset)))]
+    if not samples:
+        raise FinetuneInputError(f"{data_dir}: task {task!r} has no {split} examples to diagnose")
+    batches = []
+    for lo in range(0, len(samples), batch_size):
+        chunk = samples[lo : lo + batch_size]
+        batch = assemble_rows([[s] for s in chunk], max(len(s["input_ids"]) for s in chunk))
+        batch.pop("labels")
+        batches.append(batch)
+    return save_diagnostics(base, batches, out_dir, label=f"{Path(ft_dir).name}_{task}")

@@ -53,6 +53,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--tasks", help="comma-separated subset of the model's tasks")
     e.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples (default 1000)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--attention-plots", type=int, default=0, metavar="N",
+                   help="also save 000 5.8 attention diagnostics (PNG) over N examples (attention backbones)")
     e.set_defaults(func=run_evaluate)
 
     b = subparsers.add_parser("baseline", help="GBDT / logistic-regression baselines on code counts")
@@ -126,6 +128,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     try:
         evaluate(args.model, args.data, args.split, args.out, tasks=_tasks(args.tasks), n_boot=args.bootstrap, seed=args.seed)
+        if args.attention_plots:
+            from .attention_diagnostics import save_finetuned_diagnostics
+
+            paths = save_finetuned_diagnostics(args.model, args.data, args.split, Path(args.out) / "attention",
+                                               examples=args.attention_plots, tasks=_tasks(args.tasks))
+            print(f"attention diagnostics: {paths['histograms_png']}, {paths['distance_png']}")
     except FinetuneInputError as err:
         return _fail(err)
     print((Path(args.out) / "report.md").read_text())

@@ -53,6 +53,13 @@ def test_per_task_finetune_then_evaluate(llama_export, ft_data, tasks, tmp_path,
     labels = pl.read_parquet(ft_data / "labels" / tasks[0] / "test.parquet")
     assert preds.select("subject_id", "prediction_time", "boolean_value").equals(labels)
     assert "| any_visit_90d |" in capsys.readouterr().out
+    # 000 section 5.8 diagnostics of the finetuned model, as PNG
+    assert main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / "eval2"),
+                 "--bootstrap", "10", "--attention-plots", "4"]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "eval2" / "attention").glob("*.png"))
+    assert len(pngs) == 2 and all(name.startswith("ft_") for name in pngs)
+    for name in pngs:
+        assert (tmp_path / "eval2" / "attention" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_early_stopping_keeps_the_best_epoch(llama_export, ft_data, tasks, tmp_path):
