@@ -20,6 +20,7 @@ BENCHMARKS = {
     "mamba-scan": "ehrfm.kernels.mamba_scan.bench:run",
     "anaa": "ehrfm.kernels.anaa.bench:run",
     "dense": "ehrfm.kernels.dense.bench:run",
+    "train-throughput": "ehrfm.pretrain.bench:run",
 }
 
 

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.pretrain.cli_train",  # pretrain, export
     "ehrfm.launch.cli",  # launch
     "ehrfm.demo",  # demo
+    "ehrfm.ablate",  # ablate
     "ehrfm.bench",  # bench
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed
     "ehrfm.finetune.probe",  # probe

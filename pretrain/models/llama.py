@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .common import EhrModelMixin, StreamGenerationMixin, next_token_loss
 from .configuration import EhrLlamaConfig
+from .hf_cache_compat import kv_cache_kwargs, output_cache, resolve_cache
 from .embeddings import EhrEmbeddings, init_ehr_embedding_weights
 from .masking import (
     flash_varlen_kwargs,
@@ -73,9 +74,10 @@ class EhrLlamaModel(EhrModelMixin, EhrLlamaPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """All streams (B, L); see ``schema.BATCH_KEYS``. ``document_ids`` marks packed documents; without it a
@@ -86,6 +88,7 @@ class EhrLlamaModel(EhrModelMixin, EhrLlamaPreTrainedModel):
         concept = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = concept.shape[:2]
         hidden = self.ehr_embeddings(concept, type_ids, ages, times, visit_segments, visit_orders)
+        past_key_values = resolve_cache(cache, past_key_values, kwargs)  # one name inside, HF's name outside
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -122,8 +125,8 @@ class EhrLlamaModel(EhrModelMixin, EhrLlamaPreTrainedModel):
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
+                **kv_cache_kwargs(past_key_values),
             )
 
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
@@ -133,14 +136,14 @@ class EhrLlamaModel(EhrModelMixin, EhrLlamaPreTrainedModel):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **kv_cache_kwargs(past_key_values),
                 **kwargs,
             )
         hidden = self.norm(hidden)
         if flat:
             hidden = hidden.reshape(batch, length, -1)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **kv_cache_kwargs(past_key_values))
 
     def _encode(self, **batch) -> torch.Tensor:
         return self(**batch, use_cache=False).last_hidden_state
@@ -169,10 +172,11 @@ class EhrLlamaForCausalLM(EhrModelMixin, StreamGenerationMixin, EhrLlamaPreTrain
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Batch dict in (streams as in ``EhrLlamaModel.forward``); ``labels`` (B, L) are the targets aligned
@@ -187,7 +191,7 @@ class EhrLlamaForCausalLM(EhrModelMixin, StreamGenerationMixin, EhrLlamaPreTrain
             position_ids=position_ids,
             attention_mask=attention_mask,
             document_ids=document_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -197,7 +201,7 @@ class EhrLlamaForCausalLM(EhrModelMixin, StreamGenerationMixin, EhrLlamaPreTrain
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = next_token_loss(logits, labels, document_ids) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **kv_cache_kwargs(output_cache(out)))
 
     def _encode(self, **batch) -> torch.Tensor:
         return self.model._encode(**batch)

@@ -25,6 +25,7 @@ from transformers.models.mamba.modeling_mamba import (
 from ...kernels.mamba_scan import selective_scan
 from .common import EhrModelMixin, StreamGenerationMixin, next_token_loss
 from .configuration import EhrMambaConfig
+from .hf_cache_compat import cache_kwargs, output_cache, resolve_cache
 from .embeddings import EhrEmbeddings, init_ehr_embedding_weights
 from .masking import document_starts, same_document_as_previous
 
@@ -54,11 +55,12 @@ def _mask_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | No
 class EhrMambaMixer(MambaMixer):
     """HF ``MambaMixer`` parameters; full-sequence forward through ``selective_scan`` with document resets."""
 
-    def forward(self, hidden_states, cache_params=None, attention_mask=None, document_ids=None, **kwargs):
+    def forward(self, hidden_states, cache=None, attention_mask=None, document_ids=None, cache_params=None, **kwargs):
         """hidden_states (B, L, H) -> (B, L, H). attention_mask (B, L) 0 = padding; document_ids (B, L) for packed
         rows (None: one document per row)."""
-        if cache_params is not None:
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
+        cache = resolve_cache(cache, cache_params, kwargs)
+        if cache is not None:
+            return super().forward(hidden_states, **cache_kwargs(cache), attention_mask=attention_mask)
         dtype = hidden_states.dtype
         projected = self.in_proj(_mask_padding(hidden_states, attention_mask)).transpose(1, 2)
         x, gate = projected.chunk(2, dim=1)  # (B, I, L) each
@@ -90,13 +92,14 @@ class EhrMambaBlock(MambaBlock):
         super().__init__(config, layer_idx)
         self.mixer = EhrMambaMixer(config, layer_idx=layer_idx, initialize_mixer_weights=False)
 
-    def forward(self, hidden_states, cache_params=None, attention_mask=None, document_ids=None, **kwargs):
+    def forward(self, hidden_states, cache=None, attention_mask=None, document_ids=None, cache_params=None, **kwargs):
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
         hidden_states = self.mixer(
-            hidden_states, cache_params=cache_params, attention_mask=attention_mask, document_ids=document_ids
+            hidden_states, cache=resolve_cache(cache, cache_params, kwargs), attention_mask=attention_mask,
+            document_ids=document_ids,
         )
         return residual + hidden_states
 
@@ -140,9 +143,10 @@ class EhrMambaModel(EhrModelMixin, EhrMambaPreTrainedModel):
         position_ids: torch.LongTensor | None = None,  # accepted for the shared batch contract; unused
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.LongTensor | None = None,
-        cache_params=None,
+        cache=None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache_params=None,
         **kwargs,
     ) -> MambaOutput:
         """All streams (B, L) (``schema.BATCH_KEYS``); document_ids marks packed documents."""
@@ -152,16 +156,17 @@ class EhrMambaModel(EhrModelMixin, EhrMambaPreTrainedModel):
         hidden = self.ehr_embeddings(concept, type_ids, ages, times, visit_segments, visit_orders)
         # a cache only when asked for (generate() asks): training and scoring use the fast full-sequence path
         use_cache = bool(use_cache) and not (self.gradient_checkpointing and self.training)
-        if use_cache and cache_params is None:
-            cache_params = DynamicCache(config=self.config)
-        if cache_params is not None and document_ids is not None:
+        cache = resolve_cache(cache, cache_params, kwargs)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None and document_ids is not None:
             raise ValueError("cached generation does not support packed rows (document_ids)")
         for layer in self.layers:
             hidden = layer(
-                hidden, cache_params=cache_params, attention_mask=attention_mask, document_ids=document_ids
+                hidden, cache=cache, attention_mask=attention_mask, document_ids=document_ids
             )
         hidden = self.norm_f(hidden)
-        return MambaOutput(last_hidden_state=hidden, cache_params=cache_params if use_cache else None)
+        return MambaOutput(last_hidden_state=hidden, **cache_kwargs(cache if use_cache else None))
 
     def _encode(self, **batch) -> torch.Tensor:
         return self(**batch, use_cache=False).last_hidden_state
@@ -204,10 +209,11 @@ class EhrMambaForCausalLM(EhrModelMixin, StreamGenerationMixin, EhrMambaPreTrain
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
-        cache_params=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        cache_params=None,
         **kwargs,
     ) -> MambaCausalLMOutput:
         """Batch dict in (streams as in ``EhrMambaModel.forward``); labels (B, L) aligned with input_ids
@@ -221,7 +227,7 @@ class EhrMambaForCausalLM(EhrModelMixin, StreamGenerationMixin, EhrMambaPreTrain
             visit_orders=visit_orders,
             attention_mask=attention_mask,
             document_ids=document_ids,
-            cache_params=cache_params,
+            cache=resolve_cache(cache, cache_params, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -230,7 +236,7 @@ class EhrMambaForCausalLM(EhrModelMixin, StreamGenerationMixin, EhrMambaPreTrain
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         loss = next_token_loss(logits, labels, document_ids) if labels is not None else None
-        return MambaCausalLMOutput(loss=loss, logits=logits, cache_params=out.cache_params)
+        return MambaCausalLMOutput(loss=loss, logits=logits, **cache_kwargs(output_cache(out)))
 
     def _encode(self, **batch) -> torch.Tensor:
         return self.backbone._encode(**batch)

@@ -1,0 +1,161 @@
+"""Resumable pipeline stages shared by `ehrfm demo` and `ehrfm ablate`.
+
+Each stage writes one folder and is skipped when that folder is already complete (the marker file every
+stage writes last), so an interrupted demo or ablation picks up where it stopped. Pretraining runs as its
+own `ehrfm pretrain` process: it resumes from its latest checkpoint by itself, and a fresh process keeps
+Accelerate/DeepSpeed global state out of the caller.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .logging import get_logger
+
+log = get_logger(__name__)
+
+METRICS = ("auroc", "auprc", "brier")
+
+
+@dataclass
+class PretrainSpec:
+    """One `ehrfm pretrain` run; ``overrides`` are extra ``key=value`` of ``PretrainConfig``."""
+
+    architecture: str = "llama"
+    size: str = "tiny"
+    steps: int = 200
+    context_length: int = 256
+    batch_size: int = 8
+    overrides: list[str] = field(default_factory=list)
+
+    def command(self, data: Path, run: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "ehrfm.cli", "pretrain", "--data", str(data), "--out", str(run),
+            "--model", self.architecture, "--size", self.size, "--strategy", "ddp",
+            f"train.max_steps={self.steps}", f"data.context_length={self.context_length}",
+            f"data.batch_size={self.batch_size}", f"train.val_every={max(self.steps // 4, 1)}",
+            f"checkpoint.every={max(self.steps // 2, 1)}", "checkpoint.keep=1", *self.overrides,
+        ]
+
+
+def _done(folder: Path, marker: str) -> bool:
+    return (Path(folder) / marker).exists()
+
+
+def pretrain_stage(data: Path, run: Path, spec: PretrainSpec, *, quiet: bool = False) -> Path:
+    """Pretrain (or resume) into ``run``; returns it. Raises with the log's tail when the process fails."""
+    if _done(run, "PRETRAIN_COMPLETE"):
+        return run
+    run.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    if quiet:
+        env["PYTHONWARNINGS"] = "ignore"
+    cmd = spec.command(data, run) + (["train.progress_bar=false"] if quiet else [])
+    log.info("%s", " ".join(cmd[1:]))
+    log_path = run / "pretrain.log"
+    with open(log_path, "a") as stream:
+        proc = subprocess.run(cmd, env=env, stdout=stream if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:] if quiet else ""
+        raise RuntimeError(f"`ehrfm pretrain` failed with exit code {proc.returncode} (run {run})\n{tail}")
+    (run / "PRETRAIN_COMPLETE").write_text(" ".join(cmd[1:]) + "\n")
+    return run
+
+
+def export_stage(run: Path, hf_dir: Path) -> Path:
+    from .pretrain.export import export
+
+    if not _done(hf_dir, "ehrfm_export.json"):
+        export(run, hf_dir)
+    return hf_dir
+
+
+def finetune_stage(hf_dir: Path, data: Path, ft_dir: Path, *, method: str = "mpf", tasks: list[str] | None = None,
+                   epochs: int = 3, context_length: int = 256, learning_rate: float = 1e-4, batch_size: int = 32,
+                   train_fraction: float = 1.0, seed: int = 42) -> Path:
+    from .finetune.config import FinetuneConfig
+    from .finetune.train import finetune
+
+    if not _done(ft_dir, "finetune.json"):
+        cfg = FinetuneConfig(method=method, tasks=list(tasks or []), epochs=epochs, context_length=context_length,
+                             learning_rate=learning_rate, batch_size=batch_size, train_fraction=train_fraction,
+                             seed=seed, pos_weight="auto")
+        finetune(hf_dir, data, ft_dir, cfg)
+    return ft_dir
+
+
+def evaluate_stage(ft_dir: Path, data: Path, out: Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    from .finetune.evaluate import evaluate, load_metrics
+
+    if _done(out, "metrics.json"):
+        return load_metrics(out)
+    return evaluate(ft_dir, data, "test", out, n_boot=n_boot, seed=seed)
+
+
+def baseline_stage(data: Path, out: Path, *, tasks: list[str] | None = None, n_boot: int = 1000, seed: int = 0,
+                   name: str = "xgboost") -> dict:
+    from .finetune.baselines import run_baseline
+    from .finetune.evaluate import load_metrics
+
+    if _done(out, "metrics.json"):
+        return load_metrics(out)
+    return run_baseline(name, data, out, tasks=tasks, n_boot=n_boot, seed=seed)
+
+
+def cell(metrics: dict, task: str, metric: str) -> str:
+    """``value (low-high)`` as in 003's supplementary tables; ``n/a`` when undefined (e.g. no positives)."""
+    entry = metrics["tasks"].get(task, {}).get(metric)
+    if not entry or entry.get("value") is None or math.isnan(entry["value"]):
+        return "n/a"
+    low, high = entry.get("ci_low"), entry.get("ci_high")
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return f"{entry['value']:.3f}"
+    return f"{entry['value']:.3f} ({low:.3f}-{high:.3f})"
+
+
+def results_table(results: dict[str, dict], tasks: list[str]) -> str:
+    """Markdown table, one row per (task, model), columns AUROC / AUPRC / Brier with 95% CIs."""
+    lines = ["| task | model | n (pos) | AUROC | AUPRC | Brier |", "|---|---|---|---|---|---|"]
+    for task in tasks:
+        for model, metrics in results.items():
+            entry = metrics["tasks"].get(task)
+            if entry is None:
+                continue
+            n = entry.get("n", {}).get("value")
+            prevalence = entry.get("prevalence", {}).get("value")
+            count = "n/a" if n is None else f"{int(n)} ({round(n * prevalence) if prevalence is not None else '?'})"
+            lines.append(f"| {task} | {model} | {count} | " + " | ".join(cell(metrics, task, m) for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class StageTimer:
+    """Prints numbered stage headers and records each stage's wall time (seconds) for the report."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.seconds = total, 0, {}
+        self._name, self._started = None, 0.0
+
+    def start(self, name: str, detail: str = "") -> None:
+        self.stop()
+        self.index += 1
+        self._name, self._started = name, time.time()
+        print(f"[{self.index}/{self.total}] {name}{': ' + detail if detail else ''}", flush=True)
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.time() - self._started, 1)
+            self._name = None
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

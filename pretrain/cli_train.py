@@ -1,0 +1,78 @@
+"""`ehrfm pretrain` and `ehrfm export`.
+
+    ehrfm pretrain --data DIR --model llama --size tiny --out RUN [--strategy fsdp] [--config pretrain.yaml]
+                   [--accelerate-config acc.yaml] [--deepspeed-config ds.json] [key=value ...]
+    torchrun --nproc_per_node 2 -m ehrfm.cli pretrain ...     (same command, several ranks)
+    ehrfm export --run RUN [--step N] --out HFDIR
+
+Re-running the same pretrain command with the same --out resumes from the latest complete checkpoint.
+Exit code 75 = preempted (SIGTERM/SIGUSR1): a checkpoint was written, requeue the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+from .config import PREEMPTION_EXIT_CODE, STRATEGIES
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="pretrain a backbone (resumes automatically)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="prepared data folder (ehrfm prepare)")
+    p.add_argument("--model", choices=("llama", "mamba", "mamba2", "bert"), default=None)
+    p.add_argument("--size", choices=("tiny", "small", "medium"), default=None)
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, config)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None)
+    p.add_argument("--config", default=None, help="YAML of PretrainConfig (ehrfm.pretrain.config)")
+    p.add_argument("--accelerate-config", default=None, help="an `accelerate config` YAML, used as-is")
+    p.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON, used as-is ('auto' keys filled)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4 train.max_steps=100")
+    p.set_defaults(func=main_pretrain)
+
+    e = subparsers.add_parser("export", help="consolidate a checkpoint into a HuggingFace folder",
+                              description="Export a (sharded) checkpoint of RUN to an HF folder: config.json, "
+                              "model.safetensors, tokenizer, model card and remote code.")
+    e.add_argument("--run", required=True, help="run folder of `ehrfm pretrain`")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    e.add_argument("--best", action="store_true", help="export the best-validation checkpoint")
+    e.add_argument("--out", required=True, help="output folder")
+    e.set_defaults(func=main_export)
+
+
+def build_config(args: argparse.Namespace):
+    from ..config import load_config
+    from .config import PretrainConfig
+    from .parallel import apply_accelerate_config
+
+    # `lambda` is a Python keyword, so the fields are `lam*`; the issue's spelling `dense.lambda=` works too
+    overrides = [re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item) for item in args.overrides]
+    for flag, key in ((args.model, "model.architecture"), (args.size, "model.size"), (args.data, "data.path"),
+                      (args.out, "out"), (args.deepspeed_config, "deepspeed.config_file")):
+        if flag is not None:
+            overrides.insert(0, f"{key}={flag}")
+    cfg = load_config(PretrainConfig, args.config, overrides)
+    if args.accelerate_config:
+        cfg.accelerate_config = args.accelerate_config
+    if cfg.accelerate_config:
+        apply_accelerate_config(cfg, cfg.accelerate_config)
+    if args.strategy is not None:  # an explicit flag wins over the accelerate file
+        cfg.train.strategy = args.strategy
+    return cfg
+
+
+def main_pretrain(args: argparse.Namespace) -> int:
+    from .train import run
+
+    code = run(build_config(args))
+    if code == PREEMPTION_EXIT_CODE:
+        print(f"preempted: checkpoint written; re-run the same command to resume (exit {PREEMPTION_EXIT_CODE})")
+    return code
+
+
+def main_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    out = export(args.run, args.out, step=args.step, best=args.best)
+    print(f"exported to {out}")
+    return 0

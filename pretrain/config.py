@@ -1,0 +1,115 @@
+"""Typed configuration of `ehrfm pretrain` (YAML + ``key=value`` overrides via ``ehrfm.config``).
+
+    cfg = load_config(PretrainConfig, "pretrain.yaml", ["optim.lr=3e-4", "dense.enabled=true"])
+
+The resolved config is written into every checkpoint and into the run folder (``config.yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from .dense_loss import DenseLossConfig
+
+STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, a checkpoint was written, requeue the same command
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """Backbone and preset; ``overrides`` are config fields of the HF config (e.g. hidden_size, num_hidden_layers)."""
+
+    architecture: Literal["llama", "mamba", "mamba2", "bert"] = "llama"
+    size: Literal["tiny", "small", "medium"] = "tiny"
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Stream settings (see ``ehrfm.data_shards.stream.StreamConfig``); batch_size is rows per rank per micro-step."""
+
+    path: str = ""
+    context_length: int = 512
+    batch_size: int = 8
+    mode: Literal["packed", "padded"] = "packed"
+    long_sequences: Literal["truncate", "split"] = "split"
+    shuffle_buffer: int = 1024
+    pack_window: int = 64
+    num_workers: int = 0
+    train_split: str = "pretrain"
+    val_split: str = "pretrain_val"
+
+
+@dataclasses.dataclass
+class OptimSection:
+    """AdamW and the schedule: linear warmup over ``warmup_fraction`` of the steps, then linear or cosine decay
+    to ``min_lr_ratio * lr``."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_fraction: float = 0.1
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping (the norm is still logged)
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """Loop, precision and parallelism.
+
+    strategy: how the model is wrapped (``parallel.py``). precision "auto" = bf16 autocast on GPU, fp32 on CPU.
+    grad_accum: micro-steps per optimizer step. val_every / checkpoint_every / log_every in optimizer steps.
+    patience: validations without improvement before early stopping (0 = never stop early).
+    mlm_probability: masked fraction for BERT (80% [MASK], 10% random, 10% unchanged).
+    crash_after_step: fault injection for tests, the process dies (exit 137, no checkpoint) after this step.
+    """
+
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = "ddp"
+    max_steps: int = 1000
+    grad_accum: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = True
+    val_every: int = 200
+    val_max_batches: int = 0  # 0 = the whole validation split (a finite pass)
+    patience: int = 5
+    log_every: int = 1
+    progress_bar: bool = True
+    mlm_probability: float = 0.15
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU name (no MFU on CPU)
+    save_probe: bool = True  # after training, save a validation batch and the model's logits (export check)
+    crash_after_step: int = 0
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    """Sharded checkpoints every ``every`` steps (0 = only at the end), keeping the last ``keep`` (+ the best)."""
+
+    every: int = 500
+    keep: int = 2
+    resume: bool = True  # resume from the latest complete checkpoint in the run folder
+
+
+@dataclasses.dataclass
+class DeepSpeedSection:
+    """``config_file``: a user's DeepSpeed JSON used as-is; our values only fill its missing or "auto" keys."""
+
+    config_file: str = ""
+    offload_optimizer: bool = False
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+    dense: DenseLossConfig = dataclasses.field(default_factory=DenseLossConfig)
+    out: str = ""
+    accelerate_config: str = ""  # a user's `accelerate config` YAML; see parallel.apply_accelerate_config

@@ -1,0 +1,102 @@
+"""Observability on rank 0: per-step JSONL (``RUN/metrics.jsonl``), TensorBoard (``RUN/tensorboard``) and a
+tqdm progress bar. FLOP counts give MFU on GPU.
+
+JSONL record of a training step (units in the names where not obvious): step, loss, lr, grad_norm,
+real_tokens and padded_tokens (summed over ranks and micro-steps of this step), tokens_per_s (real tokens),
+step_time_s, peak_memory_mb (CUDA max allocated, else the process's max RSS), mfu (GPU only), plus
+auxiliary-loss terms. Validation records carry ``"split": "val"``, val_loss and val_ppl.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+# dense bf16 peak FLOP/s per device (the tensor-core number vendors quote, without sparsity)
+PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+def flops_per_token(model: torch.nn.Module, context_length: int) -> float:
+    """Training FLOPs per token: 6 N (forward + backward matmuls over the N non-embedding parameters) plus
+    attention's 12 * layers * hidden * context for attention backbones (PaLM appendix B convention)."""
+    config = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name and "embed_tokens" not in name)
+    flops = 6.0 * n
+    if config.model_type in ("ehr_llama", "ehr_bert"):
+        flops += 12.0 * config.num_hidden_layers * config.hidden_size * context_length
+    return flops
+
+
+def peak_flops(override: float = 0.0) -> float:
+    """Per-device peak FLOP/s: the override, else a lookup of the GPU name; 0 on CPU (no MFU)."""
+    if override > 0:
+        return override
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Writes records on rank 0 only (other ranks get a no-op logger)."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, progress: bool) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # tensorboard is a dependency; keep training if an environment lacks it
+            self.tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        step = clean.get("step", 0)
+        if self.tb is not None:
+            prefix = "val/" if clean.get("split") == "val" else "train/"
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(float(value)):
+                    self.tb.add_scalar(prefix + key, value, step)
+        if self.bar is not None:
+            if clean.get("split") == "val":
+                self.bar.write(f"step {step}: val_loss {clean['val_loss']:.4f} val_ppl {clean['val_ppl']:.2f}")
+            else:
+                self.bar.n = step
+                self.bar.set_postfix(loss=f"{clean['loss']:.4f}", lr=f"{clean['lr']:.2e}", tok_s=f"{clean['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,159 @@
+"""Pretraining objectives: NTP for causal backbones, MLM for BERT, and the auxiliary-loss extension point.
+
+Loss masking. The collator sets ``labels = input_ids`` with -100 on padding. NTP shifts inside the model and
+drops targets that cross a document boundary of a packed row (``models.common.next_token_loss``); MLM keeps
+labels only at masked positions. ``target_count`` counts exactly the targets each loss averages over, so
+validation can sum token losses over ranks and batches.
+
+Auxiliary losses are callables ``(hidden_states (B, L, H), batch) -> (loss scalar, {name: scalar})`` added
+to the objective's loss; the last hidden states come from a forward hook on the base model, so no second
+forward runs and the hook works inside any parallel wrapper.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..data_shards.schema import PAD_ID, SPECIAL_TYPES, TokenType
+from ..seeding import derive_seed
+from .models.common import IGNORE_INDEX
+from .models.masking import document_starts
+
+AuxLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def is_causal(architecture: str) -> bool:
+    return architecture != "bert"
+
+
+def maskable_positions(batch: dict) -> torch.Tensor:
+    """(B, L) bool: real clinical tokens (never padding, never [CLS]/[VS]/[VE]/[REG]/interval/task tokens)."""
+    ok = batch["attention_mask"].bool() & (batch["input_ids"] != PAD_ID)
+    if "type_ids" in batch:
+        types = batch["type_ids"]
+        for special in (TokenType.PAD, *SPECIAL_TYPES):
+            ok &= types != special
+    return ok
+
+
+def mlm_mask(
+    batch: dict, *, probability: float, mask_token_id: int, vocab_size: int, first_code_id: int, seed: int
+) -> dict:
+    """BERT masking (80% [MASK], 10% a random code, 10% unchanged) of ``probability`` of the maskable tokens.
+
+    Deterministic in ``seed`` (derive it from run seed, step, rank, micro-step), so resuming reproduces it
+    without RNG state. Random replacements are drawn from clinical codes ids [first_code_id, vocab_size).
+    Returns a new batch: input_ids (B, L) masked, labels (B, L) original ids at masked positions else -100.
+    """
+    input_ids = batch["input_ids"]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = input_ids.shape
+    selected = (torch.rand(shape, generator=gen) < probability).to(input_ids.device) & maskable_positions(batch)
+    action = torch.rand(shape, generator=gen).to(input_ids.device)
+    random_ids = torch.randint(first_code_id, vocab_size, shape, generator=gen).to(input_ids.device)
+    masked = input_ids.clone()
+    masked[selected & (action < 0.8)] = mask_token_id
+    swap = selected & (action >= 0.8) & (action < 0.9)
+    masked[swap] = random_ids[swap]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[selected] = input_ids[selected]
+    return {**batch, "input_ids": masked, "labels": labels}
+
+
+def target_count(batch: dict, causal: bool) -> torch.Tensor:
+    """Number of targets the model's mean loss is taken over (0-dim long tensor)."""
+    labels = batch["labels"]
+    if not causal:
+        return (labels != IGNORE_INDEX).sum()
+    valid = labels[:, 1:] != IGNORE_INDEX
+    if batch.get("document_ids") is not None:
+        doc = batch["document_ids"]
+        valid &= ~document_starts(doc)[:, 1:] & (doc[:, 1:] != 0)
+    return valid.sum()
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone inside a head model (``model`` / ``backbone`` / ``bert``), whose output holds the last
+    hidden states (B, L, H)."""
+    return model.base_model
+
+
+class Objective:
+    """Turns a stream batch into (loss, logs) with one forward of the (possibly wrapped) model.
+
+    ``head`` is the unwrapped HF head model (for the hidden-state hook); ``aux_losses`` are added to the loss.
+    """
+
+    def __init__(
+        self,
+        architecture: str,
+        head: torch.nn.Module,
+        *,
+        seed: int,
+        rank: int,
+        mlm_probability: float = 0.15,
+        mask_token_id: int = 2,
+        first_code_id: int = 1,
+        aux_losses: dict[str, AuxLoss] | None = None,
+    ) -> None:
+        self.causal = is_causal(architecture)
+        self.seed, self.rank = seed, rank
+        self.mlm_probability = mlm_probability
+        self.mask_token_id, self.first_code_id = mask_token_id, first_code_id
+        self.vocab_size = head.config.vocab_size
+        self.aux_losses = dict(aux_losses or {})
+        self._hidden: torch.Tensor | None = None
+        if self.aux_losses:
+            base_model(head).register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output) -> None:
+        self._hidden = output.last_hidden_state
+
+    def prepare(self, batch: dict, step: int, micro: int, device: torch.device, split: str = "train") -> dict:
+        """Move to device; apply MLM masking (seeded by step / rank / micro-step / split)."""
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if not self.causal:
+            batch = mlm_mask(
+                batch,
+                probability=self.mlm_probability,
+                mask_token_id=self.mask_token_id,
+                vocab_size=self.vocab_size,
+                first_code_id=self.first_code_id,
+                seed=derive_seed(self.seed, "mlm", split, step, self.rank, micro),
+            )
+        return batch
+
+    def __call__(self, model: torch.nn.Module, batch: dict, with_aux: bool = True) -> tuple[torch.Tensor, dict]:
+        """loss (0-dim, fp32, objective + auxiliary terms) and detached logs {"loss/objective", "aux/..."}."""
+        self._hidden = None
+        out = model(**batch)
+        loss = out.loss.float()
+        logs = {"loss/objective": loss.detach()}
+        if with_aux and self.aux_losses:
+            if self._hidden is None:
+                raise RuntimeError("auxiliary losses need the base model's hidden states; the hook did not fire")
+            for name, aux in self.aux_losses.items():
+                value, terms = aux(self._hidden, batch)
+                loss = loss + value.float()
+                logs[f"aux/{name}"] = value.detach().float()
+                logs.update({k: v.detach().float() for k, v in terms.items()})
+        self._hidden = None
+        return loss, logs
+
+
+def dense_aux(cfg, group=None) -> AuxLoss:
+    """The dense-feature loss (``dense_loss.dense_aux_loss``) as an auxiliary loss."""
+    from .dense_loss import dense_aux_loss
+
+    def aux(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        return dense_aux_loss(
+            hidden,
+            cfg,
+            attention_mask=batch["attention_mask"],
+            document_ids=batch.get("document_ids"),
+            type_ids=batch.get("type_ids"),
+            group=group,
+        )
+
+    return aux

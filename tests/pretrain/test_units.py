@@ -1,0 +1,171 @@
+"""Objectives, schedule and configuration pieces of the pretraining engine (no training runs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ehrfm.data_shards.schema import PAD_ID, TokenType
+from ehrfm.pretrain.config import PretrainConfig
+from ehrfm.pretrain.objectives import maskable_positions, mlm_mask, target_count
+
+
+def _batch(rows=64, length=48, vocab=200):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(30, vocab, (rows, length), generator=g)
+    types = torch.full((rows, length), int(TokenType.DX))
+    types[:, ::7] = TokenType.REG  # special tokens sprinkled in
+    types[:, 0] = TokenType.CLS
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[:, -5:] = 0  # padding
+    ids[mask == 0] = PAD_ID
+    types[mask == 0] = TokenType.PAD
+    labels = ids.masked_fill(mask == 0, -100)
+    docs = torch.ones(rows, length, dtype=torch.long)
+    docs[:, 20:] = 2
+    docs[mask == 0] = 0
+    return {"input_ids": ids, "type_ids": types, "attention_mask": mask, "labels": labels, "document_ids": docs}
+
+
+def test_mlm_mask_rules_and_determinism():
+    batch = _batch(rows=512)
+    out = mlm_mask(batch, probability=0.15, mask_token_id=2, vocab_size=200, first_code_id=30, seed=7)
+    selected = out["labels"] != -100
+    ok = maskable_positions(batch)
+    assert not (selected & ~ok).any()  # never padding or special tokens
+    assert (out["input_ids"][~selected] == batch["input_ids"][~selected]).all()
+    assert (out["labels"][selected] == batch["input_ids"][selected]).all()
+    frac = selected.sum() / ok.sum()
+    assert 0.13 < frac < 0.17
+    n = selected.sum()
+    masked = (out["input_ids"] == 2) & selected
+    changed = (out["input_ids"] != batch["input_ids"]) & selected & ~masked
+    assert 0.76 < masked.sum() / n < 0.84
+    assert 0.07 < changed.sum() / n < 0.13  # random replacements (a few coincide with the original id)
+    assert (out["input_ids"][changed] >= 30).all()  # replacements are clinical codes
+    again = mlm_mask(batch, probability=0.15, mask_token_id=2, vocab_size=200, first_code_id=30, seed=7)
+    assert torch.equal(again["input_ids"], out["input_ids"])
+    other = mlm_mask(batch, probability=0.15, mask_token_id=2, vocab_size=200, first_code_id=30, seed=8)
+    assert not torch.equal(other["labels"], out["labels"])
+
+
+def test_target_count_matches_the_models_loss_normalisation():
+    """loss * target_count == summed per-target CE, so validation sums are exact over batches and ranks."""
+    from ehrfm.pretrain.models.common import next_token_loss
+
+    batch = _batch(rows=3, length=40)
+    logits = torch.randn(3, 40, 200)
+    loss = next_token_loss(logits, batch["labels"], batch["document_ids"])
+    n = target_count(batch, causal=True)
+    targets = batch["labels"][:, 1:].clone()
+    targets[:, 19] = -100  # first token of document 2 is no target of document 1
+    summed = F.cross_entropy(logits[:, :-1].reshape(-1, 200), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    assert int(n) == int((targets != -100).sum())
+    assert torch.allclose(loss * n, summed, rtol=1e-5)
+    mlm = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    mlm["labels"][:, 3] = 5
+    assert int(target_count(mlm, causal=False)) == 3
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_warmup_ten_percent(schedule):
+    from ehrfm.pretrain.parallel import lr_at
+
+    cfg = PretrainConfig()
+    cfg.train.max_steps, cfg.optim.lr, cfg.optim.schedule = 100, 1e-3, schedule
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # warmup = 10 steps
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(1e-3)
+    else:
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.05e-3
+    if schedule == "cosine":
+        assert lrs[55] == pytest.approx(0.5e-3, rel=0.05)
+
+
+def test_accelerate_config_is_used_as_is(tmp_path):
+    from ehrfm.pretrain.parallel import apply_accelerate_config
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    files = {
+        "fsdp.yaml": ("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\n"
+                      "num_processes: 2\nfsdp_config:\n  fsdp_version: 2\n", "fsdp"),
+        "ds.yaml": (f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\n"
+                    "num_processes: 2\n", "deepspeed-zero3"),
+        "ds2.yaml": ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  gradient_accumulation_steps: 4\n"
+                     "  gradient_clipping: 0.5\n", "deepspeed-zero2"),
+        "ddp.yaml": ("distributed_type: MULTI_CPU\nnum_processes: 2\nmixed_precision: 'no'\n", "ddp"),
+    }
+    for name, (text, strategy) in files.items():
+        (tmp_path / name).write_text(text)
+        cfg = PretrainConfig()
+        apply_accelerate_config(cfg, tmp_path / name)
+        assert cfg.train.strategy == strategy, name
+    assert cfg.train.precision == "fp32"
+    cfg = PretrainConfig()
+    apply_accelerate_config(cfg, tmp_path / "ds2.yaml")
+    assert cfg.train.grad_accum == 4 and cfg.optim.grad_clip == 0.5
+    cfg = PretrainConfig()
+    apply_accelerate_config(cfg, tmp_path / "ds.yaml")
+    assert cfg.deepspeed.config_file == str(ds_json)
+
+
+def test_deepspeed_json_kept_and_autos_filled(tmp_path):
+    from ehrfm.pretrain.parallel import deepspeed_config
+
+    user = {"zero_optimization": {"stage": 3, "overlap_comm": False, "reduce_bucket_size": "auto"},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.3, "custom": {"keep": 1}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    cfg = PretrainConfig()
+    cfg.train.strategy, cfg.deepspeed.config_file, cfg.data.batch_size = "deepspeed-zero3", str(path), 6
+    merged = deepspeed_config(cfg, world_size=2)
+    assert merged["gradient_clipping"] == 0.3 and merged["custom"] == {"keep": 1}  # user values win
+    assert merged["zero_optimization"]["overlap_comm"] is False and merged["zero_optimization"]["stage"] == 3
+    assert merged["train_micro_batch_size_per_gpu"] == 6 and merged["train_batch_size"] == 12
+    user["train_micro_batch_size_per_gpu"] = 5
+    path.write_text(json.dumps(user))
+    with pytest.raises(ValueError, match="disagree"):
+        deepspeed_config(cfg, world_size=2)
+
+
+def test_cli_builds_typed_config(tmp_path):
+    from ehrfm.cli import build_parser
+    from ehrfm.pretrain.cli_train import build_config
+    from ehrfm.pretrain.train import model_overrides
+
+    yaml_file = tmp_path / "p.yaml"
+    yaml_file.write_text("optim:\n  lr: 0.001\ntrain:\n  max_steps: 7\n")
+    args = build_parser().parse_args(
+        ["pretrain", "--data", "D", "--model", "bert", "--size", "small", "--out", "R", "--strategy", "fsdp",
+         "--config", str(yaml_file), "train.max_steps=9", "model.overrides.hidden_size=64", "dense.enabled=true"]
+    )
+    cfg = build_config(args)
+    assert (cfg.model.architecture, cfg.model.size, cfg.data.path, cfg.out) == ("bert", "small", "D", "R")
+    assert cfg.train.strategy == "fsdp" and cfg.optim.lr == 1e-3 and cfg.train.max_steps == 9 and cfg.dense.enabled
+    assert model_overrides(cfg) == {"hidden_size": 64}
+
+
+def test_dense_lambda_spelling_of_the_issue_is_accepted():
+    from ehrfm.cli import build_parser
+    from ehrfm.pretrain.cli_train import build_config
+
+    args = build_parser().parse_args(["pretrain", "--data", "D", "--out", "R", "dense.enabled=true", "dense.lambda=0.3",
+                                      "dense.lambda_sub=0.2", "dense.lambda_orth=0.01", "dense.k=8"])
+    dense = build_config(args).dense
+    assert (dense.enabled, dense.lam, dense.lam_sub, dense.lam_orth, dense.k) == (True, 0.3, 0.2, 0.01, 8)
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    from ehrfm.config import load_config
+    from ehrfm.pretrain import config as config_module
+
+    path = Path(config_module.__file__).with_name("pretrain.example.yaml")
+    cfg = load_config(PretrainConfig, path, ["train.max_steps=10"])
+    assert cfg.train.strategy == "fsdp" and cfg.train.max_steps == 10 and cfg.optim.warmup_fraction == 0.1

@@ -1,0 +1,121 @@
+"""`ehrfm ablate` grid logic, tables and plots; `ehrfm demo` and `ehrfm ablate --quick` end to end (slow)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ehrfm.ablate import BASE_VALUES, ablation_plots, ablation_tables, cells, concept_groups, quick_grid, full_grid
+
+TASKS_YAML = Path(__file__).parent / "finetune" / "tasks_synthea.yaml"
+SMALL_SPLITS = ["splits.pretrain=0.2", "splits.finetune=0.5", "splits.test=0.3", "splits.val_fraction=0.4",
+                "splits.seed=1"]
+
+
+def test_each_axis_varies_alone_around_the_base():
+    grid = full_grid(steps=10, epochs=1)
+    all_cells = cells(grid)
+    base = {"data_variant": "b10-i3_cutoff_PRO", "context": 512, "size": "medium", "train_fraction": 1.0}
+    for c in all_cells:
+        differing = {k for k, v in base.items() if getattr(c, k) != v}
+        allowed = {"vocabulary": {"data_variant"}, "history": {"data_variant"}, "concepts": {"data_variant"},
+                   "context-size": {"context", "size"}, "train-fraction": {"train_fraction"}}[c.axis]
+        assert differing <= allowed, c
+    # 4 backbones x (4 + 9 + 6 + 5 + 4) values, XGBoost per data variant (+ once for context/size and fractions)
+    backbone_cells = [c for c in all_cells if c.model != "xgboost"]
+    assert len(backbone_cells) == 4 * 28
+    assert len([c for c in all_cells if c.model == "xgboost"]) == 4 + 1 + 6 + 5 + 1
+    # the base setting appears under every axis but is one experiment per model
+    base_keys = {c.experiment_key for c in all_cells if c.value in (*BASE_VALUES.values(), "C512-medium")
+                 and c.model == "llama"}
+    assert len(base_keys) == 1
+    assert concept_groups("DX") == ["DX", "IMM", "OTHER"]
+    assert concept_groups("+MED") == ["DX", "VIT", "LAB", "MED", "IMM", "OTHER"]
+
+
+def _metric(value, low, high):
+    return {"value": value, "ci_low": low, "ci_high": high}
+
+
+def _record(axis, value, model, auprc):
+    entry = {"auprc": _metric(auprc, auprc - 0.1, auprc + 0.1), "auroc": _metric(0.7, 0.6, 0.8),
+             "brier": _metric(0.2, 0.15, 0.25)}
+    return {"cell": f"{axis}={value}/{model}", "axis": axis, "value": value, "model": model, "vocab_size": 99,
+            "tasks": {"los_7d": entry}}
+
+
+def test_tables_follow_the_supplementary_layout_and_plots_are_pngs(tmp_path):
+    grid = quick_grid(steps=1, epochs=1)
+    records = [_record("vocabulary", "b5-i3", "llama", 0.41), _record("vocabulary", "b10-i3", "llama", 0.52),
+               _record("vocabulary", "b10-i3", "xgboost", 0.33)]
+    text = ablation_tables(records, grid)
+    assert "## vocabulary: AUPRC" in text and "| task | vocabulary | vocab | xgboost | llama | mamba |" in text
+    assert "| los_7d | b10-i3* | 99 | 0.330 (0.230-0.430) | 0.520 (0.420-0.620) | - |" in text
+    assert "| los_7d | b5-i3 | 99 | - | 0.410 (0.310-0.510) | - |" in text
+    plots = ablation_plots(records, tmp_path)
+    assert {p.name for p in plots} == {f"ablation_vocabulary_{m}.png" for m in ("auprc", "auroc", "brier")}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+
+
+def _ehrfm(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("ehrfm")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cohort() -> Path:
+    from ehrfm.data_shards.synthea import generate_cohort
+
+    return generate_cohort(6, seed=11, age="55-90", threads=1, progress=False)
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--input", str(cohort), "--format", "fhir", "--tasks", str(TASKS_YAML), "--out", str(out),
+            "--steps", "4", "--context-length", "64", "--epochs", "1", "--bootstrap", "20",
+            *[f"--prepare-option={o}" for o in SMALL_SPLITS]]
+    first = _ehrfm(*args, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "demo_report.json").read_text())
+    assert set(report["results"]) == {"llama-tiny MPF", "XGBoost (counts)"}
+    for model, tasks in report["results"].items():
+        assert set(tasks) == set(report["tasks"]) and report["tasks"], model
+    for path in report["paths"]["llama"].values():
+        assert Path(path).exists()
+    assert (out / "hf_llama" / "model.safetensors").exists() and (out / "pretrain_llama" / "PRETRAIN_COMPLETE").exists()
+    assert "| task | model | n (pos) | AUROC | AUPRC | Brier |" in first.stdout
+    # interrupted or not, a re-run skips every finished stage and prints the same table
+    before = (out / "eval_llama" / "metrics.json").stat().st_mtime_ns
+    second = _ehrfm(*args, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (out / "eval_llama" / "metrics.json").stat().st_mtime_ns == before
+    table = lambda text: text[text.index("| task |"):text.index("\nllama")]  # noqa: E731
+    assert table(second.stdout) == table(first.stdout)
+
+
+@pytest.mark.slow
+def test_quick_ablation_end_to_end_and_resume(cohort, tmp_path):
+    out = tmp_path / "ablation"
+    args = ["ablate", "--quick", "--input", str(cohort), "--format", "fhir", "--task-sets", str(TASKS_YAML),
+            "--out", str(out), "--backbones", "llama", "--steps", "2", "--epochs", "1", "--bootstrap", "10",
+            *[f"--prepare-option={o}" for o in SMALL_SPLITS]]
+    first = _ehrfm(*args, timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    from dataclasses import replace
+
+    expected = cells(replace(quick_grid(2, 1), backbones=("llama",)))
+    assert sorted(json.loads(x)["cell"] for x in lines) == sorted(c.name for c in expected)
+    text = (out / "ablation.md").read_text()
+    for axis in ("vocabulary", "context-size", "history", "concepts", "train-fraction"):
+        assert f"## {axis}: AUPRC" in text and (out / f"ablation_{axis}_auprc.png").exists()
+    # 4 data variants (base, b5, trunc-1y, DX) and 5 pretraining runs (+ C256); base cells share one experiment
+    assert len(list((out / "data").iterdir())) == 4 and len(list((out / "runs").iterdir())) == 5
+    assert len(list((out / "cells").iterdir())) == len({c.experiment_key for c in expected})
+    second = _ehrfm(*args, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (out / "results.jsonl").read_text().splitlines() == lines  # nothing re-run
