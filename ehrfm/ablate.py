@@ -17,8 +17,8 @@ Choices where 003 is silent or does not transfer (also in the README):
 - XGBoost is trained on each data variant's full finetuning split; it has no context, size or fraction.
 
 Everything lands in OUT: prepared variants (data/<variant>), pretraining runs and exports (runs/<key>),
-finetuned models and evaluations (cells/<cell>), ``results.jsonl`` (one line per finished cell: re-running
-skips them), ``ablation.md`` (003 supplementary-table layout: value (95% CI) per metric, task and axis
+finetuned models and evaluations (cells/<experiment>: the base setting, listed under every axis, is one
+experiment per model), ``results.jsonl`` (one line per finished cell: re-running skips them), ``ablation.md`` (003 supplementary-table layout: value (95% CI) per metric, task and axis
 value x model) and one PNG per axis and metric.
 """
 from __future__ import annotations

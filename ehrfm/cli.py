@@ -35,11 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a `key=value ...` positional only once: overrides written after a later option
+    # (`--data D a=1 --out R b=2`) come back as extras and join the others, in command-line order
+    if extra:
+        overrides = getattr(args, "overrides", None)
+        if overrides is None or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        overrides.extend(extra)
+    args.print_help = parser.print_help
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        args.print_help()
         return 2
     from ehrfm.logging import setup_logging
 

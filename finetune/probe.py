@@ -3,7 +3,9 @@
     ehrfm probe --model HFDIR --data DIR [--split test] [--tasks los_7d ...] [--k 20] [--out PROBE]
 
 * effective rank (exp of the spectral entropy) and condition number of the patient embeddings
-  (last token of each patient's most recent ``context_length`` tokens) of ``--split``;
+  (last token of each patient's most recent ``context_length`` tokens) of ``--split``, and of all its
+  visit-level [REG] states (with fewer patients than dimensions the patient-level covariance is singular and
+  its condition number infinite; the visit-level one usually has N > d);
 * subspace distance (k = 20, normalized to [0, 1]) between the [REG] states of visit t and of visit t+1,
   pooled over patients (004's adjacent-visit consistency);
 * frozen-embedding linear-probe AUROC per task: logistic regression fitted on the embeddings of the task's
@@ -101,12 +103,15 @@ def probe(model_dir: Path, data_dir: Path, *, split: str = "test", tasks: list[s
     reader = ShardReader(data_dir, manifest["shards"][split])
     samples = [_tail(reader.get(i), context_length) for i in range(len(reader))]
     z, regs = embed_samples(model, samples, batch_size, context_length)
+    visits = torch.cat([r for r in regs if len(r)])
     before = torch.cat([r[:-1] for r in regs if len(r) >= 2])
     after = torch.cat([r[1:] for r in regs if len(r) >= 2])
     kk = min(k, before.shape[0], after.shape[0], z.shape[1])
     result = {
         "model": str(model_dir), "data": str(data_dir), "split": split, "patients": int(z.shape[0]),
         "effective_rank": float(effective_rank(z)), "condition_number": float(condition_number(z)),
+        "visit_states": int(visits.shape[0]), "effective_rank_visits": float(effective_rank(visits)),
+        "condition_number_visits": float(condition_number(visits)),
         "adjacent_visit_pairs": int(before.shape[0]), "k": kk,
         "adjacent_visit_subspace_distance": float(subspace_distance(before, after, kk)),
         "linear_probe_auroc": {},
@@ -134,8 +139,11 @@ def run(args: argparse.Namespace) -> int:
     tmp = out / "probe.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out / "probe.json")
-    print(f"effective rank {result['effective_rank']:.2f}   condition number {result['condition_number']:.3g}   "
-          f"adjacent-visit subspace distance (k={result['k']}) {result['adjacent_visit_subspace_distance']:.4f}")
+    print(f"patients ({result['patients']}): effective rank {result['effective_rank']:.2f}, "
+          f"condition number {result['condition_number']:.3g}")
+    print(f"visit [REG] states ({result['visit_states']}): effective rank {result['effective_rank_visits']:.2f}, "
+          f"condition number {result['condition_number_visits']:.3g}")
+    print(f"adjacent-visit subspace distance (k={result['k']}) {result['adjacent_visit_subspace_distance']:.4f}")
     for task, auroc in result["linear_probe_auroc"].items():
         print(f"  linear probe {task:24s} AUROC {'n/a (one class)' if auroc is None else f'{auroc:.3f}'}")
     print(f"wrote {out / 'probe.json'}")

@@ -37,9 +37,10 @@ def kv_cache_kwargs(cache) -> dict:
 
 
 def output_cache(output):
-    """The cache stored in an HF output dataclass under whichever field name it has."""
+    """The cache stored in an HF output dataclass under whichever field name it has (only real fields are
+    read: newer versions keep the old names as properties that warn)."""
+    fields = getattr(output, "__dataclass_fields__", {})
     for name in _OLD_NAMES:
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
+        if name in fields and getattr(output, name) is not None:
+            return getattr(output, name)
     return None

@@ -57,6 +57,16 @@ def test_metrics_match_an_independent_embedding_path(probe_setup):
         z = base.get_patient_embedding(batch, pooling="last")[:, 0]  # (B, 1 document, H)
     assert result["patients"] == len(docs)
     assert result["effective_rank"] == pytest.approx(float(effective_rank(z.float())), rel=1e-4)
+    # visit-level metrics: every [REG] state of the same (independently assembled) batch
+    from ehrfm.data_shards.schema import TokenType
+    from ehrfm.kernels import condition_number
+
+    with torch.no_grad():
+        hidden = base(**batch).last_hidden_state
+    regs = hidden[batch["type_ids"] == TokenType.REG].float()
+    assert result["visit_states"] == regs.shape[0] > 0
+    assert result["effective_rank_visits"] == pytest.approx(float(effective_rank(regs)), rel=1e-4)
+    assert result["condition_number_visits"] == pytest.approx(float(condition_number(regs)), rel=1e-3)
     assert 0.0 <= result["adjacent_visit_subspace_distance"] <= 1.0
     for auroc in result["linear_probe_auroc"].values():
         assert auroc is None or 0.0 <= auroc <= 1.0

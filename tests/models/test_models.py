@@ -307,3 +307,18 @@ def test_forward_backward_has_no_host_sync(arch):
     out = model(**batch)
     out.loss.backward()
     assert out.logits.shape == (2, 16, VOCAB) and out.logits.device.type == "meta"
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_cache_is_passed_under_the_installed_transformers_name(arch, monkeypatch):
+    """transformers 5.24 renamed past_key_values/cache_params to cache; the old names must not be used."""
+    import transformers.utils.generic as generic
+
+    seen = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: seen.append(msg))
+    model = small_model(arch)
+    batch = pad_rows([make_document(10, 5), make_document(8, 6)])
+    model(**batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert not [m for m in seen if "deprecated" in m]

@@ -150,14 +150,20 @@ def test_cli_builds_typed_config(tmp_path):
     assert model_overrides(cfg) == {"hidden_size": 64}
 
 
-def test_dense_lambda_spelling_of_the_issue_is_accepted():
-    from ehrfm.cli import build_parser
+def test_dense_lambda_spelling_and_overrides_between_options():
+    from ehrfm.cli import parse_args
     from ehrfm.pretrain.cli_train import build_config
 
-    args = build_parser().parse_args(["pretrain", "--data", "D", "--out", "R", "dense.enabled=true", "dense.lambda=0.3",
-                                      "dense.lambda_sub=0.2", "dense.lambda_orth=0.01", "dense.k=8"])
+    # overrides may stand anywhere, also before a later option
+    args = parse_args(["pretrain", "--data", "D", "dense.enabled=true", "dense.k=4", "--out", "R", "dense.lambda=0.3",
+                       "dense.lambda_sub=0.2", "dense.lambda_orth=0.01", "dense.k=8"])
     dense = build_config(args).dense
     assert (dense.enabled, dense.lam, dense.lam_sub, dense.lam_orth, dense.k) == (True, 0.3, 0.2, 0.01, 8)
+    assert build_config(args).out == "R"
+    with pytest.raises(SystemExit):
+        parse_args(["pretrain", "--data", "D", "--out", "R", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        parse_args(["demo", "not-an-override=1"])  # demo takes no overrides
 
 
 def test_example_config_loads():
