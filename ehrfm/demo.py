@@ -28,9 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="llama",
                    help="backbone(s) to pretrain, comma-separated: llama, mamba, mamba2 (default llama)")
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
-    p.add_argument("--steps", type=int, default=120, help="pretraining steps per backbone (default 120)")
+    p.add_argument("--steps", type=int, default=100, help="pretraining steps per backbone (default 100)")
     p.add_argument("--context-length", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=3, help="finetuning epochs (default 3)")
+    p.add_argument("--epochs", type=int, default=2, help="finetuning epochs (default 2)")
     p.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples for the CIs")
     p.add_argument("--prepare-option", action="append", default=[], metavar="KEY=VALUE",
                    help="PrepareConfig override, repeatable (e.g. vocab.num_bins=5, splits.test=0.3)")
