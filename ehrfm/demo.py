@@ -17,7 +17,7 @@ DEMO_TASKS = ["los_7d", "readmission_30d", "mortality_1y"]
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the pipeline end to end on a Synthea cohort", description=__doc__)
     p.add_argument("--patients", type=int, default=150,
-                   help="Synthea patients to generate (default 150: about 3.5 min on 2 cores, cached afterwards)")
+                   help="Synthea patients to generate (default 150: about 4 min on 2 cores, cached afterwards)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--age", default="50-90", help="Synthea age band (older patients have more admissions)")
     p.add_argument("--input", type=Path, default=None, help="your own MEDS folder or FHIR bundles instead of Synthea")
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     timer = StageTimer(total=2 + 4 * len(backbones) + 1)
 
     if args.input is None:
-        timer.start("cohort", f"Synthea, {args.patients} patients, seed {args.seed}, ages {args.age} (cached)")
+        timer.start("cohort", f"Synthea, {args.patients} patients, seed {args.seed}, ages {args.age} "
+                              "(cached after the first run)")
         source, fmt = generate_cohort(args.patients, seed=args.seed, age=args.age), "fhir"
         task_sets = ["demo"]
     else:
