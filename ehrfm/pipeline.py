@@ -60,9 +60,12 @@ def pretrain_stage(data: Path, run: Path, spec: PretrainSpec, *, quiet: bool = F
         env["PYTHONWARNINGS"] = "ignore"
     cmd = spec.command(data, run) + (["train.progress_bar=false"] if quiet else [])
     log.info("%s", " ".join(cmd[1:]))
-    log_path = run / "pretrain.log"
-    with open(log_path, "a") as stream:
-        proc = subprocess.run(cmd, env=env, stdout=stream if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+    log_path = run / "pretrain.log"  # quiet runs (ablation) log here; the demo shows the progress bar
+    if quiet:
+        with open(log_path, "a") as stream:
+            proc = subprocess.run(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT)
+    else:
+        proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:] if quiet else ""
         raise RuntimeError(f"`ehrfm pretrain` failed with exit code {proc.returncode} (run {run})\n{tail}")
