@@ -188,9 +188,13 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
     from tqdm.auto import tqdm
 
     from .data_shards.shards import read_manifest
+    from .finetune.data import FinetuneInputError
+    from .logging import get_logger
     from .pipeline import (
         PretrainSpec, baseline_stage, evaluate_stage, export_stage, finetune_stage, pretrain_stage,
     )
+
+    log = get_logger(__name__)
 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
@@ -227,16 +231,28 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
         started = time.time()
         data = out / "data" / c.data_variant
         cell_dir = out / "cells" / c.experiment_key
+        skipped = {}
         if c.model == "xgboost":
             metrics = baseline_stage(data, cell_dir / "eval", tasks=tasks, n_boot=n_boot, seed=seed)
         else:
-            ft = finetune_stage(runs / c.pretrain_key / "hf", data, cell_dir / "finetune", method="mpf", tasks=tasks,
-                                epochs=grid.epochs, context_length=c.context, train_fraction=c.train_fraction, seed=seed)
+            cell_tasks = list(tasks)
+            while True:  # a task a variant leaves without both classes (e.g. a small fraction) is dropped, not fatal
+                try:
+                    ft = finetune_stage(runs / c.pretrain_key / "hf", data, cell_dir / "finetune", method="mpf",
+                                        tasks=cell_tasks, epochs=grid.epochs, context_length=c.context,
+                                        train_fraction=c.train_fraction, seed=seed)
+                    break
+                except FinetuneInputError as err:
+                    if err.task not in cell_tasks or len(cell_tasks) == 1:
+                        raise
+                    skipped[err.task] = str(err)
+                    cell_tasks.remove(err.task)
+                    log.warning("%s: %s; the cell goes on without it", c.name, err)
             metrics = evaluate_stage(ft, data, cell_dir / "eval", n_boot=n_boot, seed=seed)
         record = {"cell": c.name, "axis": c.axis, "value": c.value, "model": c.model, "data_variant": c.data_variant,
                   "context": c.context, "size": c.size, "train_fraction": c.train_fraction,
                   "vocab_size": read_manifest(data)["vocab_size"], "seconds": round(time.time() - started, 1),
-                  "tasks": metrics["tasks"]}
+                  "tasks": metrics["tasks"], "skipped_tasks": skipped}
         with open(results_path, "a") as stream:
             stream.write(json.dumps(record, default=str) + "\n")
         records.append(record)
@@ -259,7 +275,8 @@ def ablation_tables(records: list[dict], grid: Grid) -> str:
     base = dict(BASE_VALUES, **{"context-size": f"C{grid.base_context}-{grid.base_size}"})
     lines = ["# ehrfm ablation (003 protocol)", "",
              "value (95% CI, patient-level bootstrap) on the test split; * marks the base setting shared by all axes "
-             "(003's gray rows); - = not applicable.", ""]
+             "(003's gray rows); - = not applicable, or a task the variant left with one class in training "
+             "(listed under the tables).", ""]
     for axis in axes:
         rows = [r for r in records if r["axis"] == axis]
         if not rows:
@@ -276,6 +293,9 @@ def ablation_tables(records: list[dict], grid: Grid) -> str:
                     cells_ = [_entry_text(by_model[m]["tasks"].get(task) if m in by_model else None, metric) for m in models]
                     lines.append(f"| {task} | {value}{mark} | {vocab} | " + " | ".join(cells_) + " |")
             lines.append("")
+    dropped = [(r["cell"], task, reason) for r in records for task, reason in r.get("skipped_tasks", {}).items()]
+    if dropped:
+        lines += ["## tasks dropped from a cell", ""] + [f"- {cell}: {reason}" for cell, _, reason in dropped] + [""]
     return "\n".join(lines)
 
 
@@ -313,7 +333,10 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
                 ax.set_xticks(range(len(values)), values, rotation=30, ha="right", fontsize=8)
                 ax.set_title(task, fontsize=9)
                 ax.set_ylabel(metric.upper() + (" (lower is better)" if metric == "brier" else ""))
-            panels[0][-1].legend(fontsize=7)
+            for ax in panels[0]:  # one legend, on the first panel that has lines
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
+                    break
             fig.suptitle(f"ablation of {axis}")
             fig.tight_layout()
             path = folder / f"ablation_{axis}_{metric}.png"

@@ -42,7 +42,12 @@ MODEL_KEYS = ("input_ids", "type_ids", "ages", "times", "visit_segments", "visit
 
 
 class FinetuneInputError(ValueError):
-    """A model folder, data folder or task selection that cannot be finetuned / evaluated; names the file."""
+    """A model folder, data folder or task selection that cannot be finetuned / evaluated; names the file.
+    ``task`` names the task at fault when one task alone is (callers such as `ehrfm ablate` drop it)."""
+
+    def __init__(self, message: str, *, task: str | None = None):
+        super().__init__(message)
+        self.task = task
 
 
 def read_export_metadata(model_dir: Path) -> dict:
@@ -100,9 +105,11 @@ def check_label_counts(data_dir: Path, tasks: list[str], splits: tuple[str, ...]
             y = pl.read_parquet(path, columns=["boolean_value"])["boolean_value"]
             rows, pos = y.len(), int(y.sum() or 0)
             if pos == 0:
-                raise FinetuneInputError(f"task {task!r}: zero positive labels in split {split!r} ({path}, {rows} rows)")
+                raise FinetuneInputError(f"task {task!r}: zero positive labels in split {split!r} ({path}, {rows} rows)",
+                                         task=task)
             if pos == rows:
-                raise FinetuneInputError(f"task {task!r}: zero negative labels in split {split!r} ({path}, {rows} rows)")
+                raise FinetuneInputError(f"task {task!r}: zero negative labels in split {split!r} ({path}, {rows} rows)",
+                                         task=task)
             counts[(task, split)] = (rows, pos)
     return counts
 

@@ -113,7 +113,8 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
         y = train_set.labels()[train_set.task_indices() == t]
         if y.sum() == 0 or y.all():
             raise FinetuneInputError(
-                f"task {name!r}: train_fraction {cfg.train_fraction} leaves only one class in split {TRAIN_SPLIT!r}"
+                f"task {name!r}: train_fraction {cfg.train_fraction} leaves only one class in split {TRAIN_SPLIT!r}",
+                task=name,
             )
     pw = pos_weights(cfg, run["counts"], tasks)
     head_params = list(model.heads.parameters())

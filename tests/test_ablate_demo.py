@@ -50,13 +50,18 @@ def _record(axis, value, model, auprc):
 def test_tables_follow_the_supplementary_layout_and_plots_are_pngs(tmp_path):
     grid = quick_grid(steps=1, epochs=1)
     records = [_record("vocabulary", "b5-i3", "llama", 0.41), _record("vocabulary", "b10-i3", "llama", 0.52),
-               _record("vocabulary", "b10-i3", "xgboost", 0.33)]
+               _record("vocabulary", "b10-i3", "xgboost", 0.33), _record("train-fraction", "50%", "llama", 0.5)]
+    records[-1]["tasks"] = {}
+    records[-1]["skipped_tasks"] = {"los_7d": "task 'los_7d': train_fraction 0.5 leaves only one class"}
     text = ablation_tables(records, grid)
+    assert "| los_7d | 50% | 99 | - | - | - |" in text
+    assert "- train-fraction=50%/llama: task 'los_7d': train_fraction 0.5 leaves only one class" in text
     assert "## vocabulary: AUPRC" in text and "| task | vocabulary | vocab | xgboost | llama | mamba |" in text
     assert "| los_7d | b10-i3* | 99 | 0.330 (0.230-0.430) | 0.520 (0.420-0.620) | - |" in text
     assert "| los_7d | b5-i3 | 99 | - | 0.410 (0.310-0.510) | - |" in text
     plots = ablation_plots(records, tmp_path)
-    assert {p.name for p in plots} == {f"ablation_vocabulary_{m}.png" for m in ("auprc", "auroc", "brier")}
+    assert {p.name for p in plots} == {f"ablation_{a}_{m}.png" for a in ("vocabulary", "train-fraction")
+                                       for m in ("auprc", "auroc", "brier")}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 

@@ -54,8 +54,9 @@ def test_task_with_zero_positives(ft_data, llama_export, tmp_path, no_loading):
     shutil.copytree(ft_data, data)
     path = data / "labels" / "emer_365d" / "finetune_val.parquet"
     pl.read_parquet(path).with_columns(boolean_value=pl.lit(False)).write_parquet(path)
-    with pytest.raises(FinetuneInputError, match=r"task 'emer_365d': zero positive labels in split 'finetune_val'.*finetune_val.parquet"):
+    with pytest.raises(FinetuneInputError, match=r"task 'emer_365d': zero positive labels in split 'finetune_val'.*finetune_val.parquet") as err:
         _run(llama_export, data, tmp_path / "ft")
+    assert err.value.task == "emer_365d"  # the task at fault, for callers that drop it (ehrfm ablate)
     # the other task alone passes every check (and reaches model loading)
     with pytest.raises(AssertionError, match="backbone was loaded"):
         _run(llama_export, data, tmp_path / "ft", tasks=["any_visit_90d"])
