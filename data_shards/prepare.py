@@ -12,6 +12,8 @@ one code path.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import logging
 import shutil
@@ -92,6 +94,24 @@ def _with_splits(frame: pl.DataFrame, cfg: PrepareConfig, meds_splits) -> pl.Dat
     return frame.join(assigned, on="subject_id", how="left")
 
 
+UNLABELLED_SPLITS = ("pretrain", "pretrain_val")
+
+
+def _sequences(events: pl.DataFrame, vocab, cfg: PrepareConfig) -> pl.DataFrame:
+    """Token sequences of a shard. ``history.lookback`` truncates the pretraining splits here (relative to the
+    last visit); labelled splits keep their whole history and are truncated relative to each prediction time
+    when cut (``examples.cut_at``): truncating them by the end of the record would leak the outcome."""
+    if cfg.history.lookback == "all":
+        return build_sequences(events.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=cfg.history)
+    full = dataclasses.replace(cfg.history, lookback="all")
+    parts = []
+    for unlabelled, history in ((True, cfg.history), (False, full)):
+        part = events.filter(pl.col("split").is_in(UNLABELLED_SPLITS) == unlabelled)
+        if part.height:
+            parts.append(build_sequences(part.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=history))
+    return pl.concat(parts, how="vertical_relaxed")
+
+
 def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = True) -> dict:
     """Run both passes; returns the manifest. ``out`` appears only when everything succeeded."""
     started = time.time()
@@ -164,7 +184,7 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
     for _, frame in tqdm(iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress):
         events = prepare_events(clean_events(frame, cfg.cleaning, Tally()), cfg.vocab)
         events = _with_splits(events, cfg, meds_splits)
-        seqs = build_sequences(events.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=cfg.history)
+        seqs = _sequences(events, vocab, cfg)
         seqs = seqs.join(events.select("subject_id", "split").unique(), on="subject_id", how="left")
         unk_tokens += int(seqs["input_ids"].explode().eq(vocab.unk_id).sum())
         for (split,), part in seqs.partition_by("split", as_dict=True).items():

@@ -86,3 +86,45 @@ def test_inputs_precede_prediction_time(frame, extra_days):
             # the cut keeps the most recent visible tokens
             visible = sample["event_time_s"][sample["event_time_s"] < pred_s]
             assert np.array_equal(cut["event_time_s"], visible[-16:])
+
+
+def _samples(frame, lookback: str, split: str) -> dict:
+    from ehrfm.data_shards.config import PrepareConfig
+    from ehrfm.data_shards.prepare import _sequences
+
+    events = prepare_events(clean_events(frame, CleaningConfig(), Tally()), VocabConfig())
+    counts = dict(events.group_by("code").len().iter_rows())
+    vocab = Vocabulary.build(counts, {}, min_frequency=1, task_tokens=[])
+    cfg = PrepareConfig()
+    cfg.history.lookback = lookback
+    seqs = _sequences(events.with_columns(split=pl.lit(split)), vocab, cfg)
+    return {row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length")}
+            for row in seqs.iter_rows(named=True)}, vocab
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(timelines(), st.sampled_from(["1y", "3y", "latest_visit"]), st.lists(st.floats(1, 3000), min_size=1, max_size=4))
+def test_history_truncation_is_relative_to_the_prediction_time(frame, lookback, days):
+    """003 truncation must not look at the end of the record: a visit far in the future (or its absence)
+    cannot change what an earlier example sees. Truncating by the last visit (the old bug) fails this."""
+    future = frame.select("subject_id").unique().with_columns(
+        time=pl.lit(T0 + dt.timedelta(days=20000)).cast(pl.Datetime("us")), code=pl.lit("ENCOUNTER/AMB"),
+        numeric_value=pl.lit(None, pl.Float32), encounter_id=pl.lit("future"),
+        text_value=pl.lit(None, pl.String), event_type=pl.lit(None, pl.String),
+    ).select(frame.columns)
+    extended = pl.concat([frame, future, future.with_columns(code=pl.lit("SNOMED/1"))])
+    plain, vocab = _samples(frame, lookback, "test")
+    longer, vocab_b = _samples(extended, lookback, "test")
+    for sid, sample in plain.items():
+        for d in days:
+            pred_s = int((T0 + dt.timedelta(days=d)).replace(tzinfo=dt.timezone.utc).timestamp())
+            a = cut_at(sample, pred_s, lookback=lookback)
+            b = cut_at(longer[sid], pred_s, lookback=lookback)
+            assert np.all(a["event_time_s"] < pred_s)
+            assert np.array_equal(a["event_time_s"], b["event_time_s"])
+            assert [vocab.tokens[i] for i in a["input_ids"]] == [vocab_b.tokens[i] for i in b["input_ids"]]
+            orders = a["visit_orders"][a["visit_orders"] > 0]
+            if len(orders):  # renumbered from 1 like pretraining sequences, segments alternate with them
+                assert orders.min() == 1 and np.array_equal(a["visit_segments"][a["visit_orders"] > 0], 2 - orders % 2)
+            if lookback == "latest_visit":
+                assert len(set(orders.tolist())) <= 1
