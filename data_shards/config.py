@@ -53,7 +53,9 @@ class VisitConfig:
 class HistoryConfig:
     """003 section 3.5.3 history options, applied before tokenization.
 
-    lookback: "all", "latest_visit", "1y" or "3y" (relative to the end of the patient's last visit).
+    lookback: "all", "latest_visit", "1y" or "3y": pretraining splits relative to the end of the patient's
+        last visit; task examples relative to their prediction time (``examples.cut_at``), never to the
+        record's end, which would leak the outcome.
     aggregate_days: average repeated numeric events of the same code within windows of w days (0 = off).
     concept_groups: token types kept (003 3.5.4 augmentation: DX, VIT, LAB, MED, PRO, IMM, OTHER).
     """
