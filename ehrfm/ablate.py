@@ -260,11 +260,9 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
 
 
 def _entry_text(entry: dict | None, metric: str) -> str:
-    from .pipeline import cell as fmt
+    from .pipeline import format_metric
 
-    if entry is None:
-        return "-"
-    return fmt({"tasks": {"t": entry}}, "t", metric)
+    return "-" if entry is None else format_metric(entry.get(metric))
 
 
 def ablation_tables(records: list[dict], grid: Grid) -> str:

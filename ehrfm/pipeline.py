@@ -7,7 +7,6 @@ Accelerate/DeepSpeed global state out of the caller.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -113,15 +112,19 @@ def baseline_stage(data: Path, out: Path, *, tasks: list[str] | None = None, n_b
     return run_baseline(name, data, out, tasks=tasks, n_boot=n_boot, seed=seed)
 
 
-def cell(metrics: dict, task: str, metric: str) -> str:
+def format_metric(entry: dict | None) -> str:
     """``value (low-high)`` as in 003's supplementary tables; ``n/a`` when undefined (e.g. no positives)."""
-    entry = metrics["tasks"].get(task, {}).get(metric)
     if not entry or entry.get("value") is None or math.isnan(entry["value"]):
         return "n/a"
     low, high = entry.get("ci_low"), entry.get("ci_high")
     if low is None or high is None or math.isnan(low) or math.isnan(high):
         return f"{entry['value']:.3f}"
     return f"{entry['value']:.3f} ({low:.3f}-{high:.3f})"
+
+
+def cell(metrics: dict, task: str, metric: str) -> str:
+    """``format_metric`` of one task's metric in an evaluation's ``metrics.json``."""
+    return format_metric(metrics["tasks"].get(task, {}).get(metric))
 
 
 def results_table(results: dict[str, dict], tasks: list[str]) -> str:
@@ -156,9 +159,3 @@ class StageTimer:
         if self._name is not None:
             self.seconds[self._name] = round(time.time() - self._started, 1)
             self._name = None
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
