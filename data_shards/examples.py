@@ -50,7 +50,8 @@ def cut_at(sample: dict[str, np.ndarray], prediction_time_s: int, context_length
             shift = orders[orders > 0].min() - 1
             new = np.where(orders > 0, orders - shift, 0).astype(orders.dtype)
             out["visit_orders"] = new
-            out["visit_segments"] = np.where(new > 0, 2 - new % 2, out["visit_segments"]).astype(out["visit_segments"].dtype)
+            segments = out["visit_segments"]
+            out["visit_segments"] = np.where(new > 0, 2 - new % 2, segments).astype(segments.dtype)
     if context_length is not None and len(out["input_ids"]) > context_length:
         out = {k: (v[-context_length:] if isinstance(v, np.ndarray) and v.ndim == 1 else v) for k, v in out.items()}
     return out
