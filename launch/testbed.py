@@ -15,6 +15,7 @@ Daemons started here are stopped here, by their pid files. Requires root.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -146,6 +147,11 @@ class SlurmTestbed:
             f"SlurmctldHost={hostname}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             "AuthType=auth/munge",
+            # A requeued job waits cred_expire + 1 s before it may start again (Slurm's guard against a
+            # relaunch racing the cleanup of the killed run; default 120 s). A short real wait keeps the
+            # preemption test quick without forcing an early start: a requeued job force-started with
+            # `StartTime=now` once ended FAILED in CI.
+            "AuthInfo=cred_expire=10",
             "CredType=cred/munge",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
@@ -242,6 +248,16 @@ class SlurmTestbed:
             if item.startswith("JobState="):
                 return item.split("=", 1)[1]
         return "UNKNOWN"
+
+    def diagnose(self, job: int) -> str:
+        """What the controller and the node daemons said about ``job``: for assertion messages."""
+        parts = [self.run("scontrol", "show", "job", str(job), check=False).stdout.strip()]
+        pattern = re.compile(rf"(JobId={job}\b|job[ _]?{job}\b|StepId={job}\.)", re.IGNORECASE)
+        for log in [self.dir / "slurmctld.log", *(self.dir / f"slurmd-{n}.log" for n in self.nodes)]:
+            if log.exists():
+                lines = [ln for ln in log.read_text(errors="replace").splitlines() if pattern.search(ln)]
+                parts.append(f"--- {log.name} ---\n" + "\n".join(lines[-60:]))
+        return "\n".join(parts)
 
     def wait(self, job: int, timeout: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")) -> str:
         deadline = time.time() + timeout
