@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ehrfm.data_shards.shards import write_json_atomic
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("probe", help="representation metrics (004) of an exported model", description=__doc__)
@@ -136,9 +138,7 @@ def run(args: argparse.Namespace) -> int:
                    context_length=args.context_length, batch_size=args.batch_size)
     out = args.out or args.model / "probe"
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "probe.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "probe.json")
+    write_json_atomic(out / "probe.json", result)
     print(f"patients ({result['patients']}): effective rank {result['effective_rank']:.2f}, "
           f"condition number {result['condition_number']:.3g}")
     print(f"visit [REG] states ({result['visit_states']}): effective rank {result['effective_rank_visits']:.2f}, "
