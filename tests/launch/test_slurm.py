@@ -80,7 +80,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_final_loss(slurm_clus
         time.sleep(0.5)
     assert _train_records(preempted_run), _logs(preempted_run)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
-    # the batch script asks training to checkpoint, then requeues; Slurm holds the requeued job cred_expire + 1 = 11 s (about 20 s seen)
+    # the batch script asks training to checkpoint, then requeues; Slurm holds the requeued job
+    # cred_expire + 1 = 11 s (about 20 s seen) before it restarts it
     assert slurm_cluster.wait(job, timeout=600) == "COMPLETED", _explain(slurm_cluster, job, preempted_run)
     record_job("preempted (USR1), requeued, resumed", time.time() - started, f"job {job}")
 
