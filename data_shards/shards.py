@@ -133,10 +133,15 @@ def commit_output_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a sibling temp file and a rename: readers see the old file or the new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def read_manifest(folder: Path) -> dict:

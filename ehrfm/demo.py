@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data_shards.config import PrepareConfig
     from .data_shards.prepare import prepare
-    from .data_shards.shards import read_manifest, write_json_atomic
+    from .data_shards.shards import read_manifest, write_json_atomic, write_text_atomic
     from .data_shards.synthea import generate_cohort
     from .pipeline import (
         PretrainSpec, StageTimer, baseline_stage, evaluate_stage, export_stage, finetune_stage, pretrain_stage,
@@ -101,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
     table = results_table(results, tasks)
     header = (f"# ehrfm demo\n\n{counts['patients_total']} patients, {counts['tokens_total']} tokens, vocabulary "
               f"{manifest['vocab_size']}; test split, 95% CIs from {args.bootstrap} patient-level bootstrap resamples\n\n")
-    (out / "report.md").write_text(header + table)
-    write_json_atomic(out / "demo_report.json", {"tasks": tasks, "stage_seconds": timer.seconds,
-                                          "results": {k: v["tasks"] for k, v in results.items()},
-                                          "paths": {a: {k: str(v) for k, v in p.items()} for a, p in paths.items()}})
+    write_text_atomic(out / "report.md", header + table)
+    write_json_atomic(out / "demo_report.json", {
+        "tasks": tasks, "stage_seconds": timer.seconds, "results": {k: v["tasks"] for k, v in results.items()},
+        "paths": {a: {k: str(v) for k, v in p.items()} for a, p in paths.items()},
+    })
     print()
     print(table)
     for arch, items in paths.items():
