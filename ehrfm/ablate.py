@@ -157,16 +157,10 @@ def _prepare_variant(source: Path, fmt: str, folder: Path, overrides: tuple, tas
 
     if (folder / "manifest.json").exists():
         return folder
-    cfg = load_config(PrepareConfig, None, [f"format={fmt}", *user_options])
+    # the variant's dotted PrepareConfig fields (e.g. history.lookback) win over the user's options
+    variant = [f"{key}={','.join(value) if isinstance(value, tuple) else value}" for key, value in overrides]
+    cfg = load_config(PrepareConfig, None, [f"format={fmt}", *user_options, *variant])
     cfg.tasks = list(tasks)
-    for key, value in overrides:  # dotted PrepareConfig fields, e.g. history.lookback
-        *parents, leaf = key.split(".")
-        node = cfg
-        for part in parents:
-            node = getattr(node, part)
-        if not hasattr(node, leaf):
-            raise AttributeError(f"PrepareConfig has no field {key!r}")
-        setattr(node, leaf, list(value) if isinstance(value, tuple) else value)
     prepare(source, folder, cfg, progress=False)
     return folder
 
@@ -199,8 +193,9 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     done = _load_results(results_path)
-    todo = [c for c in cells(grid) if c.name not in done]
-    variants = {c.data_variant: c.prepare_overrides for c in cells(grid)}
+    every_cell = cells(grid)
+    todo = [c for c in every_cell if c.name not in done]
+    variants = {c.data_variant: c.prepare_overrides for c in every_cell}
     for name, overrides in tqdm(sorted(variants.items()), desc="prepare variants", unit="variant"):
         _prepare_variant(source, fmt, out / "data" / name, overrides, task_sets, list(prepare_options or []))
     if tasks is None:
@@ -371,6 +366,7 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from .data_shards.shards import write_text_atomic
     from .data_shards.synthea import generate_cohort
 
     started = time.time()
@@ -388,11 +384,11 @@ def main(args: argparse.Namespace) -> int:
         source, fmt = generate_cohort(args.patients, seed=args.seed, age=args.age), "fhir"
     else:
         source, fmt = args.input, args.format
-    tasks = [t for t in args.tasks.split(",")] if args.tasks else None
+    tasks = args.tasks.split(",") if args.tasks else None
     records = run_grid(source, fmt, args.out, grid, task_sets=args.task_sets.split(","), tasks=tasks,
                        n_boot=args.bootstrap, jobs=args.jobs, prepare_options=args.prepare_option)
     table = ablation_tables(records, grid)
-    (args.out / "ablation.md").write_text(table)
+    write_text_atomic(args.out / "ablation.md", table)
     plots = ablation_plots(records, args.out)
     print(table)
     print(f"{len(records)} cells, table {args.out / 'ablation.md'}, {len(plots)} plots in {args.out} "
