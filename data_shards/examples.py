@@ -4,8 +4,9 @@ Only tokens whose event time is strictly before the prediction time are kept; th
 prepared with ``history.lookback`` (003 truncation), only the visits within that window *of the prediction
 time* (the static prefix stays); then the most recent ``context_length`` tokens (003's right-sided cutoff).
 The lookback must be applied here and not at prepare time for labelled splits: relative to the end of the
-record it would leak the outcome (a record that ends early, e.g. at death, keeps history a survivor loses). This is the single place where finetuning inputs
-are cut, and the property test in tests/data_shards/test_leakage.py holds it to that.
+record it would leak the outcome (a record that ends early, e.g. at death, keeps history a survivor loses).
+This is the single place where finetuning inputs are cut, and the property test in
+tests/data_shards/test_leakage.py holds it to that.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import polars as pl
 from .errors import DataError
 from .shards import read_manifest
 from .stream import ShardReader
+from .timeline import LOOKBACK_DAYS
 
 
-LOOKBACK_SECONDS = {"1y": 365.25 * 86400, "3y": 3 * 365.25 * 86400}
+LOOKBACK_SECONDS = {name: days * 86400 for name, days in LOOKBACK_DAYS.items()}
 
 
 def _lookback_mask(times: np.ndarray, orders: np.ndarray, prediction_time_s: int, lookback: str) -> np.ndarray:
@@ -89,10 +91,9 @@ class TaskExamples:
 
 
 def _prepared_lookback(data_dir: Path) -> str:
-    """``history.lookback`` of the resolved prepare config (``all`` for folders written before it existed)."""
-    import yaml
+    """``history.lookback`` of the folder's resolved prepare config (``all`` when it has none)."""
+    from ..config import load_config
+    from .config import PrepareConfig
 
     path = data_dir / "config.yaml"
-    if not path.exists():
-        return "all"
-    return str(((yaml.safe_load(path.read_text()) or {}).get("history") or {}).get("lookback", "all"))
+    return load_config(PrepareConfig, path).history.lookback if path.exists() else "all"

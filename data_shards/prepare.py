@@ -13,7 +13,6 @@ one code path.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import logging
 import shutil
