@@ -261,7 +261,6 @@ def _save_weights(engine, path: Path) -> None:
         _save_deepspeed(engine, path)
         return
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
@@ -269,19 +268,23 @@ def _save_weights(engine, path: Path) -> None:
     # The consolidated weights as well (EHR backbones are <= ~30M parameters): export then reads safetensors
     # only, never DCP's pickled .metadata.
     full = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in full.items()}, str(path / "model.safetensors"))
+    _save_consolidated(full, path)
 
 
 def _save_deepspeed(engine, path: Path) -> None:
-    from safetensors.torch import save_file
-
     ds = engine.model
     ds.save_checkpoint(str(path / "deepspeed"), tag="zero", save_latest=False)
     if ds.zero_optimization_partition_weights():
         full = ds._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0 only
     else:
         full = engine.module.state_dict() if dist.get_rank() == 0 else None
+    _save_consolidated(full, path)
+
+
+def _save_consolidated(full: dict[str, torch.Tensor] | None, path: Path) -> None:
+    """Rank 0 writes the full weights (``full``; None on other ranks) as ``path/model.safetensors``."""
+    from safetensors.torch import save_file
+
     if dist.get_rank() == 0:
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in full.items()}, str(path / "model.safetensors"))
 

@@ -133,10 +133,14 @@ def lr_at(step: int, cfg) -> float:
     return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape)
 
 
+def uses_bf16(cfg, device: torch.device) -> bool:
+    """bf16 when asked (precision bf16), or by default on GPU (precision auto); otherwise fp32."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
 def autocast_context(cfg, device: torch.device):
-    """bf16 autocast on GPU (precision auto/bf16), bf16 on CPU only when asked; otherwise fp32."""
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast per ``uses_bf16``, else a no-op (fp32)."""
+    if uses_bf16(cfg, device):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -213,11 +217,11 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None else float("nan")
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
+def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict:
     """The DeepSpeed JSON: the user's file as-is, with missing or "auto" keys filled from our config."""
     user = json.loads(Path(cfg.deepspeed.config_file).read_text()) if cfg.deepspeed.config_file else {}
     stage = 3 if cfg.train.strategy == "deepspeed-zero3" else 2
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    bf16 = uses_bf16(cfg, device)
     ours = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -276,7 +280,7 @@ def build_engine(cfg, module: nn.Module, info: DistInfo) -> Engine:
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and info.device.type == "cuda")
+        bf16 = uses_bf16(cfg, info.device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for block in transformer_blocks(module):
             fully_shard(block, mp_policy=mp)
@@ -287,7 +291,7 @@ def build_engine(cfg, module: nn.Module, info: DistInfo) -> Engine:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        ds_config = deepspeed_config(cfg, info.world_size)
+        ds_config = deepspeed_config(cfg, info.world_size, info.device)
         optimizer = None if "optimizer" in ds_config else adamw(param_groups(module, o.weight_decay))
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                           model_parameters=None if optimizer else module.parameters())

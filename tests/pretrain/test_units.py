@@ -123,14 +123,14 @@ def test_deepspeed_json_kept_and_autos_filled(tmp_path):
     path.write_text(json.dumps(user))
     cfg = PretrainConfig()
     cfg.train.strategy, cfg.deepspeed.config_file, cfg.data.batch_size = "deepspeed-zero3", str(path), 6
-    merged = deepspeed_config(cfg, world_size=2)
+    merged = deepspeed_config(cfg, world_size=2, device=torch.device("cpu"))
     assert merged["gradient_clipping"] == 0.3 and merged["custom"] == {"keep": 1}  # user values win
     assert merged["zero_optimization"]["overlap_comm"] is False and merged["zero_optimization"]["stage"] == 3
     assert merged["train_micro_batch_size_per_gpu"] == 6 and merged["train_batch_size"] == 12
     user["train_micro_batch_size_per_gpu"] = 5
     path.write_text(json.dumps(user))
     with pytest.raises(ValueError, match="disagree"):
-        deepspeed_config(cfg, world_size=2)
+        deepspeed_config(cfg, world_size=2, device=torch.device("cpu"))
 
 
 def test_cli_builds_typed_config(tmp_path):
