@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import re
 
-from .config import PREEMPTION_EXIT_CODE, STRATEGIES
+from .config import ARCHITECTURE_NAMES, PREEMPTION_EXIT_CODE, STRATEGIES
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="pretrain a backbone (resumes automatically)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepared data folder (ehrfm prepare)")
-    p.add_argument("--model", choices=("llama", "mamba", "mamba2", "bert"), default=None)
+    p.add_argument("--model", choices=ARCHITECTURE_NAMES, default=None)
     p.add_argument("--size", choices=("tiny", "small", "medium"), default=None)
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, config)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None)

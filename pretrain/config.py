@@ -7,11 +7,14 @@ The resolved config is written into every checkpoint and into the run folder (``
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, get_args
 
 from .dense_loss import DenseLossConfig
 
-STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+Architecture = Literal["llama", "mamba", "mamba2", "bert"]
+Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
+ARCHITECTURE_NAMES = get_args(Architecture)
+STRATEGIES = get_args(Strategy)
 PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, a checkpoint was written, requeue the same command
 
 
@@ -19,7 +22,7 @@ PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, a checkpoint was written, r
 class ModelSection:
     """Backbone and preset; ``overrides`` are config fields of the HF config (e.g. hidden_size, num_hidden_layers)."""
 
-    architecture: Literal["llama", "mamba", "mamba2", "bert"] = "llama"
+    architecture: Architecture = "llama"
     size: Literal["tiny", "small", "medium"] = "tiny"
     overrides: dict = dataclasses.field(default_factory=dict)
 
@@ -66,7 +69,7 @@ class TrainSection:
     crash_after_step: fault injection for tests, the process dies (exit 137, no checkpoint) after this step.
     """
 
-    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = "ddp"
+    strategy: Strategy = "ddp"
     max_steps: int = 1000
     grad_accum: int = 1
     precision: Literal["auto", "fp32", "bf16"] = "auto"
