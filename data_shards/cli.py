@@ -17,6 +17,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--config", type=Path, default=None, help="prepare YAML config")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that `ehrfm prepare` did not write (never an input)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(func=run)
 
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format:
         overrides.append(f"format={args.format}")
     cfg = load_config(PrepareConfig, args.config, overrides)
-    manifest = prepare(args.input, args.out, cfg, progress=not args.no_progress)
+    manifest = prepare(args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
+                       config_file=args.config)
     counts = manifest["counts"]
     print(f"wrote {args.out}: {counts['patients_total']} patients, {counts['tokens_total']} tokens, vocab {manifest['vocab_size']}")
     for split, n in sorted(counts["patients"].items()):

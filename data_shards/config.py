@@ -1,8 +1,44 @@
 """Typed configuration of `ehrfm prepare` (YAML + ``key=value`` overrides, see :mod:`ehrfm.config`)."""
 from __future__ import annotations
 
+import datetime as dt
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
+
+from ..config import ConfigError, check_range
+from .schema import SPECIAL_TOKENS
+
+# Token types a history.concept_groups entry may name (the coded event types of schema.TokenType).
+CONCEPT_GROUPS = ("DX", "MED", "LAB", "PRO", "VIT", "IMM", "OTHER")
+
+
+# A task name becomes a path segment (labels/<name>/<split>.parquet), so it is restricted to a safe set.
+TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_task_name(name: str, where: str, *, source: str | None = None) -> None:
+    """ConfigError (naming ``where`` and the name) unless ``name`` is a safe path segment: letters, digits,
+    ``_ . -``, starting with a letter or digit, at most 64 characters, no ``..``."""
+    if not isinstance(name, str) or not TASK_NAME_PATTERN.fullmatch(name) or ".." in name:
+        origin = f" (the file name of {source})" if source else ""
+        raise ConfigError(
+            f"{where}: task name {name!r}{origin} is not allowed: task names become folder names and must match "
+            f"{TASK_NAME_PATTERN.pattern} without '..'"
+        )
+
+
+def parse_time(value: str, name: str) -> dt.datetime:
+    """An ISO date/datetime of the config as a naive UTC datetime (MEDS times are naive); ConfigError naming
+    ``name`` otherwise."""
+    try:
+        parsed = dt.datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not an ISO date (YYYY-MM-DD) or datetime") from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return parsed
 
 
 @dataclass
@@ -21,6 +57,15 @@ class SplitConfig:
     seed: int = 0
     respect_meds_splits: bool = True
 
+    def validate(self) -> None:
+        for name in ("pretrain", "finetune", "test"):
+            check_range(self, name, ge=0.0, le=1.0)
+        total = self.pretrain + self.finetune + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"pretrain: pretrain + finetune + test must sum to 1 (within 1e-6), got "
+                              f"{self.pretrain} + {self.finetune} + {self.test} = {total}")
+        check_range(self, "val_fraction", ge=0.0, lt=1.0)
+
 
 @dataclass
 class VocabConfig:
@@ -36,6 +81,22 @@ class VocabConfig:
     # Task tokens reserved for multitask prompted finetuning: every configured task's token, plus these.
     extra_task_tokens: list[str] = field(default_factory=list)
 
+    def validate(self) -> None:
+        check_range(self, "num_bins", ge=1)
+        check_range(self, "icd_level", ge=1)
+        check_range(self, "min_frequency", ge=1)
+        check_range(self, "max_values_per_code", ge=1)
+        for token in self.extra_task_tokens:
+            check_token(token, "extra_task_tokens")
+
+
+def check_token(token: str, name: str) -> None:
+    """A task token must be one whitespace-free word (the HF tokenizer splits on whitespace) and no special token."""
+    if not token or token != token.strip() or any(ch.isspace() for ch in token):
+        raise ConfigError(f"{name}: task token {token!r} must be a non-empty word without whitespace")
+    if token in SPECIAL_TOKENS:
+        raise ConfigError(f"{name}: task token {token!r} is a special token ({', '.join(SPECIAL_TOKENS[:7])}, ...)")
+
 
 @dataclass
 class VisitConfig:
@@ -47,6 +108,9 @@ class VisitConfig:
 
     encounter_column: str = "encounter_id"
     gap_hours: float = 24.0
+
+    def validate(self) -> None:
+        check_range(self, "gap_hours", gt=0.0)
 
 
 @dataclass
@@ -64,16 +128,45 @@ class HistoryConfig:
     aggregate_days: float = 0.0
     concept_groups: list[str] = field(default_factory=lambda: ["DX", "MED", "LAB", "PRO", "VIT", "IMM", "OTHER"])
 
+    def validate(self) -> None:
+        check_range(self, "aggregate_days", ge=0.0)
+        if not self.concept_groups:
+            raise ConfigError(f"concept_groups: must name at least one of {list(CONCEPT_GROUPS)}, got []")
+        unknown = [g for g in self.concept_groups if g not in CONCEPT_GROUPS]
+        if unknown:
+            raise ConfigError(f"concept_groups: unknown group(s) {unknown}; known: {list(CONCEPT_GROUPS)}")
+
 
 @dataclass
 class CleaningConfig:
-    """Documented handling of bad rows; every dropped row is tallied in manifest.json."""
+    """Documented handling of bad rows (see :mod:`.cleaning`); every dropped or rewritten row is tallied in
+    manifest.json."""
 
     drop_duplicates: bool = True
     # Events this long after death are dropped (Synthea writes some events after death).
     after_death_tolerance_hours: float = 24.0
     drop_before_birth: bool = True
     min_events_per_patient: int = 1
+    # Plausible event times: rows with min_time <= time < max_time are kept, others dropped and counted
+    # ("time_out_of_bounds"; static rows with a null time stay). ISO dates or datetimes (UTC). The upper
+    # bound is far in the future on purpose: MIMIC-IV-derived MEDS data are date-shifted into 2110-2210.
+    min_time: str = "1900-01-01"
+    max_time: str = "2300-01-01"
+    # End of the data, used to censor task labels. None = derived (manifest "data_end_rule"): the largest
+    # per-subject last event time that is at most data_end_margin_days after the 99th percentile of the
+    # per-subject last event times, so a few far-future outliers cannot switch censoring off.
+    data_end: Optional[str] = None
+    data_end_margin_days: float = 365.0
+
+    def validate(self) -> None:
+        check_range(self, "after_death_tolerance_hours", ge=0.0)
+        check_range(self, "min_events_per_patient", ge=1)
+        check_range(self, "data_end_margin_days", ge=0.0)
+        low, high = parse_time(self.min_time, "min_time"), parse_time(self.max_time, "max_time")
+        if not low < high:
+            raise ConfigError(f"min_time: must be before max_time, got min_time={self.min_time!r} max_time={self.max_time!r}")
+        if self.data_end is not None:
+            parse_time(self.data_end, "data_end")
 
 
 @dataclass
@@ -83,6 +176,10 @@ class ShardConfig:
     fhir_bundles_per_shard: int = 100
     # input events read per batch when streaming MEDS shards (bounds memory; whole patients are kept together)
     max_rows_per_batch: int = 2_000_000
+
+    def validate(self) -> None:
+        for name in ("patients_per_shard", "fhir_bundles_per_shard", "max_rows_per_batch"):
+            check_range(self, name, ge=1)
 
 
 @dataclass
@@ -98,3 +195,7 @@ class PrepareConfig:
     tasks: list[str] = field(default_factory=lambda: ["ehrmamba", "heart_failure"])
     # parquet files in the MEDS label schema (subject_id, prediction_time, boolean_value), e.g. from ACES
     external_labels: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for i, path in enumerate(self.external_labels):
+            check_task_name(Path(path).stem, f"external_labels[{i}]", source=path)

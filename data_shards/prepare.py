@@ -9,10 +9,14 @@ Two streaming passes over the (MEDS-shaped) input, one shard in memory at a time
 
 FHIR input is first converted into a MEDS folder (kept as ``events/`` in the output) so both formats share
 one code path.
+
+The data end (censoring of task labels) is derived from the per-subject last event times of pass 1 by
+:func:`derive_data_end`, or given as ``cleaning.data_end``; manifest.json records it with its rule.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import logging
 import shutil
@@ -20,18 +24,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
 from ..config import save_config, to_dict
+from ..outputs import atomic_output, set_fingerprint
 from . import splits as splits_mod
 from .cleaning import Tally, clean_events
-from .config import PrepareConfig
+from .config import CleaningConfig, PrepareConfig, parse_time
 from .errors import DataError
 from .readers import fhir
 from .readers.meds import iter_meds, list_meds_shards, read_subject_splits
-from .shards import FORMAT_VERSION, SplitShardWriter, atomic_output_dir, commit_output_dir, write_json_atomic
-from .tasks import TaskConfig, TaskTally, compute_labels, load_tasks, read_external_labels
+from .schema import SPECIAL_TOKENS
+from .shards import FORMAT_VERSION, SplitShardWriter, write_json_atomic
+from .tasks import TaskConfig, TaskTally, compute_labels, external_task_names, load_tasks, read_external_labels
 from .timeline import build_sequences, code_counts, prepare_events
 from .vocab import ValueReservoir, Vocabulary
 
@@ -57,9 +64,10 @@ def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: i
     data_dir = meds_root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     tally = fhir.FhirTally()
+    owners: dict = {}  # subject id -> the bundle file holding it: a patient split over two files is an error
     shard = 0
     for start in tqdm(range(0, len(bundles), patients_per_shard), desc="fhir bundles", unit="shard", disable=not progress):
-        frame = fhir.read_bundle_files(bundles[start : start + patients_per_shard], tally)
+        frame = fhir.read_bundle_files(bundles[start : start + patients_per_shard], tally, owners)
         if frame.height:
             frame.sort("subject_id", "time", nulls_last=False).write_parquet(data_dir / f"{shard}.parquet")
             shard += 1
@@ -70,7 +78,7 @@ def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: i
         n_buckets = max(1, sum(p.stat().st_size for p in ndjson) // (patients_per_shard * 4_000_000) + 1)
         part = 0
         for path in tqdm(ndjson, desc="fhir ndjson", unit="file", disable=not progress):
-            for frame in fhir.iter_ndjson_events(path, tally):
+            for frame in fhir.iter_ndjson_events(path, tally, bundle_owners=owners):
                 frame = frame.with_columns(_bucket=(pl.col("subject_id") % n_buckets))
                 for (bucket,), group in frame.partition_by("_bucket", as_dict=True).items():
                     group.drop("_bucket").write_parquet(parts_dir / f"{bucket}-{part}.parquet")
@@ -86,6 +94,53 @@ def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: i
     if shard == 0:
         raise DataError(f"{input_dir}: the FHIR files contained no clinical events")
     return tally
+
+
+DATA_END_RULE = (
+    "data_end = the largest per-subject last event time that is at most cleaning.data_end_margin_days after "
+    "the 99th percentile of the per-subject last event times (the order statistic at index floor(0.99 * (n - 1)) "
+    "of the n sorted last times), unless cleaning.data_end gives it; events after it are kept and counted "
+    "(cleaning notes events_after_data_end)"
+)
+
+
+def _from_epoch_us(value: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=int(value))
+
+
+def derive_data_end(last_times_us: np.ndarray, cfg: CleaningConfig) -> tuple[dt.datetime, dict]:
+    """(data end, its rule for the manifest) from the per-subject last event times (epoch microseconds).
+
+    With few subjects the percentile is the second-largest last time, so the data end is the maximum unless
+    it lies more than the margin beyond the others. Pure function of the data and config (deterministic).
+    """
+    last = np.sort(np.asarray(last_times_us, dtype=np.int64))
+    n = len(last)
+    p99 = int(last[(99 * (n - 1)) // 100])
+    margin_us = int(round(cfg.data_end_margin_days * 86400 * 1_000_000))
+    derived = int(last[np.searchsorted(last, p99 + margin_us, side="right") - 1])
+    if cfg.data_end is not None:
+        data_end, source = parse_time(cfg.data_end, "cleaning.data_end"), "config (cleaning.data_end)"
+    else:
+        data_end, source = _from_epoch_us(derived), "derived"
+    end_us = int((data_end - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1))
+    rule = {
+        "rule": DATA_END_RULE,
+        "source": source,
+        "subjects": n,
+        "last_time_p99": str(_from_epoch_us(p99)),
+        "margin_days": cfg.data_end_margin_days,
+        "derived": str(_from_epoch_us(derived)),
+        "latest_last_time": str(_from_epoch_us(int(last[-1]))),
+        "subjects_ending_after_data_end": int(n - np.searchsorted(last, end_us, side="right")),
+    }
+    return data_end, rule
+
+
+def _last_times_us(events: pl.DataFrame) -> np.ndarray:
+    """Per-subject last event time (epoch microseconds) of the subjects in ``events``."""
+    last = events.filter(pl.col("time").is_not_null()).group_by("subject_id").agg(last=pl.col("time").max())
+    return last["last"].dt.epoch("us").to_numpy().astype(np.int64)
 
 
 def _with_splits(frame: pl.DataFrame, cfg: PrepareConfig, meds_splits) -> pl.DataFrame:
@@ -111,21 +166,22 @@ def _sequences(events: pl.DataFrame, vocab, cfg: PrepareConfig) -> pl.DataFrame:
     return pl.concat(parts, how="vertical_relaxed")
 
 
-def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = True) -> dict:
-    """Run both passes; returns the manifest. ``out`` appears only when everything succeeded."""
+def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = True, overwrite: bool = False,
+            config_file: Path | None = None) -> dict:
+    """Run both passes; returns the manifest. ``out`` appears only when everything succeeded, and replaces an
+    existing folder only if `ehrfm prepare` wrote it (or ``overwrite``; never an input: :mod:`ehrfm.outputs`)."""
     started = time.time()
     input_dir, out = Path(input_dir), Path(out)
+    if not input_dir.exists():
+        raise DataError(f"{input_dir}: input folder does not exist")
     tasks = load_tasks(cfg.tasks)
     task_tokens = list(dict.fromkeys([t.token for t in tasks if t.token] + list(cfg.vocab.extra_task_tokens)))
-    tmp = atomic_output_dir(out)
-    try:
+    inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels]
+    with atomic_output(out, "prepare", inputs=inputs, overwrite=overwrite) as tmp:
         manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress)
         manifest["seconds"] = round(time.time() - started, 2)
         write_json_atomic(tmp / "manifest.json", manifest)
-        commit_output_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        set_fingerprint(tmp, manifest["source"]["fingerprint"])
     log.info(
         "prepared %s: %d patients, %d tokens, vocab %d, %.1f s",
         out, manifest["counts"]["patients_total"], manifest["counts"]["tokens_total"], manifest["vocab_size"], manifest["seconds"],
@@ -133,7 +189,14 @@ def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = 
     return manifest
 
 
+def _task_files(specs: list[str]) -> list[Path]:
+    """The task specs that are files (the others name shipped configs): inputs the output may not contain."""
+    return [Path(spec) for spec in specs if Path(spec).is_file()]
+
+
 def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool) -> dict:
+    external_names = external_task_names(cfg.external_labels, tasks)  # ConfigError before any work
+    reserved = (*SPECIAL_TOKENS, *task_tokens)  # input codes spelled like these are escaped (cleaning.py)
     fhir_tally = None
     if cfg.format == "fhir":
         bundles, ndjson = fhir.list_fhir_files(input_dir)
@@ -150,19 +213,18 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
     # Pass 1: vocabulary and value bins from the pretraining split.
     counts: Counter = Counter()
     reservoir = ValueReservoir(cfg.vocab.max_values_per_code, cfg.splits.seed)
-    data_end = None
+    last_times: list[np.ndarray] = []
     tally = Tally()
     for _, frame in tqdm(iter_meds(meds_root), total=n_shards, desc="pass 1 vocab", unit="shard", disable=not progress):
-        events = prepare_events(clean_events(frame, cfg.cleaning, tally), cfg.vocab)
-        shard_end = events["time"].max()
-        if shard_end is not None:
-            data_end = shard_end if data_end is None else max(data_end, shard_end)
+        events = prepare_events(clean_events(frame, cfg.cleaning, tally, reserved), cfg.vocab)
+        last_times.append(_last_times_us(events))
         pre = _with_splits(events, cfg, meds_splits).filter(pl.col("split") == "pretrain")
         for code, count in code_counts(pre, cfg.history).iter_rows():
             counts[code] += count
         reservoir.add(pre.filter(pl.col("time").is_not_null()))
     if tally.subjects_out == 0:
         raise DataError(f"{input_dir}: no patient has any usable event after cleaning ({tally.to_dict()['dropped_rows']})")
+    data_end, data_end_rule = derive_data_end(np.concatenate(last_times), cfg.cleaning)
     edges = reservoir.edges(cfg.vocab.num_bins)
     token_counts = Counter()
     for code, count in counts.items():
@@ -181,7 +243,10 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
     split_counts: Counter = Counter()
     unk_tokens = 0
     for _, frame in tqdm(iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress):
-        events = prepare_events(clean_events(frame, cfg.cleaning, Tally()), cfg.vocab)
+        events = prepare_events(clean_events(frame, cfg.cleaning, Tally(), reserved), cfg.vocab)
+        after_end = events.filter(pl.col("time") > data_end).height
+        if after_end:
+            tally.notes["events_after_data_end"] += after_end
         events = _with_splits(events, cfg, meds_splits)
         seqs = _sequences(events, vocab, cfg)
         seqs = seqs.join(events.select("subject_id", "split").unique(), on="subject_id", how="left")
@@ -196,13 +261,12 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
             for (split,), part in task_labels.partition_by("split", as_dict=True).items():
                 labels.setdefault((task.name, split), []).append(part.drop("split"))
     shard_lists = {s: w.finish() for s, w in writers.items()}
-    for path in cfg.external_labels:
+    for path, name in zip(cfg.external_labels, external_names):
         external = read_external_labels(Path(path))
         external = external.join(_subject_splits_of(tmp, shard_lists), on="subject_id", how="left")
         unknown = external.filter(pl.col("split").is_null())
         if unknown.height:
             raise DataError(f"{path}: {unknown.height} label row(s) for subjects not in the data, e.g. {unknown['subject_id'][0]}")
-        name = Path(path).stem
         for (split,), part in external.partition_by("split", as_dict=True).items():
             labels.setdefault((name, split), []).append(part.drop("split"))
         tasks = [*tasks, TaskConfig(name=name, description=f"external labels from {path}")]
@@ -218,6 +282,7 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
         "task_tokens": task_tokens,
         "tasks": {t.name: {"token": t.token, "description": t.description, **task_tallies[t.name].to_dict(), "files": label_files.get(t.name, {})} for t in tasks},
         "data_end": str(data_end),
+        "data_end_rule": data_end_rule,
         "counts": {
             "patients": dict(split_counts),
             "tokens": tokens_per_split,

@@ -16,6 +16,10 @@ INTERVAL_TOKENS = WEEK_TOKENS + MONTH_TOKENS + (LONG_TERM,)
 # Order fixes the ids: [PAD] is always id 0, [UNK] 1, [MASK] 2 ...; task tokens follow, then codes.
 SPECIAL_TOKENS = (PAD, UNK, MASK, CLS, VS, VE, REG) + INTERVAL_TOKENS
 PAD_ID = 0
+# Input codes that are spelled like a reserved token (a special token or a task token), or that already start
+# with this prefix, get it prepended during cleaning, so "[PAD]" in the data becomes the ordinary code token
+# "CODE//[PAD]" and never the id of a special/task token (escaping stays one-to-one).
+ESCAPED_CODE_PREFIX = "CODE//"
 
 
 class TokenType(enum.IntEnum):

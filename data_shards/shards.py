@@ -9,18 +9,19 @@ Layout of a prepared folder::
     labels/<task>/<split>.parquet  MEDS label schema (subject_id, prediction_time, boolean_value)
 
 Everything is written into ``<out>.tmp-<pid>`` and renamed to ``<out>`` only when complete, so an
-interrupted run never leaves a folder that looks finished.
+interrupted run never leaves a folder that looks finished; an existing ``<out>`` is replaced only when an
+earlier `ehrfm prepare` wrote it (see :mod:`ehrfm.outputs`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+
+from ehrfm.outputs import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 SHARD_SCHEMA = pa.schema(
@@ -98,50 +99,6 @@ class SplitShardWriter:
     def finish(self) -> list[dict]:
         self._close()
         return self.shards
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def atomic_output_dir(out: Path) -> Path:
-    """A fresh temp folder beside ``out``; leftovers of killed runs (``out.tmp-<dead pid>``) are removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_output_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder to ``out``, replacing an older complete output."""
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a sibling temp file and a rename: readers see the old file or the new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def read_manifest(folder: Path) -> dict:

@@ -26,7 +26,8 @@ from typing import Literal
 import polars as pl
 import yaml
 
-from ..config import from_dict
+from ..config import ConfigError, from_dict
+from .config import check_task_name, check_token
 from .errors import DataError
 
 US_PER_HOUR = 3600 * 1_000_000
@@ -61,11 +62,20 @@ class TaskConfig:
     anchor: AnchorSpec = field(default_factory=AnchorSpec)
     outcome: OutcomeSpec = field(default_factory=OutcomeSpec)
 
+    def validate(self) -> None:
+        """The name becomes a folder (labels/<name>/), so it must be a safe path segment (an empty name is
+        reported by :func:`load_tasks`); the token must be one word and no special token."""
+        if self.name:
+            check_task_name(self.name, "name")
+        if self.token:
+            check_token(self.token, "token")
+
 
 def load_tasks(refs: list[str]) -> list[TaskConfig]:
     """Task definitions from YAML files or shipped config names (``ehrmamba``, ``heart_failure``, ``demo``).
 
-    A file holds ``tasks: [ {name, token, anchor, outcome}, ... ]``.
+    A file holds ``tasks: [ {name, token, anchor, outcome}, ... ]``. Names must be safe path segments
+    (:func:`.config.check_task_name`): a bad one is a ConfigError naming the file, before anything is written.
     """
     tasks: list[TaskConfig] = []
     for ref in refs:
@@ -88,6 +98,21 @@ def load_tasks(refs: list[str]) -> list[TaskConfig]:
             if not same_name:
                 tasks.append(task)
     return tasks
+
+
+def external_task_names(paths: list[str], tasks: list[TaskConfig]) -> list[str]:
+    """Task names of external label files (their file stems), checked like task names and against the
+    configured tasks: ConfigError naming the file before anything is written."""
+    taken = {t.name for t in tasks}
+    names = []
+    for i, path in enumerate(paths):
+        name = Path(path).stem
+        check_task_name(name, f"external_labels[{i}]", source=str(path))
+        if name in taken:
+            raise ConfigError(f"external_labels[{i}]: task name {name!r} (the file name of {path}) is already used by another task")
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def encounter_table(events: pl.DataFrame) -> pl.DataFrame:

@@ -8,6 +8,9 @@
 * Interval token before every visit but the first, from the gap between the previous visit's end and this
   start: < 28 days -> [W<weeks>] (0-3), up to 12 months -> [M<months>] (30-day months, at least 1), else [LT].
 * Within a visit events are ordered by (time, token). Static codes (null time) follow [CLS].
+* Special and task tokens appear only where this layout puts them: input codes spelled like one are escaped
+  by cleaning (``[PAD]`` -> ``CODE//[PAD]``, :mod:`.cleaning`), and a code row that still carries a reserved
+  token string maps to [UNK].
 
 Per token streams (see :mod:`ehrfm.data_shards.schema`): type, age (years), time (weeks since 1970),
 visit segment (1/2 alternating; 0 for [CLS] and statics), visit order (1-based; 0 for [CLS] and statics),
@@ -180,6 +183,13 @@ def build_sequences(
     rows = pl.concat(parts, how="vertical_relaxed").join(birth, on="subject_id", how="left")
     rows = rows.sort("subject_id", "visit_order", "slot", "time", "token")
     token_ids = pl.col("token").replace_strict(vocab.ids, default=vocab.unk_id, return_dtype=pl.Int32)
+    # Only the layout above places special and task tokens: a code row (an event type, not a structural type)
+    # whose string is a reserved token maps to [UNK]. Cleaning escapes such codes first (CODE//[PAD]), so this
+    # is a safeguard for callers that skip cleaning.
+    reserved_ids = sorted({vocab.ids[t] for t in (*schema.SPECIAL_TOKENS, *vocab.task_tokens) if t in vocab.ids} - {vocab.unk_id})
+    token_ids = pl.when((pl.col("type_id") >= int(TokenType.DX)) & token_ids.is_in(reserved_ids)).then(
+        pl.lit(vocab.unk_id, pl.Int32)
+    ).otherwise(token_ids)
     epoch_us = pl.col("time").dt.epoch("us")
     age_years = ((pl.col("time") - pl.col("birth")).dt.total_microseconds().cast(pl.Float64) / (US_PER_DAY * DAYS_PER_YEAR)).fill_null(0.0)
     rows = rows.select(

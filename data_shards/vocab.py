@@ -9,6 +9,8 @@ Token strings:
 Bin edges are the (1..b-1)/b quantiles of each code's values in the *pretraining split only*, learned from a
 seeded reservoir of at most ``max_values_per_code`` values (deterministic for a given input and seed).
 Codes that occur fewer than ``min_frequency`` times in the pretraining split map to [UNK].
+Reserved strings (special and task tokens) are never code tokens: cleaning escapes input codes spelled like
+them (``CODE//[PAD]``), and only finite numeric values (cleaning sets NaN/inf to null) feed the bin edges.
 """
 from __future__ import annotations
 

@@ -183,6 +183,7 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
 
     from .data_shards.shards import read_manifest
     from .finetune.data import FinetuneInputError
+    from .outputs import claim_run_dir
     from .logging import get_logger
     from .pipeline import (
         PretrainSpec, baseline_stage, evaluate_stage, export_stage, finetune_stage, pretrain_stage,
@@ -190,7 +191,7 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
 
     log = get_logger(__name__)
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out, "ablate", inputs=[source])  # a new, empty or earlier ablation folder (resumes)
     results_path = out / "results.jsonl"
     done = _load_results(results_path)
     every_cell = cells(grid)

@@ -2,12 +2,18 @@
 
 Each stage module exposes ``add_parser(subparsers)`` which registers its subcommand and sets ``func``;
 the heavy imports happen inside ``func`` so `ehrfm --help` stays fast.
+
+Error boundary: an expected error (:class:`ehrfm.errors.EhrfmError`: bad config, bad data, a refused output
+folder, a checkpoint failing its integrity check, diverged training, ...) prints one line ``error: <message>``
+on stderr and exits 2; ``--log-level DEBUG`` shows its traceback as well. Other exceptions are bugs and keep
+their traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 
 # (module providing add_parser) in the order shown by `ehrfm --help`
 SUBCOMMAND_MODULES = (
@@ -54,10 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         args.print_help()
         return 2
+    from ehrfm.errors import EXPECTED_ERROR_EXIT_CODE, EhrfmError
     from ehrfm.logging import setup_logging
 
     setup_logging(args.log_level)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except EhrfmError as err:
+        if str(args.log_level).upper() == "DEBUG":
+            traceback.print_exc()
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXPECTED_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ written back (resolved) into every output folder.
     cfg = load_config(PrepareConfig, "prepare.yaml", ["vocab.num_bins=5", "splits.seed=3"])
     save_config(cfg, out_dir / "config.yaml")
 
-Unknown keys and values of the wrong type are errors that name the key, never silently ignored.
+Unknown keys and values of the wrong type are errors that name the key, never silently ignored. A config
+class may define ``validate(self) -> None`` for value ranges and cross-field rules; it raises
+:class:`ConfigError` whose message starts with the field name (``"num_bins: must be >= 1, got -3"``), and
+:func:`from_dict` runs it on every (nested) config it builds, prefixing the dotted path of nested sections.
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import EhrfmError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(EhrfmError, ValueError):
     """A config file or override that does not fit the typed schema; the message names the key."""
 
 
@@ -106,7 +111,27 @@ def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}{err}") from None
+    return cfg
+
+
+def check_range(cfg: Any, name: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+                lt: float | None = None) -> None:
+    """Raise :class:`ConfigError` naming ``name`` unless ``getattr(cfg, name)`` lies in the stated bounds
+    (None values pass: optional fields)."""
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    for bound, ok, text in ((ge, lambda v, b: v >= b, ">="), (gt, lambda v, b: v > b, ">"),
+                            (le, lambda v, b: v <= b, "<="), (lt, lambda v, b: v < b, "<")):
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{name}: must be {text} {bound}, got {value!r}")
 
 
 def to_dict(cfg: Any) -> Any:

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from .data_shards.prepare import prepare
     from .data_shards.shards import read_manifest, write_json_atomic, write_text_atomic
     from .data_shards.synthea import generate_cohort
+    from .outputs import claim_run_dir
     from .pipeline import (
         PretrainSpec, StageTimer, baseline_stage, evaluate_stage, export_stage, finetune_stage, pretrain_stage,
         results_table,
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if bad or not backbones:
         raise SystemExit(f"--model: choose causal backbones among llama, mamba, mamba2 (got {args.model!r})")
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(out, "demo", inputs=[args.input])  # a new, empty or earlier demo folder (resumes), nothing else
     timer = StageTimer(total=2 + 4 * len(backbones) + 1)
 
     if args.input is None:

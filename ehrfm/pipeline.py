@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .logging import get_logger
+from .outputs import claim_run_dir
 
 log = get_logger(__name__)
 
@@ -51,7 +52,7 @@ def pretrain_stage(data: Path, run: Path, spec: PretrainSpec, *, quiet: bool = F
     """Pretrain (or resume) into ``run``; returns it. Raises with the log's tail when the process fails."""
     if _done(run, "PRETRAIN_COMPLETE"):
         return run
-    run.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run, "pretrain", inputs=[data])
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)

@@ -138,7 +138,9 @@ def enable_anaa(model, cfg: ANAAConfig | None = None) -> ANAAHandle:
     """
     cfg = cfg or ANAAConfig()
     if _is_mamba(model):
-        raise ValueError("ANAA (--anaa) perturbs self-attention weights, but this is a Mamba/Mamba2 backbone "
+        from .data import FinetuneInputError
+
+        raise FinetuneInputError("ANAA (--anaa) perturbs self-attention weights, but this is a Mamba/Mamba2 backbone "
                          "which has no attention; finetune it without --anaa (use a Llama or BERT backbone for ANAA).")
     modules = _attention_modules(model)
     if any(hasattr(m, "_ehrfm_anaa") for m in modules):

@@ -26,7 +26,7 @@ from ehrfm.data_shards.examples import TaskExamples
 from ehrfm.data_shards.schema import SPECIAL_TYPES, TokenType
 from ehrfm.data_shards.shards import read_manifest
 
-from .data import TRAIN_SPLIT, check_label_counts, resolve_tasks
+from .data import TRAIN_SPLIT, FinetuneInputError, check_label_counts, resolve_tasks
 from .evaluate import write_evaluation
 
 log = logging.getLogger("ehrfm.finetune")
@@ -65,7 +65,7 @@ def embedding_features(emb_dir: Path, task: str, split: str, labels: pl.DataFram
     same = frame.height == labels.height and (frame["subject_id"] == labels["subject_id"]).all() and (
         frame["prediction_time"] == labels["prediction_time"]).all()
     if not same:
-        raise ValueError(f"{path}: rows do not match the label file of task {task!r} ({split}); re-run `ehrfm embed`")
+        raise FinetuneInputError(f"{path}: rows do not match the label file of task {task!r} ({split}); re-run `ehrfm embed`")
     return np.stack(frame["embedding"].to_list()).astype(np.float64)
 
 
@@ -104,10 +104,15 @@ def _features(data_dir, task, split, vocab_size, emb_dir):
 
 
 def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | None = None, split: str = "test",
-                 embeddings: Path | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Fit one model per task on the finetune split, score ``split``, write the evaluation folder ``out``."""
+                 embeddings: Path | None = None, n_boot: int = 1000, seed: int = 0, overwrite: bool = False) -> dict:
+    """Fit one model per task on the finetune split, score ``split``, write the evaluation folder ``out``
+    (with ``models/<task>``), atomically and under the output rules of :mod:`ehrfm.outputs`."""
+    from ehrfm.outputs import check_output_dir
+
     if name not in BASELINE_MODELS:
         raise ValueError(f"unknown baseline model {name!r}; choose from {list(BASELINE_MODELS)}")
+    inputs = [data_dir, embeddings]
+    check_output_dir(Path(out), "baseline", inputs=inputs, overwrite=overwrite)
     manifest = read_manifest(data_dir)
     tasks = resolve_tasks(manifest, data_dir, tasks or [])
     check_label_counts(data_dir, tasks, (TRAIN_SPLIT,))
@@ -122,13 +127,15 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
         frames.append(labels.with_columns(task=pl.lit(task), predicted_boolean_probability=pl.Series(prob, dtype=pl.Float64)))
         log.info("baseline %s, task %s: %d train rows, %d features", name, task, x_train.shape[0], x_train.shape[1])
     label = f"{name}{' + embeddings' if embeddings else ''} (counts + ages)"
-    metrics = write_evaluation(pl.concat(frames), out, model=label, split=split, n_boot=n_boot, seed=seed,
-                               extra={"method": f"baseline:{name}", "embeddings": str(embeddings) if embeddings else None})
-    models_dir = Path(out) / "models"
-    models_dir.mkdir(exist_ok=True)
-    for task, model in fitted.items():
-        save_baseline_model(model, name, models_dir / task)
-    return metrics
+
+    def save_models(folder: Path) -> None:
+        for task, model in fitted.items():
+            (folder / "models").mkdir(exist_ok=True)
+            save_baseline_model(model, name, folder / "models" / task)
+
+    return write_evaluation(pl.concat(frames), out, model=label, split=split, n_boot=n_boot, seed=seed,
+                            extra={"method": f"baseline:{name}", "embeddings": str(embeddings) if embeddings else None},
+                            command="baseline", inputs=inputs, overwrite=overwrite, also=save_models)
 
 
 def save_baseline_model(model, name: str, stem: Path) -> Path:
@@ -155,16 +162,28 @@ def save_baseline_model(model, name: str, stem: Path) -> Path:
 
 
 def export_embeddings(ft_dir: Path, data_dir: Path, out: Path, splits: tuple[str, ...] = ("finetune", "finetune_val", "test"),
-                      batch_size: int = 64) -> list[Path]:
+                      batch_size: int = 64, *, overwrite: bool = False) -> list[Path]:
     """Write ``out/<task>/<split>.parquet`` (subject_id, prediction_time, boolean_value, embedding, layer_weights):
     the ALF output (ALFIA models) or the pooled last hidden state (per-task / MPF), L2-normalised (002 Alg. 2)."""
-    from .data import FinetuneDataset, check_vocabulary
-    from .model import load_finetuned
-    from .train import predict
+    from ehrfm.outputs import atomic_output, check_output_dir
 
+    from .data import check_vocabulary
+    from .model import load_finetuned
+
+    check_output_dir(Path(out), "embed", inputs=[ft_dir, data_dir], overwrite=overwrite)
     manifest = read_manifest(data_dir)
     model, meta = load_finetuned(ft_dir)
     check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
+    with atomic_output(Path(out), "embed", inputs=[ft_dir, data_dir, meta.get("base_model")],
+                       overwrite=overwrite) as tmp:
+        written = _write_embeddings(tmp, model, meta, data_dir, splits, batch_size)
+    return [Path(out) / path.relative_to(tmp) for path in written]
+
+
+def _write_embeddings(tmp: Path, model, meta: dict, data_dir: Path, splits: tuple[str, ...], batch_size: int) -> list[Path]:
+    from .data import FinetuneDataset
+    from .train import predict
+
     mpf_ids = meta.get("task_token_ids") if meta["method"] == "mpf" else None
     written = []
     for split in splits:
@@ -178,10 +197,8 @@ def export_embeddings(ft_dir: Path, data_dir: Path, out: Path, splits: tuple[str
             frame = frame.with_columns(layer_weights=pl.Series(pred["layer_weights"].astype(np.float32).tolist(),
                                                                dtype=pl.List(pl.Float32)))
         for task in meta["tasks"]:
-            path = Path(out) / task / f"{split}.parquet"
+            path = tmp / task / f"{split}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            frame.filter(pl.col("task") == task).drop("task").write_parquet(tmp)
-            tmp.replace(path)
+            frame.filter(pl.col("task") == task).drop("task").write_parquet(path)
             written.append(path)
     return written

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -41,6 +40,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--context-length", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that this command did not write (never an input)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. alfia.gating=false)")
     add_anaa_arguments(p)
     p.set_defaults(func=run_finetune)
@@ -55,6 +56,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--attention-plots", type=int, default=0, metavar="N",
                    help="also save 000 5.8 attention diagnostics (PNG) over N examples (attention backbones)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that this command did not write (never an input)")
     e.set_defaults(func=run_evaluate)
 
     b = subparsers.add_parser("baseline", help="GBDT / logistic-regression baselines on code counts")
@@ -66,6 +69,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--embeddings", type=Path, help="ehrfm embed output: ALFIA-boost features [embeddings + counts]")
     b.add_argument("--bootstrap", type=int, default=1000)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that this command did not write (never an input)")
     b.set_defaults(func=run_baseline)
 
     m = subparsers.add_parser("embed", help="export ALF (or pooled) embeddings of a finetuned model")
@@ -73,6 +78,8 @@ def add_parser(subparsers) -> None:
     m.add_argument("--data", required=True, type=Path)
     m.add_argument("--out", required=True, type=Path)
     m.add_argument("--splits", default="finetune,finetune_val,test")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that this command did not write (never an input)")
     m.set_defaults(func=run_embed)
 
 
@@ -101,54 +108,36 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def _fail(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-
-
 def run_finetune(args: argparse.Namespace) -> int:
-    from ehrfm.config import ConfigError
-
     from .anaa import anaa_config_from_args
-    from .data import FinetuneInputError
     from .train import finetune
 
-    try:
-        cfg = build_config(args)
-        meta = finetune(args.model, args.data, args.out, cfg, anaa=anaa_config_from_args(args))
-    except (FinetuneInputError, ConfigError) as err:
-        return _fail(err)
+    cfg = build_config(args)
+    meta = finetune(args.model, args.data, args.out, cfg, anaa=anaa_config_from_args(args), overwrite=args.overwrite)
     print(json.dumps({"out": str(args.out), "best_epoch": meta["best_epoch"], "best_val_auprc": meta["best_val_auprc"]}))
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .data import FinetuneInputError
     from .evaluate import evaluate
 
-    try:
-        evaluate(args.model, args.data, args.split, args.out, tasks=_tasks(args.tasks), n_boot=args.bootstrap, seed=args.seed)
-        if args.attention_plots:
-            from .attention_diagnostics import save_finetuned_diagnostics
+    evaluate(args.model, args.data, args.split, args.out, tasks=_tasks(args.tasks), n_boot=args.bootstrap, seed=args.seed,
+             overwrite=args.overwrite)
+    if args.attention_plots:
+        from .attention_diagnostics import save_finetuned_diagnostics
 
-            paths = save_finetuned_diagnostics(args.model, args.data, args.split, Path(args.out) / "attention",
-                                               examples=args.attention_plots, tasks=_tasks(args.tasks))
-            print(f"attention diagnostics: {paths['histograms_png']}, {paths['distance_png']}")
-    except FinetuneInputError as err:
-        return _fail(err)
+        paths = save_finetuned_diagnostics(args.model, args.data, args.split, Path(args.out) / "attention",
+                                           examples=args.attention_plots, tasks=_tasks(args.tasks))
+        print(f"attention diagnostics: {paths['histograms_png']}, {paths['distance_png']}")
     print((Path(args.out) / "report.md").read_text())
     return 0
 
 
 def run_baseline(args: argparse.Namespace) -> int:
     from .baselines import run_baseline as run
-    from .data import FinetuneInputError
 
-    try:
-        run(args.model, args.data, args.out, tasks=_tasks(args.tasks), split=args.split, embeddings=args.embeddings,
-            n_boot=args.bootstrap, seed=args.seed)
-    except FinetuneInputError as err:
-        return _fail(err)
+    run(args.model, args.data, args.out, tasks=_tasks(args.tasks), split=args.split, embeddings=args.embeddings,
+        n_boot=args.bootstrap, seed=args.seed, overwrite=args.overwrite)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -156,6 +145,6 @@ def run_baseline(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
     from .baselines import export_embeddings
 
-    paths = export_embeddings(args.model, args.data, args.out, tuple(_tasks(args.splits)))
+    paths = export_embeddings(args.model, args.data, args.out, tuple(_tasks(args.splits)), overwrite=args.overwrite)
     print(f"wrote {len(paths)} embedding files under {args.out}")
     return 0

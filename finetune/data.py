@@ -33,6 +33,7 @@ from ehrfm.data_shards.collate import assemble_rows
 from ehrfm.data_shards.examples import TaskExamples
 from ehrfm.data_shards.schema import PAD_ID, TokenType
 from ehrfm.data_shards.vocab import Vocabulary
+from ehrfm.errors import EhrfmError
 
 log = logging.getLogger("ehrfm.finetune")
 
@@ -41,7 +42,7 @@ TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT = "finetune", "finetune_val", "test"
 MODEL_KEYS = ("input_ids", "type_ids", "ages", "times", "visit_segments", "visit_orders", "position_ids", "attention_mask")
 
 
-class FinetuneInputError(ValueError):
+class FinetuneInputError(EhrfmError, ValueError):
     """A model folder, data folder or task selection that cannot be finetuned / evaluated; names the file.
     ``task`` names the task at fault when one task alone is (callers such as `ehrfm ablate` drop it)."""
 

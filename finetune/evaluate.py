@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import polars as pl
 
 from ehrfm.data_shards.shards import read_manifest, write_json_atomic
 
-from .data import FinetuneDataset, check_vocabulary, resolve_tasks
+from .data import FinetuneDataset, FinetuneInputError, check_vocabulary, resolve_tasks
 from .metrics import bootstrap_metrics
 
 log = logging.getLogger("ehrfm.finetune")
@@ -86,13 +85,23 @@ def _clean(obj):
 
 
 def write_evaluation(frame: pl.DataFrame, out: Path, *, model: str, split: str, n_boot: int = 1000, seed: int = 0,
-                     extra: dict | None = None) -> dict:
+                     extra: dict | None = None, command: str = "evaluate", inputs: list | None = None,
+                     overwrite: bool = False, also=None) -> dict:
     """Score ``frame`` (subject_id, prediction_time, boolean_value, predicted_boolean_probability, task) into
-    ``out`` (see the module docstring), atomically (temp folder renamed at the end). Returns metrics.json."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    ``out`` (see the module docstring), atomically (temp folder renamed at the end; an existing ``out`` is
+    replaced only under the rules of :mod:`ehrfm.outputs`, as an output of ``command``; ``also(folder)`` may
+    add files before the rename). Returns metrics.json."""
+    from ehrfm.outputs import atomic_output
+
+    with atomic_output(Path(out), command, inputs=inputs or [], overwrite=overwrite) as tmp:
+        metrics = _write_evaluation_into(tmp, frame, model=model, split=split, n_boot=n_boot, seed=seed, extra=extra)
+        if also is not None:
+            also(tmp)
+    return metrics
+
+
+def _write_evaluation_into(tmp: Path, frame: pl.DataFrame, *, model: str, split: str, n_boot: int, seed: int,
+                           extra: dict | None) -> dict:
     results = {}
     for task in frame["task"].unique(maintain_order=True).to_list():
         part = frame.filter(pl.col("task") == task)
@@ -115,25 +124,26 @@ def write_evaluation(frame: pl.DataFrame, out: Path, *, model: str, split: str, 
     metrics = _clean({"model": model, "split": split, "n_bootstrap": n_boot, "seed": seed, **(extra or {}), "tasks": results})
     write_json_atomic(tmp / "metrics.json", metrics)
     (tmp / "report.md").write_text(markdown_table(results, f"{model} on {split}"))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return metrics
 
 
 def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list[str] | None = None,
-             n_boot: int = 1000, seed: int = 0, batch_size: int = 64) -> dict:
+             n_boot: int = 1000, seed: int = 0, batch_size: int = 64, overwrite: bool = False) -> dict:
     """Predict every label row of ``split`` with a finetuned model and write the evaluation folder."""
-    from .model import load_finetuned
+    from ehrfm.outputs import check_output_dir
+
+    from .model import load_finetuned, read_finetune_metadata
     from .train import predict
 
+    check_output_dir(Path(out), "evaluate", inputs=[ft_dir, data_dir], overwrite=overwrite)
+    inputs = [ft_dir, data_dir, read_finetune_metadata(ft_dir).get("base_model")]
     manifest = read_manifest(data_dir)
     model, meta = load_finetuned(ft_dir)
     check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
     tasks = resolve_tasks(manifest, data_dir, tasks or meta["tasks"])
     unknown = [t for t in tasks if t not in meta["tasks"]]
     if unknown:
-        raise ValueError(f"{ft_dir} was finetuned on {meta['tasks']}, not on {unknown}")
+        raise FinetuneInputError(f"{ft_dir} was finetuned on {meta['tasks']}, not on {unknown}")
     mpf_ids = meta.get("task_token_ids") if meta["method"] == "mpf" else None
     dataset = FinetuneDataset(data_dir, meta["tasks"], split, meta["context_length"], mpf_ids)
     handle = None
@@ -150,7 +160,7 @@ def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list
     frame = dataset.label_frame().with_columns(predicted_boolean_probability=pl.Series(pred["probability"]))
     frame = frame.filter(pl.col("task").is_in(tasks))
     metrics = write_evaluation(frame, out, model=str(ft_dir), split=split, n_boot=n_boot, seed=seed,
-                               extra={"method": meta["method"]})
+                               extra={"method": meta["method"]}, inputs=inputs, overwrite=overwrite)
     log.info("evaluated %s on %s/%s -> %s", ft_dir, data_dir, split, out)
     return metrics
 

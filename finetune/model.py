@@ -168,16 +168,22 @@ class FinetuneModel(nn.Module):
         return {"logits": logits, "layer_weights": None, "embedding": pooled}
 
 
-def save_finetuned(model: FinetuneModel, out: Path, meta: dict, cfg: FinetuneConfig, export_dir: Path) -> None:
-    """Write the finetuned folder (see the module docstring) into ``out`` atomically (temp dir, rename)."""
+def save_finetuned(model: FinetuneModel, out: Path, meta: dict, cfg: FinetuneConfig, export_dir: Path, *,
+                   inputs: list | None = None, overwrite: bool = False) -> None:
+    """Write the finetuned folder (see the module docstring) into ``out`` atomically (temp dir, rename); an
+    existing ``out`` is replaced only under the rules of :mod:`ehrfm.outputs`."""
+    from ehrfm.outputs import atomic_output
+
+    with atomic_output(Path(out), "finetune", inputs=inputs or [export_dir], overwrite=overwrite,
+                       fingerprint=meta.get("vocab_fingerprint")) as tmp:
+        _write_finetuned(tmp, model, meta, cfg, export_dir)
+
+
+def _write_finetuned(tmp: Path, model: FinetuneModel, meta: dict, cfg: FinetuneConfig, export_dir: Path) -> None:
     from safetensors.torch import save_file
 
     from ehrfm.config import save_config
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     backbone = model.backbone
     if hasattr(backbone, "get_base_model"):  # peft
         if cfg.lora.save == "adapter":
@@ -196,9 +202,6 @@ def save_finetuned(model: FinetuneModel, out: Path, meta: dict, cfg: FinetuneCon
     shutil.copy2(Path(export_dir) / EXPORT_FILE, tmp / EXPORT_FILE)
     save_config(cfg, tmp / "finetune.yaml")
     write_json_atomic(tmp / "finetune.json", meta)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def read_finetune_metadata(ft_dir: Path) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ehrfm.data_shards.shards import read_manifest
+from ehrfm.outputs import check_output_dir
 from ehrfm.seeding import derive_seed, seed_everything
 
 from .config import FinetuneConfig
@@ -77,21 +78,49 @@ def validation_score(pred: dict, tasks: list[str]) -> tuple[float, dict]:
 
 
 def prepare_run(model_dir: Path, data_dir: Path, cfg: FinetuneConfig) -> dict:
-    """Every pre-training check; returns what training needs (manifest, tasks, counts, export metadata)."""
+    """Every pre-training check; returns what training needs (manifest, tasks, counts, export metadata).
+
+    Tasks: an explicit ``cfg.tasks`` must all be trainable (both classes in the finetune and validation splits),
+    else FinetuneInputError; the default (every task of the data) drops the untrainable ones with a warning
+    that lists them, and fails only when none is left."""
     cfg.validate()
     meta = read_export_metadata(model_dir)
     manifest = read_manifest(data_dir)
     check_vocabulary(meta["vocab_fingerprint"], Path(model_dir) / "ehrfm_export.json", data_dir, manifest)
     tasks = resolve_tasks(manifest, data_dir, cfg.tasks)
+    if not cfg.tasks:
+        tasks, dropped = trainable_tasks(data_dir, tasks)
+        if dropped:
+            log.warning("dropped task(s) without both classes in the training splits: %s", "; ".join(dropped))
     counts = check_label_counts(data_dir, tasks, (TRAIN_SPLIT, VAL_SPLIT))
     token_ids = task_token_ids(data_dir, manifest, tasks) if cfg.method == "mpf" else None
     return {"export": meta, "manifest": manifest, "tasks": tasks, "counts": counts, "token_ids": token_ids}
 
 
-def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, anaa=None) -> dict:
+def trainable_tasks(data_dir: Path, tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(tasks with both classes in the finetune and validation splits, reasons of the others); raises when
+    no task is left."""
+    kept, dropped = [], []
+    for task in tasks:
+        try:
+            check_label_counts(data_dir, [task], (TRAIN_SPLIT, VAL_SPLIT))
+        except FinetuneInputError as err:
+            if err.task is None:
+                raise
+            dropped.append(str(err))
+            continue
+        kept.append(task)
+    if not kept:
+        raise FinetuneInputError(f"{data_dir}: no task has both classes in the training splits: {'; '.join(dropped)}")
+    return kept, dropped
+
+
+def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, anaa=None, *,
+             overwrite: bool = False) -> dict:
     """Run one finetuning; returns the metadata written to ``out/finetune.json``."""
     started = time.time()
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    check_output_dir(out, "finetune", inputs=[model_dir, data_dir], overwrite=overwrite)
     run = prepare_run(model_dir, data_dir, cfg)
     if anaa is not None and "mamba" in str(run["export"].get("architecture", "")).lower():
         raise FinetuneInputError(
@@ -186,6 +215,6 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
         "seconds": round(time.time() - started, 2),
         "attn_implementation": getattr(hf_model(model.backbone).config, "_attn_implementation", None),
     }
-    save_finetuned(model, out, meta, cfg, model_dir)
+    save_finetuned(model, out, meta, cfg, model_dir, inputs=[model_dir, data_dir], overwrite=overwrite)
     log.info("saved %s (best epoch %d, val AUPRC %.4f, %.1f s)", out, best_epoch, best_score, meta["seconds"])
     return meta

@@ -6,11 +6,16 @@ from pathlib import Path
 
 
 def _pretrain_args(rest: list[str]) -> list[str]:
+    """The arguments of `ehrfm pretrain` after ``--``; a leading ``pretrain`` (the subcommand's name) is accepted."""
     args = list(rest)
     if args and args[0] == "--":
         args = args[1:]
-    if not args:
-        raise SystemExit("ehrfm launch: give the pretraining arguments after --, e.g. -- --data D --model llama --out RUN")
+    if args and args[0] == "pretrain":
+        args = args[1:]
+    if not args or not args[0].startswith("-"):
+        found = f" (found {args[0]!r})" if args else ""
+        raise SystemExit("ehrfm launch: give the pretraining arguments after --, e.g. "
+                         f"-- --data D --model llama --out RUN, or -- pretrain --data D ...{found}")
     return args
 
 

@@ -8,6 +8,7 @@ Layout of a run folder::
         model.safetensors              the consolidated weights (every strategy; what export reads)
         trainer_state.json             step, schedule, early-stopping state, every rank's RNG + loader state
         config.yaml, model_config.json resolved run config and the HF model config
+        checkpoint_manifest.json       size + sha256 of every file above (integrity, verified before any load)
         COMPLETE                       written last, before the rename
     RUN/checkpoints/latest             name of the newest complete checkpoint (moved after COMPLETE exists)
     RUN/checkpoints/best               name of the best-validation checkpoint
@@ -18,13 +19,26 @@ resumed from. DCP checkpoints reshard on load (any world size, ddp <-> fsdp); De
 with the same world size and ZeRO stage (a clear error names what cannot be resharded).
 
 Our own files are JSON (state) and safetensors (weights); export reads only those. Resuming lets DCP and
-DeepSpeed read their own files (DCP's ``.metadata`` and DeepSpeed's ZeRO states are pickles written by this
-run): resume only from run folders you trust.
+DeepSpeed read their own files, and DCP's ``.metadata`` and DeepSpeed's ZeRO states are pickles.
+
+Trust model. A checkpoint is loaded (resume or export) only after :func:`verify_checkpoint` has checked every
+file against ``checkpoint_manifest.json``, written at save time inside the atomic rename: a missing, extra,
+truncated or modified file (a planted pickle, a disk error) fails the check, naming the file. On resume a
+checkpoint that fails is moved aside to ``checkpoints/corrupt-step_N`` (nothing is deleted) and the previous
+intact one is used, with a warning; if none is intact the run stops with :class:`CheckpointError`. The
+manifest protects against corruption and accidents, not against someone who can rewrite the run folder (they
+could rewrite the manifest too): run folders are trusted only if their manifest verifies, and you should
+never resume from, or export, a run folder you did not write.
+
+Every checkpoint also records the identity of the data it was trained on (:func:`data_identity`: vocabulary
+fingerprint and size, the shard list with checksums, the manifest's hash); a resume or export against a data
+folder that differs is refused, naming what changed.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -35,16 +49,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import EhrfmError
 from ..logging import get_logger
 
 log = get_logger(__name__)
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
-STATE_VERSION = 1
+MANIFEST_FILE = "checkpoint_manifest.json"
+STATE_VERSION = 2  # 2: data identity in the state, integrity manifest beside it
+QUARANTINE_PREFIX = "corrupt-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EhrfmError, RuntimeError):
     """A checkpoint that cannot be resumed in this setting; the message says what and why."""
 
 
@@ -63,6 +80,7 @@ class TrainerState:
     world_size: int = 1
     schedule: dict = dataclasses.field(default_factory=dict)  # lr schedule parameters (stateless in step)
     val_history: list = dataclasses.field(default_factory=list)  # [{"step", "val_loss", "val_ppl"}]
+    data: dict = dataclasses.field(default_factory=dict)  # data_identity() of the training data folder
     ranks: list = dataclasses.field(default_factory=list)  # per rank: {"rank", "rng", "loader"}
 
 
@@ -145,10 +163,167 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
 
 
 def read_state(path: Path) -> TrainerState:
-    data = json.loads((Path(path) / STATE_FILE).read_text())
-    if data.pop("version", None) != STATE_VERSION:
-        raise CheckpointError(f"{path}: trainer state version differs from {STATE_VERSION}")
+    file = Path(path) / STATE_FILE
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable trainer state ({err})") from None
+    version = data.pop("version", None)
+    if version != STATE_VERSION:
+        raise CheckpointError(f"{file}: trainer state version {version} is not {STATE_VERSION} (written by another "
+                              "ehrfm version); start a new run, or export it with the ehrfm version that wrote it")
     return TrainerState(**data)
+
+
+# -- integrity --------------------------------------------------------------------------------------------
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(path: Path) -> list[str]:
+    """Relative paths of every file of a checkpoint folder except the manifest and the marker."""
+    return sorted(
+        str(f.relative_to(path)) for f in Path(path).rglob("*") if (f.is_file() or f.is_symlink()) and f.name not in (MANIFEST_FILE, MARKER)
+    )
+
+
+def write_integrity_manifest(path: Path) -> None:
+    """Record size and sha256 of every file of the (temp) checkpoint folder ``path``."""
+    files = {}
+    for rel in _checkpoint_files(path):
+        file = Path(path) / rel
+        if file.is_symlink():
+            raise CheckpointError(f"{file}: checkpoints may not contain symbolic links")
+        files[rel] = {"bytes": file.stat().st_size, "sha256": _file_digest(file)}
+    _write_text(Path(path) / MANIFEST_FILE, json.dumps({"version": 1, "algorithm": "sha256", "files": files}, indent=1))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first file of ``path`` that is missing, unexpected, of another
+    size or another sha256 than ``checkpoint_manifest.json`` records (see the module docstring)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest_path}: missing: the checkpoint has no integrity manifest (written by an older "
+                              "ehrfm, or not by ehrfm); refusing to load it") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable integrity manifest ({err}); refusing to load the checkpoint") from None
+    present = _checkpoint_files(path)
+    unexpected = sorted(set(present) - set(files))
+    if unexpected:
+        raise CheckpointError(f"{path / unexpected[0]}: file not recorded in {MANIFEST_FILE} (planted or left by another "
+                              "program); refusing to load the checkpoint")
+    for rel, expected in files.items():
+        file = path / rel
+        if not file.is_file() or file.is_symlink():
+            raise CheckpointError(f"{file}: missing from the checkpoint (recorded in {MANIFEST_FILE})")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, {expected['bytes']} recorded at save time (truncated or modified)")
+        if _file_digest(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: sha256 differs from the one recorded at save time (corrupted or modified)")
+
+
+def quarantine(path: Path) -> Path:
+    """Move a checkpoint that failed verification out of discovery (``corrupt-step_N``); nothing is deleted."""
+    path = Path(path)
+    target = path.with_name(QUARANTINE_PREFIX + path.name)
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{QUARANTINE_PREFIX}{path.name}.{n}")
+        n += 1
+    os.rename(path, target)
+    return target
+
+
+def _newest_first(run_dir: Path) -> list[Path]:
+    latest = latest_checkpoint(run_dir)
+    found = complete_checkpoints(run_dir)[::-1]
+    if latest is not None and latest in found:  # `latest` first, then the rest by step
+        found.remove(latest)
+        found.insert(0, latest)
+    return found
+
+
+def select_resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies; those that fail on the way are quarantined with a
+    warning. None when the run has no checkpoint; :class:`CheckpointError` when none verifies. Rank 0 only."""
+    failures = []
+    for path in _newest_first(run_dir):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            moved = quarantine(path)
+            failures.append(str(err))
+            log.warning("%s; moved aside to %s, falling back to the previous checkpoint", err, moved.name)
+            continue
+        return path
+    if failures:
+        raise CheckpointError(f"{run_dir}: no checkpoint passes its integrity check ({'; '.join(failures)}); the failing "
+                              f"ones were moved to {QUARANTINE_PREFIX}step_*. Start a new run with another --out")
+    return None
+
+
+def agree_on_resume_checkpoint(run_dir: Path) -> Path | None:
+    """Collective: rank 0 selects (:func:`select_resume_checkpoint`), every rank gets its answer or its error."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    answer: list = [None, None]
+    if rank == 0:
+        try:
+            path = select_resume_checkpoint(run_dir)
+            answer = [None if path is None else str(path), None]
+        except CheckpointError as err:
+            answer = [None, str(err)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise CheckpointError(answer[1])
+    return None if answer[0] is None else Path(answer[0])
+
+
+# -- data identity ----------------------------------------------------------------------------------------
+VOLATILE_MANIFEST_KEYS = ("seconds",)  # differ between byte-identical re-runs of prepare
+
+
+def data_identity(data_dir: Path, manifest: dict) -> dict:
+    """What makes a prepared data folder the same for training: vocabulary fingerprint and size, the shard
+    list with checksums (one sha256), and a hash of the manifest without its timing and source path."""
+    shards = sorted((s["path"], s.get("sha256", "")) for split in manifest.get("shards", {}).values() for s in split)
+    stable = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_KEYS}
+    stable["source"] = {k: v for k, v in (manifest.get("source") or {}).items() if k != "path"}
+    return {
+        "path": str(Path(data_dir).resolve()),
+        "vocab_fingerprint": manifest.get("vocab_fingerprint"),
+        "vocab_size": manifest.get("vocab_size"),
+        "shards_sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest(),
+        "shards": len(shards),
+        "manifest_sha256": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest(),
+    }
+
+
+IDENTITY_KEYS = ("vocab_fingerprint", "vocab_size", "shards_sha256")  # must match; the rest only warn
+
+
+def check_data_identity(path: Path, state: TrainerState, current: dict) -> None:
+    """Refuse (CheckpointError naming what changed) a checkpoint trained on other data than ``current``."""
+    saved = state.data or {}
+    changed = [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in IDENTITY_KEYS if saved.get(key) != current.get(key)]
+    if changed:
+        raise CheckpointError(
+            f"{path} was trained on data folder {saved.get('path')} and the data folder {current.get('path')} differs: "
+            f"{'; '.join(changed)}. Use the data folder the run was trained on (or re-prepare it identically), or start "
+            "a new run with another --out"
+        )
+    if saved.get("manifest_sha256") != current.get("manifest_sha256"):
+        log.warning("%s: the data folder's manifest changed since training (same vocabulary and shards)", path)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -221,6 +396,7 @@ def save_checkpoint(
         _write_text(tmp / STATE_FILE, json.dumps({"version": STATE_VERSION, **dataclasses.asdict(state)}))
         _write_text(tmp / "config.yaml", config_yaml)
         _write_text(tmp / "model_config.json", engine.module.config.to_json_string())
+        write_integrity_manifest(tmp)
         _write_text(tmp / MARKER, "")
         _fsync_dir(tmp)
         os.rename(tmp, final)

@@ -37,6 +37,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--best", action="store_true", help="export the best-validation checkpoint")
     e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that `ehrfm export` did not write (never the run or data folder)")
     e.set_defaults(func=main_export)
 
 
@@ -73,6 +75,6 @@ def main_pretrain(args: argparse.Namespace) -> int:
 def main_export(args: argparse.Namespace) -> int:
     from .export import export
 
-    out = export(args.run, args.out, step=args.step, best=args.best)
+    out = export(args.run, args.out, step=args.step, best=args.best, overwrite=args.overwrite)
     print(f"exported to {out}")
     return 0

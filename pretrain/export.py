@@ -104,10 +104,13 @@ def load_checkpoint_model(path: Path):
     return model.eval(), run_cfg
 
 
-def export(run_dir, out, *, step: int | None = None, best: bool = False) -> Path:
+def export(run_dir, out, *, step: int | None = None, best: bool = False, overwrite: bool = False) -> Path:
     """Consolidate checkpoint ``step`` (default latest; ``best`` = the best-validation one) of ``run_dir``
-    into the HF folder ``out`` (written to a temp folder, then renamed)."""
+    into the HF folder ``out`` (written to a temp folder, then renamed; an existing ``out`` is replaced only if
+    `ehrfm export` wrote it, or with ``overwrite``, and never when it is or holds an input: :mod:`ehrfm.outputs`).
+    The checkpoint must pass its integrity check and belong to the data folder it names."""
     from ..data_shards.shards import read_manifest
+    from ..outputs import atomic_output, check_output_dir
 
     run_dir, out = Path(run_dir), Path(out)
     if best:
@@ -117,16 +120,24 @@ def export(run_dir, out, *, step: int | None = None, best: bool = False) -> Path
         path = ckpt.checkpoint_root(run_dir) / pointer.read_text().strip()
     else:
         path = ckpt.find_checkpoint(run_dir, step)
+    check_output_dir(out, "export", inputs=[run_dir], overwrite=overwrite)
+    ckpt.verify_checkpoint(path)
     state = ckpt.read_state(path)
-    model, run_cfg = load_checkpoint_model(path)
-    architecture = run_cfg["model"]["architecture"]
+    run_cfg = yaml.safe_load((path / "config.yaml").read_text())
     data_dir = Path(run_cfg["data"]["path"])
     manifest = read_manifest(data_dir)
+    ckpt.check_data_identity(path, state, ckpt.data_identity(data_dir, manifest))
+    with atomic_output(out, "export", inputs=[run_dir, data_dir], overwrite=overwrite,
+                       fingerprint=manifest.get("vocab_fingerprint")) as tmp:
+        _write_export(tmp, path, state, data_dir, manifest)
+    log.info("exported %s (step %d) to %s", path, state.step, out)
+    return out
 
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+
+def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) -> None:
+    """The HF folder of checkpoint ``path`` into ``tmp`` (layout in the module docstring)."""
+    model, run_cfg = load_checkpoint_model(path)
+    architecture = run_cfg["model"]["architecture"]
     model.config.auto_map = write_remote_code(tmp, architecture)
     model.save_pretrained(str(tmp))  # config.json (+ auto_map), model.safetensors, generation_config.json
     for name in TOKENIZER_FILES:
@@ -146,11 +157,6 @@ def export(run_dir, out, *, step: int | None = None, best: bool = False) -> Path
     }
     (tmp / "ehrfm_export.json").write_text(json.dumps(meta, indent=2, default=str))
     (tmp / "README.md").write_text(model_card(meta, model))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info("exported %s (step %d) to %s", path, state.step, out)
-    return out
 
 
 def model_card(meta: dict, model) -> str:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import ConfigError
 from ..logging import get_logger
 
 log = get_logger(__name__)
@@ -88,12 +89,12 @@ def apply_accelerate_config(cfg, path: str | os.PathLike) -> None:
                 cfg.optim.grad_clip = float(ds["gradient_clipping"])
             cfg.deepspeed.offload_optimizer = ds.get("offload_optimizer_device", "none") not in ("none", None)
         if int(stage) not in (2, 3):
-            raise ValueError(f"{path}: DeepSpeed ZeRO stage {stage} is not supported; use 2 or 3")
+            raise ConfigError(f"{path}: DeepSpeed ZeRO stage {stage} is not supported; use 2 or 3")
         cfg.train.strategy = f"deepspeed-zero{int(stage)}"
     elif kind in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU"):
         cfg.train.strategy = "ddp"
     else:
-        raise ValueError(f"{path}: distributed_type {kind} is not supported (use NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED)")
+        raise ConfigError(f"{path}: distributed_type {kind} is not supported (use NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED)")
     if data.get("mixed_precision") == "bf16":
         cfg.train.precision = "bf16"
     elif data.get("mixed_precision") == "no":
@@ -208,13 +209,14 @@ class DeepSpeedEngine(Engine):
         if not last:
             self.model.step()  # not a boundary: DeepSpeed only accumulates
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> float | None:
+        """None when DeepSpeed does not report the norm of this step (the non-finite guard then checks the loss)."""
         if self.owns_lr:
             for group in self.model.optimizer.param_groups:
                 group["lr"] = lr
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
 
 
 def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict:

@@ -7,7 +7,13 @@ re-seeded from (seed, rank); MLM masks are a pure function of (seed, step, rank,
 the checkpointed RNG and loader states this makes a CPU resume bit-identical to an uninterrupted run.
 
 Exit codes: 0 done (max_steps or early stop), 75 (``PREEMPTION_EXIT_CODE``) preempted by SIGTERM/SIGUSR1
-after finishing the step and writing a checkpoint -- re-run the same command to resume.
+after finishing the step and writing a checkpoint -- re-run the same command to resume; 2 an expected error
+(:class:`ehrfm.errors.EhrfmError`), among them :class:`TrainingDivergedError`.
+
+Non-finite guard: a step whose loss or gradient norm (any rank) is NaN/inf, or a validation loss that is,
+stops the run at once with :class:`TrainingDivergedError`; nothing of that step is checkpointed (the last
+checkpoint written stays ``latest``). There is no skip budget: on EHR corpora a non-finite loss has meant bad
+input or a broken checkpoint, never a transient overflow worth stepping over (bf16 needs no loss scaling).
 """
 from __future__ import annotations
 
@@ -22,11 +28,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..config import save_config, to_dict
+from ..config import ConfigError, save_config, to_dict
 from ..data_shards.schema import SPECIAL_TOKENS
 from ..data_shards.shards import read_manifest
 from ..data_shards.stream import EhrDataLoader, PatientStream, StreamConfig
+from ..errors import EhrfmError
 from ..logging import get_logger
+from ..outputs import claim_run_dir
 from ..seeding import derive_seed, seed_everything
 from . import checkpoint as ckpt
 from .config import PREEMPTION_EXIT_CODE, PretrainConfig
@@ -35,6 +43,10 @@ from .objectives import Objective, dense_aux, target_count
 from .parallel import DistInfo, autocast_context, build_engine, describe_engine, init_distributed, lr_at
 
 log = get_logger(__name__)
+
+
+class TrainingDivergedError(EhrfmError, RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run stopped without checkpointing that step."""
 
 
 def build_model_for(cfg: PretrainConfig, vocab_size: int) -> torch.nn.Module:
@@ -143,7 +155,9 @@ class Trainer:
             num_workers=cfg.data.num_workers,
             generator=_private_generator(),
         )
+        self.data_identity = ckpt.data_identity(self.data_dir, manifest)
         self.state = ckpt.TrainerState(
+            data=self.data_identity,
             strategy=cfg.train.strategy,
             world_size=info.world_size,
             schedule={"lr": cfg.optim.lr, "warmup_fraction": cfg.optim.warmup_fraction, "schedule": cfg.optim.schedule,
@@ -153,9 +167,10 @@ class Trainer:
 
     # -- resume -----------------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.resume else None
+        path = ckpt.agree_on_resume_checkpoint(self.run_dir) if self.cfg.checkpoint.resume else None
         if path is None:
             return
+        ckpt.check_data_identity(path, ckpt.read_state(path), self.data_identity)
         saved = yaml.safe_load((path / "config.yaml").read_text())
         now = yaml.safe_load(self.config_yaml)
         changed = _diff(saved, now)
@@ -165,6 +180,7 @@ class Trainer:
         self.loader.load_state_dict([r["loader"] for r in state.ranks])
         state.ranks = []
         state.strategy, state.world_size = self.cfg.train.strategy, self.info.world_size
+        state.data = self.data_identity
         self.state = state
         if self.info.rank == 0:
             _truncate_metrics(self.run_dir, state.step)
@@ -194,11 +210,20 @@ class Trainer:
         lr = lr_at(self.state.step, cfg)
         grad_norm = engine.step(lr)
         keys = sorted(aux_logs)
+        finite = math.isfinite(totals["loss"]) and (grad_norm is None or math.isfinite(grad_norm))
         vector = torch.tensor(
-            [totals["loss"], totals["real"], totals["slots"], float(self.preemption.requested)] + [aux_logs[k] for k in keys],
+            [totals["loss"], totals["real"], totals["slots"], float(self.preemption.requested), float(not finite)]
+            + [aux_logs[k] for k in keys],
             dtype=torch.float64,
         )
-        flag = _all_reduce(vector[3:4].clone(), dist.ReduceOp.MAX)
+        flags = _all_reduce(vector[3:5].clone(), dist.ReduceOp.MAX)
+        if flags[1].item():
+            raise TrainingDivergedError(
+                f"step {self.state.step + 1}: non-finite training loss or gradient norm (this rank: loss {totals['loss']}, "
+                f"grad norm {grad_norm}); stopped without checkpointing it. Check the data and the learning rate, and "
+                f"the last checkpoint {ckpt.latest_checkpoint(self.run_dir)}"
+            )
+        flag = flags[0:1]
         vector = _all_reduce(vector)
         world = self.info.world_size
         record = {
@@ -209,7 +234,7 @@ class Trainer:
             "padded_tokens": int(vector[2].item()),
             "pad_fraction": 1.0 - vector[1].item() / max(1.0, vector[2].item()),
         }
-        record.update({k: vector[4 + i].item() / world for i, k in enumerate(keys)})
+        record.update({k: vector[5 + i].item() / world for i, k in enumerate(keys)})
         record["_preempt"] = bool(flag.item())
         return record
 
@@ -243,6 +268,8 @@ class Trainer:
             i += 1
         total = _all_reduce(total)
         val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        if total[1] > 0 and not math.isfinite(val_loss):
+            raise TrainingDivergedError(f"step {self.state.step}: validation loss is {val_loss}; stopped without checkpointing")
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_targets": int(total[1].item())}
 
     def save(self, best: bool = False) -> None:
@@ -273,12 +300,13 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.preemption = Preemption()
         engine_info = describe_engine(self.engine)
+        self.maybe_resume()  # first: a refused resume (integrity, data identity) leaves the run folder as it was
+        _barrier()  # every rank has checked the run folder (run()) before rank 0 claims it
         if info.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            claim_run_dir(self.run_dir, "pretrain", inputs=run_inputs(cfg))
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "engine.json").write_text(json.dumps(engine_info, indent=2))
             log.info("engine: %s", engine_info)
-        self.maybe_resume()
         metrics = MetricsLogger(self.run_dir, enabled=info.rank == 0, total_steps=cfg.train.max_steps,
                                 start_step=self.state.step, progress=cfg.train.progress_bar)
         peak = peak_flops(cfg.train.peak_flops)
@@ -350,10 +378,23 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def run_inputs(cfg: PretrainConfig) -> list:
+    """Folders and files a run reads: its ``--out`` may contain none of them (:mod:`ehrfm.outputs`)."""
+    return [cfg.data.path, cfg.accelerate_config, cfg.deepspeed.config_file]
+
+
 def run(cfg: PretrainConfig) -> int:
     """Train (or resume) the run in ``cfg.out``; returns the process exit code."""
     if not cfg.data.path or not cfg.out:
-        raise ValueError("pretraining needs data.path (--data) and out (--out)")
+        raise ConfigError("pretraining needs data.path (--data) and out (--out)")
+    # every rank checks before any rank writes: a foreign or input-containing --out fails on all of them alike
+    claim_run_dir(Path(cfg.out), "pretrain", inputs=run_inputs(cfg), write=False)
+    read_manifest(Path(cfg.data.path))
     info = init_distributed()
     code = Trainer(cfg, info).fit()
     if dist.is_initialized():

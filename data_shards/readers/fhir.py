@@ -25,7 +25,17 @@ Immunization                vaccineCode at occurrenceDateTime                   
 
 Other resource types are ignored (counted). A resource of a mapped type without a code or a time is
 dropped and tallied with its file and resource id (see :class:`FhirTally`), never silently.
-Subject ids are stable 63-bit hashes of the Patient resource id; the mapping is returned for traceability.
+
+A value that is not a JSON number (``valueQuantity.value`` or ``valueInteger`` given as a string such as
+``"12.5"`` or ``"abc"``, a boolean, an object; a ``valueQuantity`` that is not an object) is not guessed at:
+the event is kept without a numeric value, and the tally counts it under ``invalid_values`` with the first
+20 resources (file and ``Observation/<id>``) in ``invalid_value_examples``. Finite numbers beyond float32's
+range become inf here and are then nulled and counted by cleaning ("non_finite_numeric_values").
+
+Subject ids are stable 63-bit hashes of the Patient resource id. A bundle file holds whole patients: a
+patient whose resources are in two bundle files (or in a bundle and NDJSON) is a :class:`DataError` naming
+both input files and the Patient id as written in the data, whatever ``shards.fhir_bundles_per_shard`` is.
+NDJSON files may spread a patient's resources over files (bulk export).
 """
 from __future__ import annotations
 
@@ -84,10 +94,10 @@ def system_prefix(system: str | None) -> str:
 
 def _code_of(concept: dict | None) -> str | None:
     """``SYSTEM/code`` of the first coding of a CodeableConcept, or None."""
-    if not concept:
+    if not isinstance(concept, dict):
         return None
     for coding in concept.get("coding") or ():
-        code = coding.get("code")
+        code = coding.get("code") if isinstance(coding, dict) else None
         if code:
             return f"{system_prefix(coding.get('system'))}/{code}"
     return None
@@ -103,6 +113,16 @@ class FhirTally:
     dropped: Counter = dataclasses.field(default_factory=Counter)
     examples: list = dataclasses.field(default_factory=list)
     events: int = 0
+    # values kept out of numeric_value because they are not JSON numbers (reason -> count), with examples
+    invalid_values: Counter = dataclasses.field(default_factory=Counter)
+    invalid_value_examples: list = dataclasses.field(default_factory=list)
+
+    def invalid_value(self, reason: str, file: Path | str, resource: dict) -> None:
+        self.invalid_values[reason] += 1
+        if len(self.invalid_value_examples) < MAX_EXAMPLES:
+            self.invalid_value_examples.append(
+                {"reason": reason, "file": str(file), "resource": f"{resource.get('resourceType')}/{resource.get('id')}"}
+            )
 
     def drop(self, reason: str, file: Path | str, resource: dict) -> None:
         self.dropped[reason] += 1
@@ -118,6 +138,9 @@ class FhirTally:
         self.dropped.update(other.dropped)
         self.events += other.events
         self.examples.extend(other.examples[: max(0, MAX_EXAMPLES - len(self.examples))])
+        self.invalid_values.update(other.invalid_values)
+        room = max(0, MAX_EXAMPLES - len(self.invalid_value_examples))
+        self.invalid_value_examples.extend(other.invalid_value_examples[:room])
 
     def to_dict(self) -> dict:
         return {
@@ -127,6 +150,8 @@ class FhirTally:
             "dropped": dict(self.dropped),
             "dropped_examples": self.examples,
             "events": self.events,
+            "invalid_values": dict(self.invalid_values),
+            "invalid_value_examples": self.invalid_value_examples,
         }
 
 
@@ -136,6 +161,7 @@ class _EventBuffer:
     def __init__(self) -> None:
         self.cols: dict[str, list] = {c: [] for c in EVENT_COLUMNS}
         self.sources: list[str] = []  # "file|Resource/id" per event, for error messages on bad times
+        self.patient_ids: dict[int, str] = {}  # subject id -> the Patient id as written (for error messages)
 
     def add(self, subject, time, code, value, text, encounter, etype, source) -> None:
         c = self.cols
@@ -164,10 +190,24 @@ def _observation_type(resource: dict) -> str:
     return "OTHER"
 
 
-def _quantity(item: dict) -> tuple[float | None, str | None]:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _quantity(item: dict, invalid) -> tuple[float | None, str | None]:
+    """(numeric value, text value) of an Observation or component; ``invalid(reason)`` is called for a value
+    that is present but not a JSON number (the event then has no numeric value)."""
     quantity = item.get("valueQuantity")
-    if quantity and quantity.get("value") is not None:
-        return float(quantity["value"]), None
+    if quantity is not None:
+        if not isinstance(quantity, dict):
+            invalid("valueQuantity_not_an_object")
+            return None, None
+        value = quantity.get("value")
+        if _is_number(value):
+            return float(value), None
+        if value is not None:
+            invalid("valueQuantity.value_not_a_number")
+            return None, None
     concept = item.get("valueCodeableConcept")
     if concept:
         return None, _code_of(concept)
@@ -175,7 +215,10 @@ def _quantity(item: dict) -> tuple[float | None, str | None]:
         if key in item:
             value = item[key]
             if key == "valueInteger":
-                return float(value), None
+                if _is_number(value):
+                    return float(value), None
+                invalid("valueInteger_not_a_number")
+                return None, None
             return None, str(value)
     return None, None
 
@@ -189,6 +232,7 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
         if not rid:
             raise DataError(f"{source_file}: Patient resource without an id")
         sid = subject_id_for(rid)
+        out.patient_ids[sid] = rid
         birth = resource.get("birthDate")
         if birth:
             out.add(sid, birth, "MEDS_BIRTH", None, None, None, "OTHER", source)
@@ -209,6 +253,7 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
         tally.drop("no_subject", source_file, resource)
         return
     sid = subject_id_for(subject_ref)
+    out.patient_ids.setdefault(sid, subject_ref)
     time = _time_of(resource, rtype)
     if time is None:
         tally.drop("no_time", source_file, resource)
@@ -234,14 +279,17 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
         if code is None and not components:
             tally.drop("no_code", source_file, resource)
             return
-        value, text = _quantity(resource)
+        def invalid(reason: str) -> None:
+            tally.invalid_value(reason, source_file, resource)
+
+        value, text = _quantity(resource, invalid)
         if components:
             for component in components:
                 ccode = _code_of(component.get("code"))
                 if ccode is None:
                     tally.drop("component_without_code", source_file, resource)
                     continue
-                cvalue, ctext = _quantity(component)
+                cvalue, ctext = _quantity(component, invalid)
                 out.add(sid, time, ccode, cvalue, ctext, encounter, etype, source)
             if value is None and text is None:
                 return  # the panel itself carries no value: its components are the events
@@ -388,26 +436,53 @@ def list_fhir_files(root: Path) -> tuple[list[Path], list[Path]]:
     return bundles, ndjson
 
 
-def read_bundle_files(paths: Iterable[Path], tally: FhirTally) -> pl.DataFrame:
-    """Events of a group of bundle files (each normally one patient), as one DataFrame."""
+def _split_patient_error(patient: str, first: Path, second: Path) -> DataError:
+    return DataError(
+        f"Patient {patient} is split over two bundle files, {first} and {second}; a bundle file must hold all "
+        f"resources of its patients (merge them, or provide the resources as NDJSON)"
+    )
+
+
+def read_bundle_files(paths: Iterable[Path], tally: FhirTally, owners: dict[int, Path] | None = None) -> pl.DataFrame:
+    """Events of a group of bundle files (each normally one patient), as one DataFrame.
+
+    ``owners`` (subject id -> bundle file), shared over the calls of one conversion, makes a patient found in
+    two bundle files a :class:`DataError` naming both files and the Patient id.
+    """
+    owners = {} if owners is None else owners
     buffer = _EventBuffer()
     for path in paths:
         tally.files += 1
+        start = len(buffer)
         for resource in _bundle_resources(path):
             _convert_resource(resource, path, buffer, tally)
+        for sid in sorted(set(buffer.cols["subject_id"][start:])):
+            first = owners.setdefault(sid, path)
+            if first != path:
+                raise _split_patient_error(buffer.patient_ids.get(sid, str(sid)), first, path)
     return _to_frame(buffer, tally)
 
 
-def iter_ndjson_events(path: Path, tally: FhirTally, chunk_lines: int = 200_000) -> Iterator[pl.DataFrame]:
-    """Events of one NDJSON file in chunks (resources of one patient may span files)."""
+def iter_ndjson_events(path: Path, tally: FhirTally, chunk_lines: int = 200_000,
+                       bundle_owners: dict[int, Path] | None = None) -> Iterator[pl.DataFrame]:
+    """Events of one NDJSON file in chunks (resources of one patient may span NDJSON files, but not a bundle
+    file and an NDJSON file: ``bundle_owners`` from :func:`read_bundle_files` makes that a DataError)."""
     tally.files += 1
     buffer = _EventBuffer()
+
+    def flush() -> pl.DataFrame:
+        if bundle_owners:
+            for sid in sorted(set(buffer.cols["subject_id"])):
+                if sid in bundle_owners:
+                    raise _split_patient_error(buffer.patient_ids.get(sid, str(sid)), bundle_owners[sid], path)
+        return _to_frame(buffer, tally)
+
     for line_no, resource in _ndjson_resources(path):
         if not isinstance(resource, dict):
             raise DataError(f"{path}:{line_no}: expected a JSON object")
         _convert_resource(resource, Path(f"{path}:{line_no}"), buffer, tally)
         if len(buffer) >= chunk_lines:
-            yield _to_frame(buffer, tally)
+            yield flush()
             buffer = _EventBuffer()
     if len(buffer):
-        yield _to_frame(buffer, tally)
+        yield flush()

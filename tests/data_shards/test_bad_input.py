@@ -90,8 +90,9 @@ def test_subject_in_two_shards_is_an_error(tmp_path):
 
 
 def test_not_a_meds_folder(tmp_path):
+    (tmp_path / "in").mkdir()
     with pytest.raises(DataError, match="no data/ folder"):
-        prepare(tmp_path, tmp_path / "out", PrepareConfig(tasks=[]), progress=False)
+        prepare(tmp_path / "in", tmp_path / "out", PrepareConfig(tasks=[]), progress=False)
 
 
 def test_unparseable_fhir_time_names_file_and_resource(tmp_path, bundle_factory):
