@@ -14,14 +14,13 @@ earlier `ehrfm prepare` wrote it (see :mod:`ehrfm.outputs`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
-from ehrfm.outputs import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from ehrfm.outputs import file_sha256, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 SHARD_SCHEMA = pa.schema(
@@ -37,14 +36,6 @@ SHARD_SCHEMA = pa.schema(
         ("length", pa.int32()),
     ]
 )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SplitShardWriter:

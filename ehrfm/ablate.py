@@ -16,7 +16,7 @@ Choices where 003 is silent or does not transfer (also in the README):
 - Downstream models are MPF-finetuned (001) from the pretrained backbone, one model for all tasks.
 - XGBoost is trained on each data variant's full finetuning split; it has no context, size or fraction.
 
-Everything lands in OUT: prepared variants (data/<variant>), pretraining runs and exports (runs/<key>),
+Everything lands in OUT: prepared variants (data/<variant>), pretraining runs (runs/<key>) and their exports (exported/<key>),
 finetuned models and evaluations (cells/<experiment>: the base setting, listed under every axis, is one
 experiment per model), ``results.jsonl`` (one line per finished cell: re-running skips them), ``ablation.md`` (003 supplementary-table layout: value (95% CI) per metric, task and axis
 value x model) and one PNG per axis and metric.
@@ -211,11 +211,12 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
                 architecture=c.model, size=c.size, steps=grid.steps, context_length=c.context,
                 overrides=[f"train.seed={seed}"]))
     runs = out / "runs"
+    exported = out / "exported"
 
     def pretrain(item):
         key, (variant, spec) = item
         pretrain_stage(out / "data" / variant, runs / key, spec, quiet=True)
-        export_stage(runs / key, runs / key / "hf")
+        export_stage(runs / key, exported / key)  # beside the run: an output may not sit inside its input
         return key
 
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
@@ -234,7 +235,7 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
             cell_tasks = list(tasks)
             while True:  # a task a variant leaves without both classes (e.g. a small fraction) is dropped, not fatal
                 try:
-                    ft = finetune_stage(runs / c.pretrain_key / "hf", data, cell_dir / "finetune", method="mpf",
+                    ft = finetune_stage(exported / c.pretrain_key, data, cell_dir / "finetune", method="mpf",
                                         tasks=cell_tasks, epochs=grid.epochs, context_length=c.context,
                                         train_fraction=c.train_fraction, seed=seed)
                     break

@@ -18,6 +18,7 @@ are only claimed (:func:`claim_run_dir`), never replaced.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,15 @@ OWNER_FILE = ".ehrfm-output.json"
 
 class OutputDirError(EhrfmError, ValueError):
     """An output folder ehrfm may not write (someone else's data, or an input of the same command)."""
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

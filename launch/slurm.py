@@ -86,7 +86,11 @@ def render(job: SlurmJob) -> str:
 
 
 def write_script(job: SlurmJob, path: Path | None = None) -> Path:
-    """Write the rendered script into RUN/slurm/ (or ``path``) atomically; returns its path."""
+    """Write the rendered script into RUN/slurm/ (or ``path``) atomically; returns its path. RUN is claimed as a
+    run folder of `ehrfm pretrain` first (:func:`ehrfm.outputs.claim_run_dir`): a foreign folder is refused."""
+    from ehrfm.outputs import claim_run_dir
+
+    claim_run_dir(Path(job.run_dir), "pretrain", inputs=[_flag_value(job.pretrain_args, "--data")])
     path = Path(path or Path(job.run_dir) / "slurm" / "pretrain.sbatch")
     path.parent.mkdir(parents=True, exist_ok=True)
     (Path(job.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
@@ -95,6 +99,15 @@ def write_script(job: SlurmJob, path: Path | None = None) -> Path:
     tmp.chmod(0o755)
     tmp.replace(path)
     return path
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def submit(script: Path, env: dict | None = None) -> int:

@@ -51,6 +51,7 @@ import torch.distributed as dist
 
 from ..errors import EhrfmError
 from ..logging import get_logger
+from ..outputs import file_sha256
 
 log = get_logger(__name__)
 
@@ -176,14 +177,6 @@ def read_state(path: Path) -> TrainerState:
 
 
 # -- integrity --------------------------------------------------------------------------------------------
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(path: Path) -> list[str]:
     """Relative paths of every file of a checkpoint folder except the manifest and the marker."""
     return sorted(
@@ -198,7 +191,7 @@ def write_integrity_manifest(path: Path) -> None:
         file = Path(path) / rel
         if file.is_symlink():
             raise CheckpointError(f"{file}: checkpoints may not contain symbolic links")
-        files[rel] = {"bytes": file.stat().st_size, "sha256": _file_digest(file)}
+        files[rel] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     _write_text(Path(path) / MANIFEST_FILE, json.dumps({"version": 1, "algorithm": "sha256", "files": files}, indent=1))
 
 
@@ -228,7 +221,7 @@ def verify_checkpoint(path: Path) -> None:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(f"{file}: {size} bytes, {expected['bytes']} recorded at save time (truncated or modified)")
-        if _file_digest(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from the one recorded at save time (corrupted or modified)")
 
 

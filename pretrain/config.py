@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
+from ..config import check_range
 from .dense_loss import DenseLossConfig
 
 Architecture = Literal["llama", "mamba", "mamba2", "bert"]
@@ -42,6 +43,12 @@ class DataSection:
     train_split: str = "pretrain"
     val_split: str = "pretrain_val"
 
+    def validate(self) -> None:
+        check_range(self, "context_length", ge=2)
+        for name in ("batch_size", "shuffle_buffer", "pack_window"):
+            check_range(self, name, ge=1)
+        check_range(self, "num_workers", ge=0)
+
 
 @dataclasses.dataclass
 class OptimSection:
@@ -56,6 +63,18 @@ class OptimSection:
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping (the norm is still logged)
+
+    def validate(self) -> None:
+        from ..config import ConfigError
+
+        check_range(self, "lr", ge=0)  # 0: a run that only evaluates (tests use it)
+        check_range(self, "weight_decay", ge=0)
+        check_range(self, "eps", gt=0)
+        check_range(self, "warmup_fraction", ge=0, le=1)
+        check_range(self, "min_lr_ratio", ge=0, le=1)
+        check_range(self, "grad_clip", ge=0)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: two values in [0, 1), got {list(self.betas)}")
 
 
 @dataclasses.dataclass
@@ -87,6 +106,13 @@ class TrainSection:
     save_probe: bool = True  # after training, save a validation batch and the model's logits (export check)
     crash_after_step: int = 0
 
+    def validate(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every"):
+            check_range(self, name, ge=1)
+        for name in ("val_every", "val_max_batches", "patience", "peak_flops", "crash_after_step"):
+            check_range(self, name, ge=0)
+        check_range(self, "mlm_probability", gt=0, lt=1)
+
 
 @dataclasses.dataclass
 class CheckpointSection:
@@ -95,6 +121,10 @@ class CheckpointSection:
     every: int = 500
     keep: int = 2
     resume: bool = True  # resume from the latest complete checkpoint in the run folder
+
+    def validate(self) -> None:
+        check_range(self, "every", ge=0)
+        check_range(self, "keep", ge=0)
 
 
 @dataclasses.dataclass

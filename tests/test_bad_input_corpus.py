@@ -307,6 +307,21 @@ def case_training(w: World, t: Path) -> dict[str, Case]:
     return cases
 
 
+def case_error_boundary(w: World, t: Path) -> dict[str, Case]:
+    """Expected errors of the other commands: one line, exit 2, nothing written."""
+    return {
+        "pretrain_negative_lr": Case(pretrain_argv(w.data, t / "run_lr", "optim.lr=-1"), message=r"optim\.lr.*-1",
+                                     out=t / "run_lr"),
+        "pretrain_not_prepared_data": Case(pretrain_argv(w.meds, t / "run_meds"), message=r"not a prepared ehrfm data folder",
+                                           out=t / "run_meds"),
+        "export_run_without_checkpoints": Case(["export", "--run", str(t / "empty_run"), "--out", str(t / "hf_none")],
+                                               message=r"no complete checkpoint", out=t / "hf_none"),
+        "evaluate_a_model_that_is_not_finetuned": Case(
+            ["evaluate", "--model", str(w.hf), "--data", str(w.data), "--out", str(t / "ev_none")],
+            message=r"not a finetuned ehrfm model", out=t / "ev_none"),
+    }
+
+
 def _retarget(run: Path, old: Path, new: Path) -> None:
     """Point a copied run at another data folder, as if that folder had been the one trained on (the copied
     checkpoints' configs change, so their integrity manifests are rewritten as the trainer would write them)."""
@@ -415,7 +430,7 @@ def _fhir_counted(out: Path, resource_id: str) -> None:
     assert resource_id in text, "the skipped value's resource id is not reported"
 
 
-CASE_GROUPS = (case_output_folders, case_checkpoints, case_training, case_input_sanity)
+CASE_GROUPS = (case_output_folders, case_checkpoints, case_training, case_input_sanity, case_error_boundary)
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +461,8 @@ CASE_NAMES = [
     "year_9999_event", "year_1800_event", "negative_num_bins", "split_fractions_not_summing_to_one",
     "unknown_config_key", "missing_input_folder", "meds_missing_column", "fhir_value_quantity_string",
     "fhir_patient_in_two_bundles",
+    "pretrain_negative_lr", "pretrain_not_prepared_data", "export_run_without_checkpoints",
+    "evaluate_a_model_that_is_not_finetuned",
 ]
 
 

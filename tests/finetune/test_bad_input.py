@@ -49,17 +49,25 @@ def test_unknown_task(ft_data, llama_export, tmp_path, no_loading):
         _run(llama_export, ft_data, tmp_path / "ft", tasks=["mortality_30d"])
 
 
-def test_task_with_zero_positives(ft_data, llama_export, tmp_path, no_loading):
+def test_task_with_zero_positives(ft_data, llama_export, tmp_path, no_loading, caplog):
     data = tmp_path / "data"
     shutil.copytree(ft_data, data)
     path = data / "labels" / "emer_365d" / "finetune_val.parquet"
     pl.read_parquet(path).with_columns(boolean_value=pl.lit(False)).write_parquet(path)
+    # named explicitly: refused, naming the task, split and file
     with pytest.raises(FinetuneInputError, match=r"task 'emer_365d': zero positive labels in split 'finetune_val'.*finetune_val.parquet") as err:
-        _run(llama_export, data, tmp_path / "ft")
+        _run(llama_export, data, tmp_path / "ft", tasks=["emer_365d", "any_visit_90d"])
     assert err.value.task == "emer_365d"  # the task at fault, for callers that drop it (ehrfm ablate)
-    # the other task alone passes every check (and reaches model loading)
-    with pytest.raises(AssertionError, match="backbone was loaded"):
-        _run(llama_export, data, tmp_path / "ft", tasks=["any_visit_90d"])
+    # the default list (every task of the data): the task is dropped with a warning naming it, the rest trains
+    with caplog.at_level("WARNING", logger="ehrfm.finetune"), pytest.raises(AssertionError, match="backbone was loaded"):
+        _run(llama_export, data, tmp_path / "ft")
+    assert "emer_365d" in caplog.text and "dropped" in caplog.text
+    assert train_mod.trainable_tasks(data, ["emer_365d", "any_visit_90d"])[0] == ["any_visit_90d"]
+    # no task left: refused
+    path = data / "labels" / "any_visit_90d" / "finetune.parquet"
+    pl.read_parquet(path).with_columns(boolean_value=pl.lit(True)).write_parquet(path)
+    with pytest.raises(FinetuneInputError, match="no task has both classes"):
+        _run(llama_export, data, tmp_path / "ft")
 
 
 def test_bad_config_values_are_named(ft_data, llama_export, tmp_path, no_loading):
@@ -79,5 +87,6 @@ def test_cli_reports_errors_and_refuses_anaa_on_mamba(ft_data, export_factory, t
     assert code == 2 and "--anaa" in err and "mamba" in err.lower() and "no attention" in err
     meta = json.loads((mamba / "ehrfm_export.json").read_text())
     assert meta["architecture"] == "mamba"
-    code = main(["finetune", "--model", str(tmp_path), "--data", str(ft_data), "--out", str(tmp_path / "ft")])
+    (tmp_path / "not_a_model").mkdir()
+    code = main(["finetune", "--model", str(tmp_path / "not_a_model"), "--data", str(ft_data), "--out", str(tmp_path / "ft")])
     assert code == 2 and "ehrfm_export.json" in capsys.readouterr().err

@@ -51,3 +51,12 @@ def test_local_launcher_uses_torchrun_without_python():
     cmd = torchrun_command(2, ["--out", "r"], master_port=29555)
     assert Path(cmd[0]).name == "torchrun" and "--nproc-per-node=2" in cmd
     assert cmd[cmd.index("--no-python") + 2 :] == ["pretrain", "--out", "r"]
+
+
+def test_launch_accepts_the_pretrain_subcommand_name():
+    from ehrfm.launch.cli import _pretrain_args
+
+    assert _pretrain_args(["--", "pretrain", "--data", "D", "--out", "R"]) == ["--data", "D", "--out", "R"]
+    assert _pretrain_args(["--", "--data", "D"]) == ["--data", "D"]
+    with pytest.raises(SystemExit, match=r"found 'finetune'"):
+        _pretrain_args(["--", "finetune", "--data", "D"])
