@@ -36,6 +36,7 @@ from .config import CleaningConfig, PrepareConfig, parse_time
 from .errors import DataError
 from .readers import fhir
 from .readers.meds import iter_meds, list_meds_shards, read_subject_splits
+from .reference_ppl import reference_perplexities
 from .schema import SPECIAL_TOKENS
 from .shards import FORMAT_VERSION, SplitShardWriter, write_json_atomic
 from .tasks import TaskConfig, TaskTally, compute_labels, external_task_names, load_tasks, read_external_labels
@@ -179,6 +180,7 @@ def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = 
     inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels]
     with atomic_output(out, "prepare", inputs=inputs, overwrite=overwrite) as tmp:
         manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress)
+        manifest["reference_perplexity"] = reference_perplexities(tmp, manifest)
         manifest["seconds"] = round(time.time() - started, 2)
         write_json_atomic(tmp / "manifest.json", manifest)
         set_fingerprint(tmp, manifest["source"]["fingerprint"])

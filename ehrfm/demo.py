@@ -37,6 +37,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def pretraining_summary(run_dir: Path) -> dict:
+    """The last validation record of a pretraining run (val_ppl, step, and the count-model references)."""
+    from .pretrain.metrics import read_metrics
+
+    vals = [r for r in read_metrics(run_dir) if r.get("split") == "val"]
+    return vals[-1] if vals else {"val_ppl": float("nan"), "step": 0}
+
+
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data_shards.config import PrepareConfig
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--model: choose causal backbones among llama, mamba, mamba2 (got {args.model!r})")
     out = args.out
     claim_run_dir(out, "demo", inputs=[args.input])  # a new, empty or earlier demo folder (resumes), nothing else
-    timer = StageTimer(total=2 + 4 * len(backbones) + 1)
+    timer = StageTimer(total=2 + 5 * len(backbones) + 1)
 
     if args.input is None:
         timer.start("cohort", f"Synthea, {args.patients} patients, seed {args.seed}, ages {args.age} "
@@ -93,18 +101,29 @@ def run(args: argparse.Namespace) -> int:
                        context_length=args.context_length)
         timer.start(f"evaluate {arch}", str(eval_dir))
         results[f"{arch}-{args.size} MPF"] = evaluate_stage(ft_dir, data, eval_dir, n_boot=args.bootstrap)
-        paths[arch] = {"pretrain run": run_dir, "exported HF model": hf_dir, "finetuned": ft_dir, "evaluation": eval_dir}
+        scratch_ft, scratch_eval = out / f"finetune_{arch}_scratch", out / f"eval_{arch}_scratch"
+        timer.start(f"from scratch {arch}", f"same finetuning from random weights (the control) -> {scratch_ft}")
+        finetune_stage(hf_dir, data, scratch_ft, method="mpf", tasks=tasks, epochs=args.epochs,
+                       context_length=args.context_length, init="random")
+        results[f"{arch}-{args.size} MPF, from scratch"] = evaluate_stage(scratch_ft, data, scratch_eval, n_boot=args.bootstrap)
+        paths[arch] = {"pretrain run": run_dir, "exported HF model": hf_dir, "finetuned": ft_dir, "evaluation": eval_dir,
+                       "from scratch": scratch_eval}
     timer.start("XGBoost baseline", "code counts + ages")
     results["XGBoost (counts)"] = baseline_stage(data, out / "eval_xgboost", tasks=tasks, n_boot=args.bootstrap)
     timer.stop()
 
     counts = manifest["counts"]
-    table = results_table(results, tasks)
+    pretraining = {arch: pretraining_summary(out / f"pretrain_{arch}") for arch in backbones}
+    table = results_table(results, tasks) + "\n" + "\n".join(
+        f"pretraining {arch}: validation perplexity {p['val_ppl']:.2f} at step {p['step']}; count models on the same "
+        f"split: bigram {p.get('ref_bigram_ppl', float('nan')):.2f}, unigram {p.get('ref_unigram_ppl', float('nan')):.2f}"
+        for arch, p in pretraining.items()) + "\n"
     header = (f"# ehrfm demo\n\n{counts['patients_total']} patients, {counts['tokens_total']} tokens, vocabulary "
               f"{manifest['vocab_size']}; test split, 95% CIs from {args.bootstrap} patient-level bootstrap resamples\n\n")
     write_text_atomic(out / "report.md", header + table)
     write_json_atomic(out / "demo_report.json", {
         "tasks": tasks, "stage_seconds": timer.seconds, "results": {k: v["tasks"] for k, v in results.items()},
+        "pretraining": pretraining,
         "paths": {a: {k: str(v) for k, v in p.items()} for a, p in paths.items()},
     })
     print()

@@ -83,14 +83,14 @@ def export_stage(run: Path, hf_dir: Path) -> Path:
 
 def finetune_stage(hf_dir: Path, data: Path, ft_dir: Path, *, method: str = "mpf", tasks: list[str] | None = None,
                    epochs: int = 3, context_length: int = 256, learning_rate: float = 1e-4, batch_size: int = 32,
-                   train_fraction: float = 1.0, seed: int = 42) -> Path:
+                   train_fraction: float = 1.0, seed: int = 42, init: str = "pretrained") -> Path:
     from .finetune.config import FinetuneConfig
     from .finetune.train import finetune
 
     if not _done(ft_dir, "finetune.json"):
         cfg = FinetuneConfig(method=method, tasks=list(tasks or []), epochs=epochs, context_length=context_length,
                              learning_rate=learning_rate, batch_size=batch_size, train_fraction=train_fraction,
-                             seed=seed, pos_weight="auto")
+                             seed=seed, pos_weight="auto", init=init)
         finetune(hf_dir, data, ft_dir, cfg)
     return ft_dir
 

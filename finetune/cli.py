@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=["per-task", "mpf", "alfia"])
     p.add_argument("--tasks", help="comma-separated task names (default: every task of the data)")
     p.add_argument("--freeze", action="store_true", default=None, help="frozen backbone: linear/MLP probe")
+    p.add_argument("--init", choices=["pretrained", "random"],
+                   help="random: same architecture and tokenizer, fresh weights (the from-scratch control)")
     p.add_argument("--lora", action="store_true", default=None, help="peft LoRA r=16 alpha=16 dropout=0.05")
     p.add_argument("--lora-save", choices=["merged", "adapter"], help="save merged weights or the adapter only")
     p.add_argument("--train-fraction", type=float, help="fraction of training patients used (0 < f <= 1)")
@@ -93,7 +95,7 @@ def build_config(args: argparse.Namespace):
     for key, name in (("method", "method"), ("train_fraction", "train_fraction"), ("pos_weight", "pos_weight"),
                       ("neftune_alpha", "neftune_alpha"), ("epochs", "epochs"), ("patience", "patience"),
                       ("learning_rate", "learning_rate"), ("batch_size", "batch_size"),
-                      ("context_length", "context_length"), ("seed", "seed"), ("lora_save", "lora.save")):
+                      ("context_length", "context_length"), ("seed", "seed"), ("lora_save", "lora.save"), ("init", "init")):
         value = getattr(args, key, None)
         if value is not None:
             flags.append(f"{name}={value}")

@@ -35,6 +35,9 @@ class FinetuneConfig:
     method: Literal["per-task", "mpf", "alfia"] = "per-task"
     tasks: list[str] = field(default_factory=list)  # empty: every task of the data manifest
     freeze: bool = False  # backbone frozen: linear/MLP probe
+    # "pretrained": the exported weights; "random": the same architecture, config and tokenizer with freshly
+    # initialised weights (seeded by `seed`), the from-scratch control that shows what pretraining adds
+    init: Literal["pretrained", "random"] = "pretrained"
     context_length: int = 512
     epochs: int = 10
     patience: int = 2  # epochs without a better validation AUPRC before stopping (002: 5)
@@ -70,6 +73,9 @@ class FinetuneConfig:
                     raise ValueError
             except ValueError:
                 raise ConfigError(f"pos_weight: 'none', 'auto' or a positive number, got {self.pos_weight!r}") from None
+        if self.init == "random" and self.lora.enabled and self.lora.save == "adapter":
+            raise ConfigError("init=random with lora.save=adapter: an adapter is reloaded onto the pretrained weights; "
+                              "use lora.save=merged")
         if self.lora.enabled and self.freeze:
             raise ConfigError("lora.enabled and freeze exclude each other (LoRA already freezes the base weights)")
         if self.neftune_alpha < 0:

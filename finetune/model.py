@@ -39,6 +39,20 @@ LORA_TARGETS = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ehrfm_vocab.json")
 
 
+def random_backbone(model_dir: Path, seed: int):
+    """The base model of ``model_dir``'s architecture and config with freshly initialised weights (HF's
+    ``_init_weights``, seeded): the from-scratch control of ``--init random``."""
+    import ehrfm  # noqa: F401  (registers the ehrfm architectures with the Auto classes)
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except Exception as err:  # noqa: BLE001
+        raise FinetuneInputError(f"{model_dir}: cannot read the model config ({err})") from None
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config)
+
+
 def load_backbone(model_dir: Path):
     """Base model (hidden states) of an exported / finetuned HF folder via ``AutoModel``."""
     import ehrfm  # noqa: F401  (registers the ehrfm architectures with the Auto classes)

@@ -27,7 +27,7 @@ from .data import (
     read_export_metadata, resolve_tasks, task_token_ids,
 )
 from .metrics import binary_metrics
-from .model import FinetuneModel, apply_lora, load_backbone, save_finetuned
+from .model import FinetuneModel, apply_lora, load_backbone, random_backbone, save_finetuned
 from .regularizers import attach_regularizers, hf_model
 
 log = logging.getLogger("ehrfm.finetune")
@@ -129,7 +129,7 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
         )
     tasks = run["tasks"]
     seed_everything(cfg.seed)
-    backbone = load_backbone(model_dir)
+    backbone = load_backbone(model_dir) if cfg.init == "pretrained" else random_backbone(model_dir, cfg.seed)
     if cfg.lora.enabled:
         backbone = apply_lora(backbone, cfg)
     elif cfg.freeze:
@@ -207,6 +207,7 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
         "data_dir": str(data_dir.resolve()),
         "vocab_fingerprint": run["manifest"]["vocab_fingerprint"],
         "context_length": cfg.context_length,
+        "init": cfg.init,
         "best_epoch": best_epoch,
         "best_val_auprc": best_score,
         "history": history,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data_shards.reference_ppl import for_data_dir, reference_for
 from ..logging import get_logger
 from . import checkpoint as ckpt
 
@@ -153,10 +154,18 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
         "step": state.step,
         "strategy": state.strategy,
         "final_metrics": final_metrics,
+        "reference_perplexity": reference_for(for_data_dir(data_dir, manifest), causal=architecture != "bert"),
         "config": run_cfg,
     }
     (tmp / "ehrfm_export.json").write_text(json.dumps(meta, indent=2, default=str))
     (tmp / "README.md").write_text(model_card(meta, model))
+
+
+def _reference_rows(reference: dict) -> str:
+    """Model-card rows of the count-model references (``data_shards.reference_ppl``), same validation split."""
+    names = {"ref_unigram_ppl": "unigram", "ref_bigram_ppl": "bigram"}
+    rows = [f"| reference perplexity, {names[k]} count model (add-k, pretrain_val) | {v:.3f} |" for k, v in reference.items()]
+    return "\n".join(rows) if rows else "| reference perplexities | n/a |"
 
 
 def model_card(meta: dict, model) -> str:
@@ -179,6 +188,7 @@ EHR foundation model pretrained with `ehrfm pretrain` ({"masked" if meta['archit
 | validation loss (last) | {last.get('val_loss', 'n/a')} |
 | validation perplexity (last) | {last.get('val_ppl', 'n/a')} |
 | best validation loss | {meta['final_metrics']['best_val_loss']} (step {meta['final_metrics']['best_step']}) |
+{_reference_rows(meta.get('reference_perplexity') or {})}
 | data fingerprint | `{meta['data_fingerprint']}` |
 | vocabulary fingerprint | `{meta['vocab_fingerprint']}` |
 

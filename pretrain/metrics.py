@@ -83,7 +83,8 @@ class MetricsLogger:
                     self.tb.add_scalar(prefix + key, value, step)
         if self.bar is not None:
             if clean.get("split") == "val":
-                self.bar.write(f"step {step}: val_loss {clean['val_loss']:.4f} val_ppl {clean['val_ppl']:.2f}")
+                refs = "".join(f" {k[4:]} {clean[k]:.2f}" for k in ("ref_unigram_ppl", "ref_bigram_ppl") if k in clean)
+                self.bar.write(f"step {step}: val_loss {clean['val_loss']:.4f} val_ppl {clean['val_ppl']:.2f}{refs}")
             else:
                 self.bar.n = step
                 self.bar.set_postfix(loss=f"{clean['loss']:.4f}", lr=f"{clean['lr']:.2e}", tok_s=f"{clean['tokens_per_s']:.0f}")

@@ -30,6 +30,7 @@ import yaml
 
 from ..config import ConfigError, save_config, to_dict
 from ..data_shards.schema import SPECIAL_TOKENS
+from ..data_shards.reference_ppl import for_data_dir, reference_for
 from ..data_shards.shards import read_manifest
 from ..data_shards.stream import EhrDataLoader, PatientStream, StreamConfig
 from ..errors import EhrfmError
@@ -164,6 +165,8 @@ class Trainer:
                       "total_steps": cfg.train.max_steps, "min_lr_ratio": cfg.optim.min_lr_ratio},
         )
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        # count-model perplexities on the validation split, logged beside val_ppl (data_shards.reference_ppl)
+        self.reference = reference_for(for_data_dir(self.data_dir, manifest), causal=self.objective.causal)
 
     # -- resume -----------------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
@@ -270,7 +273,8 @@ class Trainer:
         val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
         if total[1] > 0 and not math.isfinite(val_loss):
             raise TrainingDivergedError(f"step {self.state.step}: validation loss is {val_loss}; stopped without checkpointing")
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_targets": int(total[1].item())}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_targets": int(total[1].item()),
+                **self.reference}
 
     def save(self, best: bool = False) -> None:
         ckpt.save_checkpoint(
@@ -352,10 +356,27 @@ class Trainer:
                     break
             if exit_code == 0 and cfg.train.save_probe:
                 self.save_probe()
+            if exit_code == 0 and info.rank == 0:
+                self._compare_with_references()
         finally:
             metrics.close()
             self.preemption.restore()
         return exit_code
+
+
+    def _compare_with_references(self) -> None:
+        """Warn when the best validation perplexity does not beat the count-model reference."""
+        if not self.state.val_history or not self.reference:
+            return
+        best = min(math.exp(min(v["val_loss"], 50.0)) for v in self.state.val_history)
+        name = "ref_bigram_ppl" if "ref_bigram_ppl" in self.reference else "ref_unigram_ppl"
+        if best >= self.reference[name]:
+            log.warning("best validation perplexity %.2f is not below the %s model's %.2f: the model has not learned "
+                        "more than token counts (train longer, raise the learning rate, or check the data)",
+                        best, name[4:-4], self.reference[name])
+        else:
+            log.info("best validation perplexity %.2f; references: %s", best,
+                     ", ".join(f"{k[4:-4]} {v:.2f}" for k, v in self.reference.items()))
 
 
 def _diff(a, b, prefix="") -> list[str]:

@@ -86,7 +86,10 @@ def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
     first = _ehrfm(*args, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "demo_report.json").read_text())
-    assert set(report["results"]) == {"llama-tiny MPF", "XGBoost (counts)"}
+    assert set(report["results"]) == {"llama-tiny MPF", "llama-tiny MPF, from scratch", "XGBoost (counts)"}
+    pretraining = report["pretraining"]["llama"]
+    assert pretraining["val_ppl"] > 0 and pretraining["ref_bigram_ppl"] > 0 and pretraining["ref_unigram_ppl"] > 0
+    assert "bigram" in first.stdout
     for model, tasks in report["results"].items():
         assert set(tasks) == set(report["tasks"]) and report["tasks"], model
     for path in report["paths"]["llama"].values():

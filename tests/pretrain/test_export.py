@@ -38,6 +38,10 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     val = [r for r in records if r.get("split") == "val"]
     assert val and val[-1]["val_ppl"] == pytest.approx(torch.tensor(val[-1]["val_loss"]).exp().item(), rel=1e-6)
+    # the count-model references of the data folder's manifest sit beside every validation perplexity
+    reference = read_manifest(pt_data)["reference_perplexity"]["all"]
+    assert val[-1]["ref_unigram_ppl"] == pytest.approx(reference["unigram"])
+    assert val[-1]["ref_bigram_ppl"] == pytest.approx(reference["bigram"])
     if extra:  # each dense term logged per step, and part of the loss
         assert {"aux/dense", "dense/spec", "dense/orth", "dense/sub"} <= set(train[0])
         assert train[0]["aux/dense"] > 0
@@ -66,7 +70,9 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     meta = json.loads((hf / "ehrfm_export.json").read_text())
     manifest = read_manifest(pt_data)
     assert set(meta) == {"architecture", "size", "vocab_fingerprint", "data_fingerprint", "step", "strategy",
-                         "final_metrics", "config"}
+                         "final_metrics", "reference_perplexity", "config"}
+    card = (hf / "README.md").read_text()
+    assert "unigram count model" in card and (arch == "bert") != ("bigram count model" in card)
     assert meta["architecture"] == arch and meta["step"] == 3 and meta["strategy"] == "ddp"
     assert meta["vocab_fingerprint"] == manifest["vocab_fingerprint"]
     assert meta["data_fingerprint"] == manifest["source"]["fingerprint"]

@@ -1,0 +1,133 @@
+"""Reference perplexities: unigram and bigram count models fit on the pretraining split, scored on
+``pretrain_val``, so every model loss can be read beside what token counts alone achieve.
+
+Both models use add-k smoothing over the whole vocabulary V, with ``k = SMOOTHING_K``::
+
+    unigram  p(t)     = (c(t) + k) / (N + k V)
+    bigram   p(t | s) = (c(s, t) + k) / (c(s, .) + k V)
+
+counted over the targets of the pretraining split's patient sequences. Which tokens are scored:
+
+* ``all`` (the reference of next-token prediction): every token of a patient sequence except its first
+  ([CLS]), the bigram conditioning on the token before it in the same sequence. The causal models' validation
+  loss scores the same targets except that a long sequence cut into context windows also loses the first
+  token of every window after the first (at most one target per ``context_length`` tokens).
+* ``codes`` (the reference of masked-token prediction, and the clinical part of NTP): only targets that are
+  clinical codes (token types DX..OTHER, what MLM masks), the bigram still conditioning on the previous token
+  whatever its type. Structure tokens ([VS], [VE], [REG], intervals) and value bins that follow their code are
+  largely deterministic; comparing ``all`` with ``codes`` shows how much of a low perplexity they make.
+
+Results are written into the prepared folder's manifest (``reference_perplexity``); :func:`for_data_dir`
+computes them for folders prepared before they existed (not cached: prepared folders are never rewritten).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .schema import SPECIAL_TYPES, TokenType
+
+SMOOTHING_K = 0.01
+SCORED = {
+    "all": "every token after the first of each patient sequence (next-token targets)",
+    "codes": "clinical-code targets only (token types DX..OTHER, the tokens MLM masks)",
+}
+
+
+def _sequences(root: Path, shards: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, types, is_first) over all sequences of the shards, concatenated; is_first marks sequence starts."""
+    ids, types, first = [], [], []
+    for shard in shards:
+        with pa.memory_map(str(root / shard["path"])) as source:
+            table = pa.ipc.open_file(source).read_all()
+        for column, out in (("input_ids", ids), ("type_ids", types)):
+            out.append(table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False))
+        lengths = table.column("length").to_numpy()
+        starts = np.zeros(int(lengths.sum()), dtype=bool)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        starts[offsets[lengths > 0]] = True
+        first.append(starts)
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, bool)
+    return np.concatenate(ids).astype(np.int64), np.concatenate(types), np.concatenate(first)
+
+
+def _code_targets(types: np.ndarray) -> np.ndarray:
+    special = np.array(sorted({int(TokenType.PAD), *(int(t) for t in SPECIAL_TYPES)}))
+    return ~np.isin(types, special)
+
+
+class CountModels:
+    """Unigram and bigram counts of one split's targets (vocabulary size ``vocab_size``)."""
+
+    def __init__(self, ids: np.ndarray, is_first: np.ndarray, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        target = ~is_first
+        self.unigram = np.bincount(ids[target], minlength=vocab_size).astype(np.float64)
+        prev, nxt = ids[:-1][target[1:]], ids[1:][target[1:]]
+        keys, counts = np.unique(prev * vocab_size + nxt, return_counts=True)
+        self.pair_keys, self.pair_counts = keys, counts.astype(np.float64)
+        self.context = np.bincount(prev, minlength=vocab_size).astype(np.float64)
+
+    def log_probs(self, ids: np.ndarray, is_first: np.ndarray, k: float = SMOOTHING_K) -> tuple[np.ndarray, np.ndarray]:
+        """Natural-log probabilities (unigram, bigram) of every target position of ``ids`` (first tokens of a
+        sequence excluded), in position order."""
+        v = self.vocab_size
+        pos = np.nonzero(~is_first)[0]
+        pos = pos[pos > 0]
+        target, prev = ids[pos], ids[pos - 1]
+        uni = np.log((self.unigram[target] + k) / (self.unigram.sum() + k * v))
+        pair = np.zeros(len(target))
+        if len(self.pair_keys):
+            keys = prev * v + target
+            at = np.minimum(np.searchsorted(self.pair_keys, keys), len(self.pair_keys) - 1)
+            pair = np.where(self.pair_keys[at] == keys, self.pair_counts[at], 0.0)
+        bi = np.log((pair + k) / (self.context[prev] + k * v))
+        return uni, bi
+
+
+def reference_perplexities(root: Path, manifest: dict, *, train_split: str = "pretrain",
+                           eval_split: str = "pretrain_val", k: float = SMOOTHING_K) -> dict:
+    """Unigram/bigram perplexities on ``eval_split`` of a prepared folder ``root`` (see the module docstring)."""
+    vocab_size = int(manifest["vocab_size"])
+    shards = manifest["shards"]
+    train_ids, train_types, train_first = _sequences(Path(root), shards.get(train_split, []))
+    eval_ids, eval_types, eval_first = _sequences(Path(root), shards.get(eval_split, []))
+    result = {"k": k, "fit_on": train_split, "scored_on": eval_split, "scored": SCORED}
+    if not len(train_ids) or not len(eval_ids):
+        return {**result, "unavailable": f"split {train_split if not len(train_ids) else eval_split} is empty"}
+    all_models = CountModels(train_ids, train_first, vocab_size)
+    uni, bi = all_models.log_probs(eval_ids, eval_first, k)
+    pos = np.nonzero(~eval_first)[0]
+    pos = pos[pos > 0]
+    codes = _code_targets(eval_types[pos])
+    # the unigram of codes is fit on code targets only (MLM's reference); the bigram keeps all contexts
+    code_unigram = np.bincount(train_ids[~train_first & _code_targets(train_types)], minlength=vocab_size).astype(np.float64)
+    code_uni = np.log((code_unigram[eval_ids[pos][codes]] + k) / (code_unigram.sum() + k * vocab_size))
+
+    def ppl(logp: np.ndarray) -> float:
+        return float(math.exp(-float(logp.mean()))) if len(logp) else float("nan")
+
+    return {
+        **result,
+        "all": {"unigram": ppl(uni), "bigram": ppl(bi), "targets": int(len(uni))},
+        "codes": {"unigram": ppl(code_uni), "bigram": ppl(bi[codes]), "targets": int(codes.sum())},
+    }
+
+
+def reference_for(reference: dict, causal: bool) -> dict[str, float]:
+    """The references a model's validation perplexity is read against: for next-token prediction the
+    unigram and bigram over all targets; for masked-token prediction the unigram over code targets."""
+    if "all" not in reference:
+        return {}
+    if causal:
+        return {"ref_unigram_ppl": reference["all"]["unigram"], "ref_bigram_ppl": reference["all"]["bigram"]}
+    return {"ref_unigram_ppl": reference["codes"]["unigram"]}
+
+
+def for_data_dir(data_dir: Path, manifest: dict) -> dict:
+    """The manifest's reference perplexities, or computed now for a folder prepared before they existed."""
+    return manifest.get("reference_perplexity") or reference_perplexities(Path(data_dir), manifest)
