@@ -76,8 +76,9 @@ def _contains(outer: Path, inner: Path) -> bool:
 
 
 def check_output_dir(out: Path, command: str, *, inputs: Sequence[str | os.PathLike | None] = (),
-                     overwrite: bool = False) -> None:
-    """Raise :class:`OutputDirError` unless ``ehrfm <command>`` may (re)place ``out`` (module docstring)."""
+                     overwrite: bool = False, has_overwrite_flag: bool = True) -> None:
+    """Raise :class:`OutputDirError` unless ``ehrfm <command>`` may (re)place ``out`` (module docstring);
+    ``has_overwrite_flag`` says whether the error may suggest ``--overwrite`` (run folders have none)."""
     out = Path(out)
     target = out.expanduser().resolve()
     for source in _resolved(inputs):
@@ -99,8 +100,9 @@ def check_output_dir(out: Path, command: str, *, inputs: Sequence[str | os.PathL
         return
     found = f"it was written by `ehrfm {owner['command']}`" if owner else f"it has no {OWNER_FILE} from ehrfm"
     raise OutputDirError(
-        f"output folder {out} is not empty and is not an output of `ehrfm {command}` ({found}); refusing to replace "
-        "it: choose another --out, empty it yourself, or pass --overwrite"
+        f"output folder {out} is not empty and is not an output of `ehrfm {command}` ({found}); refusing to "
+        f"{'replace' if has_overwrite_flag else 'write into'} it: choose another --out"
+        f"{', empty it yourself, or pass --overwrite' if has_overwrite_flag else ' or empty it yourself'}"
     )
 
 
@@ -200,7 +202,7 @@ def claim_run_dir(run_dir: Path, command: str, *, inputs: Sequence[str | os.Path
     """Check (:func:`check_output_dir`, no overwrite) that ``run_dir`` is new, empty, or a run folder of
     ``command``; with ``write``, create it and its owner file when missing. Run folders are appended to and
     resumed, never replaced."""
-    check_output_dir(run_dir, command, inputs=inputs)
+    check_output_dir(run_dir, command, inputs=inputs, has_overwrite_flag=False)
     if not write:
         return
     run_dir = Path(run_dir)

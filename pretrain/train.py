@@ -302,9 +302,9 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg, info = self.cfg, self.info
-        self.preemption = Preemption()
         engine_info = describe_engine(self.engine)
         self.maybe_resume()  # first: a refused resume (integrity, data identity) leaves the run folder as it was
+        self.preemption = Preemption()
         _barrier()  # every rank has checked the run folder (run()) before rank 0 claims it
         if info.rank == 0:
             claim_run_dir(self.run_dir, "pretrain", inputs=run_inputs(cfg))

@@ -90,6 +90,7 @@ def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
     pretraining = report["pretraining"]["llama"]
     assert pretraining["val_ppl"] > 0 and pretraining["ref_bigram_ppl"] > 0 and pretraining["ref_unigram_ppl"] > 0
     assert "bigram" in first.stdout
+    assert json.loads((out / "finetune_llama_scratch" / "finetune.json").read_text())["init"] == "random"
     for model, tasks in report["results"].items():
         assert set(tasks) == set(report["tasks"]) and report["tasks"], model
     for path in report["paths"]["llama"].values():
