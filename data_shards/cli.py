@@ -6,6 +6,8 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
+    from ..outputs import add_overwrite_argument
+
     p = subparsers.add_parser(
         "prepare",
         help="MEDS / FHIR data -> tokenized, sharded corpus",
@@ -17,8 +19,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--config", type=Path, default=None, help="prepare YAML config")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out that `ehrfm prepare` did not write (never an input)")
+    add_overwrite_argument(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(func=run)
 

@@ -60,6 +60,17 @@ def _code_targets(types: np.ndarray) -> np.ndarray:
     return ~np.isin(types, special)
 
 
+def target_positions(is_first: np.ndarray) -> np.ndarray:
+    """Indices of the scored positions: every token except the first of its sequence."""
+    pos = np.nonzero(~is_first)[0]
+    return pos[pos > 0]
+
+
+def unigram_log_probs(counts: np.ndarray, tokens: np.ndarray, k: float) -> np.ndarray:
+    """log p(t) = log((c(t) + k) / (N + k V)) of each token, from unigram ``counts`` over a vocabulary of V."""
+    return np.log((counts[tokens] + k) / (counts.sum() + k * len(counts)))
+
+
 class CountModels:
     """Unigram and bigram counts of one split's targets (vocabulary size ``vocab_size``)."""
 
@@ -76,10 +87,9 @@ class CountModels:
         """Natural-log probabilities (unigram, bigram) of every target position of ``ids`` (first tokens of a
         sequence excluded), in position order."""
         v = self.vocab_size
-        pos = np.nonzero(~is_first)[0]
-        pos = pos[pos > 0]
+        pos = target_positions(is_first)
         target, prev = ids[pos], ids[pos - 1]
-        uni = np.log((self.unigram[target] + k) / (self.unigram.sum() + k * v))
+        uni = unigram_log_probs(self.unigram, target, k)
         pair = np.zeros(len(target))
         if len(self.pair_keys):
             keys = prev * v + target
@@ -101,12 +111,11 @@ def reference_perplexities(root: Path, manifest: dict, *, train_split: str = "pr
         return {**result, "unavailable": f"split {train_split if not len(train_ids) else eval_split} is empty"}
     all_models = CountModels(train_ids, train_first, vocab_size)
     uni, bi = all_models.log_probs(eval_ids, eval_first, k)
-    pos = np.nonzero(~eval_first)[0]
-    pos = pos[pos > 0]
+    pos = target_positions(eval_first)
     codes = _code_targets(eval_types[pos])
     # the unigram of codes is fit on code targets only (MLM's reference); the bigram keeps all contexts
     code_unigram = np.bincount(train_ids[~train_first & _code_targets(train_types)], minlength=vocab_size).astype(np.float64)
-    code_uni = np.log((code_unigram[eval_ids[pos][codes]] + k) / (code_unigram.sum() + k * vocab_size))
+    code_uni = unigram_log_probs(code_unigram, eval_ids[pos][codes], k)
 
     def ppl(logp: np.ndarray) -> float:
         return float(math.exp(-float(logp.mean()))) if len(logp) else float("nan")

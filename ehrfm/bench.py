@@ -14,6 +14,8 @@ import platform
 import sys
 from pathlib import Path
 
+from .outputs import write_text_atomic
+
 BENCHMARKS = {
     "prepare": "ehrfm.data_shards.bench:run",
     "packing": "ehrfm.data_shards.bench:run_packing",
@@ -86,8 +88,6 @@ def main(args: argparse.Namespace) -> int:
     print(text)
     out = args.json_out or Path(f"bench-{args.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, text + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input is None:
         tasks = [t for t in DEMO_TASKS if t in tasks]
 
-    results, paths = {}, {}
+    results, paths, pretraining = {}, {}, {}
     for arch in backbones:
         spec = PretrainSpec(architecture=arch, size=args.size, steps=args.steps, context_length=args.context_length,
                             overrides=[f"optim.lr={args.lr}"])
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         ft_dir, eval_dir = out / f"finetune_{arch}", out / f"eval_{arch}"
         timer.start(f"pretrain {arch}", f"{args.size}, {args.steps} steps at C={args.context_length} -> {run_dir}")
         pretrain_stage(data, run_dir, spec)
+        pretraining[arch] = pretraining_summary(run_dir)
         timer.start(f"export {arch}", str(hf_dir))
         export_stage(run_dir, hf_dir)
         timer.start(f"finetune {arch}", f"MPF on {', '.join(tasks)} -> {ft_dir}")
@@ -117,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
     timer.stop()
 
     counts = manifest["counts"]
-    pretraining = {arch: pretraining_summary(out / f"pretrain_{arch}") for arch in backbones}
     table = results_table(results, tasks) + "\n" + "\n".join(
         f"pretraining {arch}: validation perplexity {p['val_ppl']:.2f} at step {p['step']}; count models on the same "
         f"split: bigram {p.get('ref_bigram_ppl', float('nan')):.2f}, unigram {p.get('ref_unigram_ppl', float('nan')):.2f}"

@@ -197,6 +197,13 @@ def set_fingerprint(tmp: Path, fingerprint: str) -> None:
     write_json_atomic(Path(tmp) / OWNER_FILE, owner)
 
 
+def add_overwrite_argument(parser) -> None:
+    """The ``--overwrite`` flag of a command that replaces its ``--out`` (see the module docstring)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out that this command did not write (never one that is or holds "
+                             "an input)")
+
+
 def claim_run_dir(run_dir: Path, command: str, *, inputs: Sequence[str | os.PathLike | None] = (),
                   write: bool = True) -> None:
     """Check (:func:`check_output_dir`, no overwrite) that ``run_dir`` is new, empty, or a run folder of

@@ -18,6 +18,8 @@ def _tasks(text: str | None) -> list[str]:
 
 
 def add_parser(subparsers) -> None:
+    from ehrfm.outputs import add_overwrite_argument
+
     from .anaa import add_anaa_arguments
 
     p = subparsers.add_parser("finetune", help="finetune an exported model on prepared tasks",
@@ -42,8 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--context-length", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out that this command did not write (never an input)")
+    add_overwrite_argument(p)
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. alfia.gating=false)")
     add_anaa_arguments(p)
     p.set_defaults(func=run_finetune)
@@ -58,8 +59,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--attention-plots", type=int, default=0, metavar="N",
                    help="also save 000 5.8 attention diagnostics (PNG) over N examples (attention backbones)")
-    e.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out that this command did not write (never an input)")
+    add_overwrite_argument(e)
     e.set_defaults(func=run_evaluate)
 
     b = subparsers.add_parser("baseline", help="GBDT / logistic-regression baselines on code counts")
@@ -71,8 +71,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--embeddings", type=Path, help="ehrfm embed output: ALFIA-boost features [embeddings + counts]")
     b.add_argument("--bootstrap", type=int, default=1000)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out that this command did not write (never an input)")
+    add_overwrite_argument(b)
     b.set_defaults(func=run_baseline)
 
     m = subparsers.add_parser("embed", help="export ALF (or pooled) embeddings of a finetuned model")
@@ -80,8 +79,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--data", required=True, type=Path)
     m.add_argument("--out", required=True, type=Path)
     m.add_argument("--splits", default="finetune,finetune_val,test")
-    m.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out that this command did not write (never an input)")
+    add_overwrite_argument(m)
     m.set_defaults(func=run_embed)
 
 

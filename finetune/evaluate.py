@@ -132,13 +132,13 @@ def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list
     """Predict every label row of ``split`` with a finetuned model and write the evaluation folder."""
     from ehrfm.outputs import check_output_dir
 
-    from .model import load_finetuned, read_finetune_metadata
+    from .model import load_finetuned
     from .train import predict
 
     check_output_dir(Path(out), "evaluate", inputs=[ft_dir, data_dir], overwrite=overwrite)
-    inputs = [ft_dir, data_dir, read_finetune_metadata(ft_dir).get("base_model")]
     manifest = read_manifest(data_dir)
     model, meta = load_finetuned(ft_dir)
+    inputs = [ft_dir, data_dir, meta.get("base_model")]
     check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
     tasks = resolve_tasks(manifest, data_dir, tasks or meta["tasks"])
     unknown = [t for t in tasks if t not in meta["tasks"]]

@@ -37,13 +37,10 @@ class SlurmJob:
     @property
     def run_dir(self) -> str:
         """The ``--out`` of the pretraining command: checkpoints, logs and the preemption flag live there."""
-        args = self.pretrain_args
-        for i, arg in enumerate(args):
-            if arg == "--out" and i + 1 < len(args):
-                return args[i + 1]
-            if arg.startswith("--out="):
-                return arg.split("=", 1)[1]
-        raise ValueError("the pretraining arguments need --out RUN (the run folder the job resumes from)")
+        out = _flag_value(self.pretrain_args, "--out")
+        if out is None:
+            raise ValueError("the pretraining arguments need --out RUN (the run folder the job resumes from)")
+        return out
 
 
 def default_setup() -> str:
@@ -102,6 +99,7 @@ def write_script(job: SlurmJob, path: Path | None = None) -> Path:
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``args`` (``--flag V`` or ``--flag=V``), or None."""
     for i, arg in enumerate(args):
         if arg == flag and i + 1 < len(args):
             return args[i + 1]

@@ -348,7 +348,8 @@ def _gather(obj) -> list:
     return out
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """dist.barrier() when several ranks run; a no-op for one process."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -374,16 +375,16 @@ def save_checkpoint(
     if is_complete(final):  # e.g. best and periodic at the same step
         if rank == 0:
             _set_pointers(root, final, best)
-        _barrier()
+        barrier()
         return final
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+    barrier()
     _save_weights(engine, tmp)
-    _barrier()
+    barrier()
     if rank == 0:
         state = dataclasses.replace(state, ranks=sorted(ranks, key=lambda r: r["rank"]))
         _write_text(tmp / STATE_FILE, json.dumps({"version": STATE_VERSION, **dataclasses.asdict(state)}))
@@ -396,7 +397,7 @@ def save_checkpoint(
         _fsync_dir(root)
         _set_pointers(root, final, best)
         _prune(root, keep)
-    _barrier()
+    barrier()
     log.info("checkpoint %s written", final)
     return final
 

@@ -17,6 +17,8 @@ from .config import ARCHITECTURE_NAMES, PREEMPTION_EXIT_CODE, STRATEGIES
 
 
 def add_parser(subparsers) -> None:
+    from ..outputs import add_overwrite_argument
+
     p = subparsers.add_parser("pretrain", help="pretrain a backbone (resumes automatically)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepared data folder (ehrfm prepare)")
@@ -37,8 +39,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--best", action="store_true", help="export the best-validation checkpoint")
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out that `ehrfm export` did not write (never the run or data folder)")
+    add_overwrite_argument(e)
     e.set_defaults(func=main_export)
 
 

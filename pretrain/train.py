@@ -35,7 +35,7 @@ from ..data_shards.shards import read_manifest
 from ..data_shards.stream import EhrDataLoader, PatientStream, StreamConfig
 from ..errors import EhrfmError
 from ..logging import get_logger
-from ..outputs import claim_run_dir
+from ..outputs import claim_run_dir, write_text_atomic
 from ..seeding import derive_seed, seed_everything
 from . import checkpoint as ckpt
 from .config import PREEMPTION_EXIT_CODE, PretrainConfig
@@ -305,7 +305,7 @@ class Trainer:
         engine_info = describe_engine(self.engine)
         self.maybe_resume()  # first: a refused resume (integrity, data identity) leaves the run folder as it was
         self.preemption = Preemption()
-        _barrier()  # every rank has checked the run folder (run()) before rank 0 claims it
+        ckpt.barrier()  # every rank has checked the run folder (run()) before rank 0 claims it
         if info.rank == 0:
             claim_run_dir(self.run_dir, "pretrain", inputs=run_inputs(cfg))
             save_config(cfg, self.run_dir / "config.yaml")
@@ -394,14 +394,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def run_inputs(cfg: PretrainConfig) -> list:
