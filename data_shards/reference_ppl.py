@@ -129,11 +129,14 @@ def reference_perplexities(root: Path, manifest: dict, *, train_split: str = "pr
 
 def reference_for(reference: dict, causal: bool) -> dict[str, float]:
     """The references a model's validation perplexity is read against: for next-token prediction the
-    unigram and bigram over all targets; for masked-token prediction the unigram over code targets."""
+    unigram and bigram over all targets (``ref_*``) and over clinical-code targets (``ref_code_*``, beside
+    the model's ``val_code_ppl``); for masked-token prediction, whose targets are all codes, the unigram over
+    code targets."""
     if "all" not in reference:
         return {}
     if causal:
-        return {"ref_unigram_ppl": reference["all"]["unigram"], "ref_bigram_ppl": reference["all"]["bigram"]}
+        return {"ref_unigram_ppl": reference["all"]["unigram"], "ref_bigram_ppl": reference["all"]["bigram"],
+                "ref_code_unigram_ppl": reference["codes"]["unigram"], "ref_code_bigram_ppl": reference["codes"]["bigram"]}
     return {"ref_unigram_ppl": reference["codes"]["unigram"]}
 
 

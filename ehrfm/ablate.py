@@ -182,14 +182,11 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
     from tqdm.auto import tqdm
 
     from .data_shards.shards import read_manifest
-    from .finetune.data import FinetuneInputError
     from .outputs import claim_run_dir
-    from .logging import get_logger
     from .pipeline import (
-        PretrainSpec, baseline_stage, evaluate_stage, export_stage, finetune_stage, pretrain_stage,
+        PretrainSpec, baseline_stage, dropping_one_class_tasks, evaluate_stage, export_stage, finetune_stage,
+        pretrain_stage,
     )
-
-    log = get_logger(__name__)
 
     claim_run_dir(out, "ablate", inputs=[source])  # a new, empty or earlier ablation folder (resumes)
     results_path = out / "results.jsonl"
@@ -231,20 +228,11 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
         skipped = {}
         if c.model == "xgboost":
             metrics = baseline_stage(data, cell_dir / "eval", tasks=tasks, n_boot=n_boot, seed=seed)
-        else:
-            cell_tasks = list(tasks)
-            while True:  # a task a variant leaves without both classes (e.g. a small fraction) is dropped, not fatal
-                try:
-                    ft = finetune_stage(exported / c.pretrain_key, data, cell_dir / "finetune", method="mpf",
-                                        tasks=cell_tasks, epochs=grid.epochs, context_length=c.context,
-                                        train_fraction=c.train_fraction, seed=seed)
-                    break
-                except FinetuneInputError as err:
-                    if err.task not in cell_tasks or len(cell_tasks) == 1:
-                        raise
-                    skipped[err.task] = str(err)
-                    cell_tasks.remove(err.task)
-                    log.warning("%s: %s; the cell goes on without it", c.name, err)
+        else:  # a task a variant leaves without both classes (e.g. a small fraction) is dropped, not fatal
+            ft, skipped = dropping_one_class_tasks(
+                lambda kept: finetune_stage(exported / c.pretrain_key, data, cell_dir / "finetune", method="mpf",
+                                            tasks=kept, epochs=grid.epochs, context_length=c.context,
+                                            train_fraction=c.train_fraction, seed=seed), tasks, c.name)
             metrics = evaluate_stage(ft, data, cell_dir / "eval", n_boot=n_boot, seed=seed)
         record = {"cell": c.name, "axis": c.axis, "value": c.value, "model": c.model, "data_variant": c.data_variant,
                   "context": c.context, "size": c.size, "train_fraction": c.train_fraction,
@@ -321,8 +309,10 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
                         xs.append(i + 0.06 * offset)
                         ys.append(m["value"])
                         low, high = m.get("ci_low"), m.get("ci_high")
-                        lo.append(m["value"] - low if low is not None and not math.isnan(low) else 0.0)
-                        hi.append(high - m["value"] if high is not None and not math.isnan(high) else 0.0)
+                        # clipped at 0: a percentile CI need not contain the point estimate, and a degenerate
+                        # one equals it up to rounding (point: scikit-learn; resamples: metrics.fast_binary_metrics)
+                        lo.append(max(0.0, m["value"] - low) if low is not None and not math.isnan(low) else 0.0)
+                        hi.append(max(0.0, high - m["value"]) if high is not None and not math.isnan(high) else 0.0)
                     if xs:
                         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=model)
                 ax.set_xticks(range(len(values)), values, rotation=30, ha="right", fontsize=8)

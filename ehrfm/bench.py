@@ -23,6 +23,7 @@ BENCHMARKS = {
     "anaa": "ehrfm.kernels.anaa.bench:run",
     "dense": "ehrfm.kernels.dense.bench:run",
     "train-throughput": "ehrfm.pretrain.bench:run",
+    "perplexity": "ehrfm.pretrain.curves:perplexity_report",
 }
 
 

@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.launch.cli",  # launch
     "ehrfm.demo",  # demo
     "ehrfm.ablate",  # ablate
+    "ehrfm.study",  # study convergence, study pretraining-benefit
     "ehrfm.bench",  # bench
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed
     "ehrfm.finetune.probe",  # probe

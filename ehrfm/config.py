@@ -174,9 +174,13 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of ``cls`` <- YAML file at ``path`` <- ``key=value`` overrides."""
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                defaults: list[str] | None = None) -> T:
+    """Defaults of ``cls`` <- ``defaults`` (``key=value``, e.g. a size's recipe) <- YAML file at ``path`` <-
+    ``key=value`` overrides."""
     data = to_dict(cls())
+    if defaults:
+        data = _merge(data, parse_overrides(defaults))
     if path is not None:
         path = Path(path)
         try:

@@ -1,6 +1,6 @@
 """`ehrfm demo`: the whole pipeline on a seeded Synthea cohort (or your own MEDS/FHIR data) in minutes.
 
-cohort (Synthea, cached) -> prepare -> pretrain a Tiny model -> export to HF -> MPF finetuning on the demo tasks
+cohort (Synthea, cached) -> prepare -> pretrain a Mini model (README 'Recipes') -> export to HF -> MPF finetuning on the demo tasks
 (LOS > 7 days, 30-day readmission, 1-year mortality) -> evaluation on the test split with patient-level bootstrap
 CIs -> the XGBoost count baseline -> one table. Every stage is resumable: re-running the same command skips
 finished stages and resumes pretraining from its last checkpoint.
@@ -8,10 +8,18 @@ finished stages and resumes pretraining from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
+from .pretrain.config import SIZE_NAMES
+
 DEMO_TASKS = ["los_7d", "readmission_30d", "mortality_1y"]
+# the demo's recipe, chosen by the measurements in README "Recipes" (2-core CPU, cached cohort <= 5 minutes);
+# --input data gets the same one. Splits: a larger test split than PrepareConfig's 001 default (15%), so that
+# the 150-patient cohort's CIs are informative; --prepare-option splits.*=... overrides them.
+DEMO_RECIPE = {"steps": 300, "lr": 3e-3, "epochs": 5, "finetune_lr": 1e-3,
+               "prepare": ["splits.pretrain=0.45", "splits.finetune=0.30", "splits.test=0.25"]}
 
 
 def add_parser(subparsers) -> None:
@@ -27,16 +35,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("ehrfm-demo"), help="output folder (default ./ehrfm-demo)")
     p.add_argument("--model", default="llama",
                    help="backbone(s) to pretrain, comma-separated: llama, mamba, mamba2 (default llama)")
-    p.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
-    p.add_argument("--steps", type=int, default=100, help="pretraining steps per backbone (default 100)")
+    p.add_argument("--size", choices=SIZE_NAMES, default="mini")
+    p.add_argument("--steps", type=int, default=DEMO_RECIPE["steps"],
+                   help=f"pretraining steps per backbone (default {DEMO_RECIPE['steps']})")
     p.add_argument("--context-length", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3,
-                   help="pretraining learning rate (default 3e-3: the best of 5e-4/3e-3/1e-2/2e-2 for Tiny Llama at "
-                        "100 steps on the demo cohort, README 'Reference perplexities')")
-    p.add_argument("--epochs", type=int, default=2, help="finetuning epochs (default 2)")
+    p.add_argument("--lr", type=float, default=DEMO_RECIPE["lr"],
+                   help=f"pretraining learning rate (default {DEMO_RECIPE['lr']}, README 'Recipes')")
+    p.add_argument("--epochs", type=int, default=DEMO_RECIPE["epochs"],
+                   help=f"finetuning epochs (default {DEMO_RECIPE['epochs']})")
+    p.add_argument("--finetune-lr", type=float, default=DEMO_RECIPE["finetune_lr"],
+                   help=f"finetuning learning rate (default {DEMO_RECIPE['finetune_lr']})")
     p.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples for the CIs")
     p.add_argument("--prepare-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="PrepareConfig override, repeatable (e.g. vocab.num_bins=5, splits.test=0.3)")
+                   help="PrepareConfig override, repeatable (e.g. vocab.num_bins=5); the demo's splits are "
+                        + ", ".join(DEMO_RECIPE["prepare"]) + " (override all three together)")
     p.set_defaults(func=run)
 
 
@@ -46,6 +58,23 @@ def pretraining_summary(run_dir: Path) -> dict:
 
     vals = [r for r in read_metrics(run_dir) if r.get("split") == "val"]
     return vals[-1] if vals else {"val_ppl": float("nan"), "step": 0}
+
+
+def chance_verdict(metrics: dict, tasks: list[str]) -> dict:
+    """How a model's test AUROCs compare with chance (0.5): tasks above it, tasks whose 95% CI lower bound is
+    above it, and the demo's criterion (every task above, at least two lower bounds above)."""
+    above, ci_above = [], []
+    for task in tasks:
+        entry = metrics["tasks"].get(task, {}).get("auroc") or {}
+        value, low = entry.get("value"), entry.get("ci_low")
+        if value is not None and math.isfinite(value) and value > 0.5:
+            above.append(task)
+        if low is not None and math.isfinite(low) and low > 0.5:
+            ci_above.append(task)
+    met = len(above) == len(tasks) and len(ci_above) >= min(2, len(tasks))
+    text = (f"AUROC > 0.5 on {len(above)}/{len(tasks)} tasks, 95% CI lower bound > 0.5 on {len(ci_above)}/{len(tasks)} "
+            f"({', '.join(ci_above) or 'none'}): {'beats chance' if met else 'does NOT beat chance on this cohort'}")
+    return {"above": above, "ci_above": ci_above, "met": met, "text": text}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         PretrainSpec, StageTimer, baseline_stage, evaluate_stage, export_stage, finetune_stage, pretrain_stage,
         results_table,
     )
+    from .pretrain.metrics import validation_summary
 
     started = time.time()
     backbones = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -81,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     data = out / "data"
     timer.start("prepare", f"{source} -> {data}")
     if not (data / "manifest.json").exists():
-        cfg = load_config(PrepareConfig, None, [f"format={fmt}", *args.prepare_option])
+        cfg = load_config(PrepareConfig, None, [f"format={fmt}", *DEMO_RECIPE["prepare"], *args.prepare_option])
         cfg.tasks = task_sets
         prepare(source, data, cfg)
 
@@ -103,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
         export_stage(run_dir, hf_dir)
         timer.start(f"finetune {arch}", f"MPF on {', '.join(tasks)} -> {ft_dir}")
         finetune_stage(hf_dir, data, ft_dir, method="mpf", tasks=tasks, epochs=args.epochs,
-                       context_length=args.context_length)
+                       context_length=args.context_length, learning_rate=args.finetune_lr)
         timer.start(f"evaluate {arch}", str(eval_dir))
         results[f"{arch}-{args.size} MPF"] = evaluate_stage(ft_dir, data, eval_dir, n_boot=args.bootstrap)
         scratch_ft, scratch_eval = out / f"finetune_{arch}_scratch", out / f"eval_{arch}_scratch"
         timer.start(f"from scratch {arch}", f"same finetuning from random weights (the control) -> {scratch_ft}")
         finetune_stage(hf_dir, data, scratch_ft, method="mpf", tasks=tasks, epochs=args.epochs,
-                       context_length=args.context_length, init="random")
+                       context_length=args.context_length, learning_rate=args.finetune_lr, init="random")
         results[f"{arch}-{args.size} MPF, from scratch"] = evaluate_stage(scratch_ft, data, scratch_eval, n_boot=args.bootstrap)
         paths[arch] = {"pretrain run": run_dir, "exported HF model": hf_dir, "finetuned": ft_dir, "evaluation": eval_dir,
                        "from scratch": scratch_eval}
@@ -118,16 +148,20 @@ def run(args: argparse.Namespace) -> int:
     timer.stop()
 
     counts = manifest["counts"]
+    verdicts = {arch: chance_verdict(results[f"{arch}-{args.size} MPF"], tasks) for arch in backbones}
     table = results_table(results, tasks) + "\n" + "\n".join(
-        f"pretraining {arch}: validation perplexity {p['val_ppl']:.2f} at step {p['step']}; count models on the same "
-        f"split: bigram {p.get('ref_bigram_ppl', float('nan')):.2f}, unigram {p.get('ref_unigram_ppl', float('nan')):.2f}"
-        for arch, p in pretraining.items()) + "\n"
+        f"pretraining {arch}: step {p['step']}, {validation_summary(p)} (count models on the same split in brackets)"
+        for arch, p in pretraining.items()) + "\n" + "\n".join(
+        f"{arch}-{args.size} MPF vs chance: {v['text']}" for arch, v in verdicts.items()) + "\n"
     header = (f"# ehrfm demo\n\n{counts['patients_total']} patients, {counts['tokens_total']} tokens, vocabulary "
               f"{manifest['vocab_size']}; test split, 95% CIs from {args.bootstrap} patient-level bootstrap resamples\n\n")
     write_text_atomic(out / "report.md", header + table)
     write_json_atomic(out / "demo_report.json", {
         "tasks": tasks, "stage_seconds": timer.seconds, "results": {k: v["tasks"] for k, v in results.items()},
-        "pretraining": pretraining,
+        "pretraining": pretraining, "chance": verdicts,
+        "recipe": {"size": args.size, "steps": args.steps, "lr": args.lr, "context_length": args.context_length,
+                   "epochs": args.epochs, "finetune_lr": args.finetune_lr,
+                   "prepare": DEMO_RECIPE["prepare"] + list(args.prepare_option)},
         "paths": {a: {k: str(v) for k, v in p.items()} for a, p in paths.items()},
     })
     print()

@@ -14,11 +14,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
+from .errors import EhrfmError
 from .logging import get_logger
 from .outputs import claim_run_dir
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 METRICS = ("auroc", "auprc", "brier")
 
@@ -66,9 +69,9 @@ def pretrain_stage(data: Path, run: Path, spec: PretrainSpec, *, quiet: bool = F
             proc = subprocess.run(cmd, env=env, stdout=stream, stderr=subprocess.STDOUT)
     else:
         proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # its own error line is above (or in the log's tail); one line here
         tail = log_path.read_text()[-3000:] if quiet else ""
-        raise RuntimeError(f"`ehrfm pretrain` failed with exit code {proc.returncode} (run {run})\n{tail}")
+        raise EhrfmError(f"`ehrfm pretrain` failed with exit code {proc.returncode} (run {run}){chr(10) + tail if tail else ''}")
     (run / "PRETRAIN_COMPLETE").write_text(" ".join(cmd[1:]) + "\n")
     return run
 
@@ -95,6 +98,24 @@ def finetune_stage(hf_dir: Path, data: Path, ft_dir: Path, *, method: str = "mpf
     return ft_dir
 
 
+def dropping_one_class_tasks(stage: Callable[[list[str]], T], tasks: list[str], name: str) -> tuple[T, dict[str, str]]:
+    """Run ``stage(tasks)``; when it refuses a task the data leaves with one class in training (a
+    ``FinetuneInputError`` naming the task, e.g. at a small data fraction), drop that task and run it again.
+    Returns the stage's result and {dropped task: reason}; the last task's refusal is raised."""
+    from .finetune.data import FinetuneInputError
+
+    kept, dropped = list(tasks), {}
+    while True:
+        try:
+            return stage(kept), dropped
+        except FinetuneInputError as err:
+            if err.task not in kept or len(kept) == 1:
+                raise
+            dropped[err.task] = str(err)
+            kept.remove(err.task)
+            log.warning("%s: %s; going on without it", name, err)
+
+
 def evaluate_stage(ft_dir: Path, data: Path, out: Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
     from .finetune.evaluate import evaluate, load_metrics
 
@@ -104,13 +125,13 @@ def evaluate_stage(ft_dir: Path, data: Path, out: Path, *, n_boot: int = 1000, s
 
 
 def baseline_stage(data: Path, out: Path, *, tasks: list[str] | None = None, n_boot: int = 1000, seed: int = 0,
-                   name: str = "xgboost") -> dict:
+                   name: str = "xgboost", train_fraction: float = 1.0) -> dict:
     from .finetune.baselines import run_baseline
     from .finetune.evaluate import load_metrics
 
     if _done(out, "metrics.json"):
         return load_metrics(out)
-    return run_baseline(name, data, out, tasks=tasks, n_boot=n_boot, seed=seed)
+    return run_baseline(name, data, out, tasks=tasks, n_boot=n_boot, seed=seed, train_fraction=train_fraction)
 
 
 def format_metric(entry: dict | None) -> str:

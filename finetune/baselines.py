@@ -104,10 +104,17 @@ def _features(data_dir, task, split, vocab_size, emb_dir):
 
 
 def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | None = None, split: str = "test",
-                 embeddings: Path | None = None, n_boot: int = 1000, seed: int = 0, overwrite: bool = False) -> dict:
+                 embeddings: Path | None = None, n_boot: int = 1000, seed: int = 0, overwrite: bool = False,
+                 train_fraction: float = 1.0) -> dict:
     """Fit one model per task on the finetune split, score ``split``, write the evaluation folder ``out``
-    (with ``models/<task>``), atomically and under the output rules of :mod:`ehrfm.outputs`."""
+    (with ``models/<task>``), atomically and under the output rules of :mod:`ehrfm.outputs`.
+
+    ``train_fraction`` < 1 trains on the patients ``ehrfm finetune`` keeps with the same tasks, fraction and
+    seed (``data.sample_subjects`` seeded by ``derive_seed(seed, "train_fraction")``)."""
     from ehrfm.outputs import check_output_dir
+    from ehrfm.seeding import derive_seed
+
+    from .data import sample_subjects
 
     if name not in BASELINE_MODELS:
         raise ValueError(f"unknown baseline model {name!r}; choose from {list(BASELINE_MODELS)}")
@@ -115,10 +122,23 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
     check_output_dir(Path(out), "baseline", inputs=inputs, overwrite=overwrite)
     manifest = read_manifest(data_dir)
     tasks = resolve_tasks(manifest, data_dir, tasks or [])
+    if not 0 < train_fraction <= 1:
+        raise ValueError(f"train_fraction: must be in (0, 1], got {train_fraction}")
     check_label_counts(data_dir, tasks, (TRAIN_SPLIT,))
+    keep = None
+    if train_fraction < 1.0:
+        subjects = [TaskExamples(Path(data_dir), t, TRAIN_SPLIT, context_length=None).labels["subject_id"].to_numpy()
+                    for t in tasks]
+        keep = sample_subjects(subjects, train_fraction, derive_seed(seed, "train_fraction"))
     frames, fitted = [], {}
     for task in tasks:
         x_train, y_train = _features(data_dir, task, TRAIN_SPLIT, manifest["vocab_size"], embeddings)
+        if keep is not None:
+            rows = np.isin(y_train["subject_id"].to_numpy(), list(keep))
+            x_train, y_train = x_train[np.nonzero(rows)[0]], y_train.filter(pl.Series(rows))
+            if y_train["boolean_value"].n_unique() < 2:
+                raise FinetuneInputError(f"task {task!r}: train_fraction {train_fraction} leaves only one class in "
+                                         f"split {TRAIN_SPLIT!r}", task=task)
         x_eval, labels = _features(data_dir, task, split, manifest["vocab_size"], embeddings)
         model = make_model(name, seed)
         model.fit(x_train, y_train["boolean_value"].to_numpy().astype(int))
@@ -134,7 +154,8 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
             save_baseline_model(model, name, folder / "models" / task)
 
     return write_evaluation(pl.concat(frames), out, model=label, split=split, n_boot=n_boot, seed=seed,
-                            extra={"method": f"baseline:{name}", "embeddings": str(embeddings) if embeddings else None},
+                            extra={"method": f"baseline:{name}", "embeddings": str(embeddings) if embeddings else None,
+                                   "train_fraction": train_fraction},
                             command="baseline", inputs=inputs, overwrite=overwrite, also=save_models)
 
 

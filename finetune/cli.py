@@ -71,6 +71,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--embeddings", type=Path, help="ehrfm embed output: ALFIA-boost features [embeddings + counts]")
     b.add_argument("--bootstrap", type=int, default=1000)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on this fraction of the finetune split's patients: the same patients as "
+                        "`ehrfm finetune --train-fraction F --seed S` with the same --tasks and --seed")
     add_overwrite_argument(b)
     b.set_defaults(func=run_baseline)
 
@@ -137,7 +140,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     from .baselines import run_baseline as run
 
     run(args.model, args.data, args.out, tasks=_tasks(args.tasks), split=args.split, embeddings=args.embeddings,
-        n_boot=args.bootstrap, seed=args.seed, overwrite=args.overwrite)
+        n_boot=args.bootstrap, seed=args.seed, overwrite=args.overwrite, train_fraction=args.train_fraction)
     print((Path(args.out) / "report.md").read_text())
     return 0
 

@@ -172,6 +172,15 @@ class Example:
     row: int  # row in the task's label file of the split
 
 
+def sample_subjects(subject_ids: list[np.ndarray], fraction: float, seed: int) -> set[int]:
+    """The seeded ``fraction`` of patients (round(fraction * n), at least one) of the union of ``subject_ids``
+    (one array per task): the patients a data-fraction run trains on. Finetuning and the count baselines call
+    it with the same tasks and seed, so both see the same patients."""
+    subjects = np.unique(np.concatenate(subject_ids))
+    n_keep = max(1, int(round(fraction * len(subjects))))
+    return set(np.random.default_rng(seed).choice(subjects, size=n_keep, replace=False).tolist())
+
+
 class FinetuneDataset(torch.utils.data.Dataset):
     """Label rows of several tasks of one split; items are (model streams, label, task index, row).
 
@@ -192,10 +201,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
         self.sources = [TaskExamples(Path(data_dir), t, split, cut_length) for t in self.tasks]
         keep_subjects = None
         if train_fraction < 1.0:
-            subjects = np.unique(np.concatenate([s.labels["subject_id"].to_numpy() for s in self.sources]))
-            rng = np.random.default_rng(seed)
-            n_keep = max(1, int(round(train_fraction * len(subjects))))
-            keep_subjects = set(rng.choice(subjects, size=n_keep, replace=False).tolist())
+            keep_subjects = sample_subjects([s.labels["subject_id"].to_numpy() for s in self.sources], train_fraction, seed)
         self.items: list[Example] = []
         for t, source in enumerate(self.sources):
             sids = source.labels["subject_id"].to_numpy()

@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 
-# 003 Table 5, parameters in millions (Tiny / Small / Medium) for a 4470-token vocabulary
+from .config import SIZE_NAMES
+
+# 003 Table 5, parameters in millions (Tiny / Small / Medium) for a 4470-token vocabulary; ehrfm's "mini" is not in 003
 PAPER_PARAMS_M = {
-    "llama": (3.6, 15.1, 29.8),
-    "mamba": (2.0, 12.5, 22.6),
-    "mamba2": (3.2, 14.9, 25.2),
-    "bert": (2.4, 11.2, 21.7),
+    "llama": {"tiny": 3.6, "small": 15.1, "medium": 29.8},
+    "mamba": {"tiny": 2.0, "small": 12.5, "medium": 22.6},
+    "mamba2": {"tiny": 3.2, "small": 14.9, "medium": 25.2},
+    "bert": {"tiny": 2.4, "small": 11.2, "medium": 21.7},
 }
-SIZES = ("tiny", "small", "medium")
 
 WHY_COUNTS_DIFFER = (
     "Counts include the pretraining head and the EHR embedding layer (token-type, visit-segment, visit-order "
@@ -42,7 +43,7 @@ def parameter_table(vocab_size: int = 4470) -> list[dict]:
 
     rows = []
     for arch, (config_cls, base_cls, head_cls) in ARCHITECTURES.items():
-        for i, size in enumerate(SIZES):
+        for size in SIZE_NAMES:
             config = config_cls.from_preset(size, vocab_size=vocab_size)
             with torch.device("meta"):
                 model = head_cls(config)
@@ -58,7 +59,7 @@ def parameter_table(vocab_size: int = 4470) -> list[dict]:
                     "layers": config.num_hidden_layers,
                     "params_m": round(total / 1e6, 2),
                     "ehr_embedding_params_m": round(embeddings / 1e6, 2),
-                    "paper_params_m": PAPER_PARAMS_M[arch][i],
+                    "paper_params_m": PAPER_PARAMS_M[arch].get(size),
                     "tied_head": bool(config.tie_word_embeddings),
                 }
             )
@@ -70,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.params:
         for arch, (config_cls, _, head_cls) in ARCHITECTURES.items():
-            print(f"{arch:8s} {config_cls.model_type:12s} {head_cls.__name__:24s} sizes: {', '.join(SIZES)}")
+            print(f"{arch:8s} {config_cls.model_type:12s} {head_cls.__name__:24s} sizes: {', '.join(SIZE_NAMES)}")
         return 0
     rows = parameter_table(args.vocab_size)
     if args.json:
@@ -82,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"{r['architecture']:8s} {r['size']:7s} {r['hidden_size']:4d} {r['layers']:6d} {r['params_m']:7.2f} "
-            f"{r['ehr_embedding_params_m']:9.2f} {'yes' if r['tied_head'] else 'no':>5s} {r['paper_params_m']:6.1f}"
+            f"{r['ehr_embedding_params_m']:9.2f} {'yes' if r['tied_head'] else 'no':>5s} "
+            f"{'-' if r['paper_params_m'] is None else format(r['paper_params_m'], '6.1f'):>6s}"
         )
     print("\nwhy they differ: " + WHY_COUNTS_DIFFER)
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .config import ARCHITECTURE_NAMES, PREEMPTION_EXIT_CODE, STRATEGIES
+from .config import ARCHITECTURE_NAMES, PREEMPTION_EXIT_CODE, SIZE_NAMES, STRATEGIES
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepared data folder (ehrfm prepare)")
     p.add_argument("--model", choices=ARCHITECTURE_NAMES, default=None)
-    p.add_argument("--size", choices=("tiny", "small", "medium"), default=None)
+    p.add_argument("--size", choices=SIZE_NAMES, default=None)
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, config)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None)
     p.add_argument("--config", default=None, help="YAML of PretrainConfig (ehrfm.pretrain.config)")
@@ -47,6 +47,7 @@ def build_config(args: argparse.Namespace):
     from ..config import load_config
     from .config import PretrainConfig
     from .parallel import apply_accelerate_config
+    from .recipes import recipe_overrides
 
     # `lambda` is a Python keyword, so the fields are `lam*`; the spelling `dense.lambda=` works too
     overrides = [re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item) for item in args.overrides]
@@ -55,6 +56,9 @@ def build_config(args: argparse.Namespace):
         if flag is not None:
             overrides.insert(0, f"{key}={flag}")
     cfg = load_config(PretrainConfig, args.config, overrides)
+    recipe = recipe_overrides(cfg.model.size)  # the size is known only once the YAML and overrides are read
+    if recipe:
+        cfg = load_config(PretrainConfig, args.config, overrides, defaults=recipe)
     if args.accelerate_config:
         cfg.accelerate_config = args.accelerate_config
     if cfg.accelerate_config:

@@ -15,6 +15,9 @@ from .dense_loss import DenseLossConfig
 Architecture = Literal["llama", "mamba", "mamba2", "bert"]
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 ARCHITECTURE_NAMES = get_args(Architecture)
+# "mini" is ehrfm's laptop size (demo, studies); tiny / small / medium are 003 Table 5 (models.configuration)
+Size = Literal["mini", "tiny", "small", "medium"]
+SIZE_NAMES = get_args(Size)
 STRATEGIES = get_args(Strategy)
 PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, a checkpoint was written, requeue the same command
 
@@ -24,7 +27,7 @@ class ModelSection:
     """Backbone and preset; ``overrides`` are config fields of the HF config (e.g. hidden_size, num_hidden_layers)."""
 
     architecture: Architecture = "llama"
-    size: Literal["tiny", "small", "medium"] = "tiny"
+    size: Size = "tiny"
     overrides: dict = dataclasses.field(default_factory=dict)
 
 

@@ -163,8 +163,10 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
 
 def _reference_rows(reference: dict) -> str:
     """Model-card rows of the count-model references (``data_shards.reference_ppl``), same validation split."""
-    names = {"ref_unigram_ppl": "unigram", "ref_bigram_ppl": "bigram"}
-    rows = [f"| reference perplexity, {names[k]} count model (add-k, pretrain_val) | {v:.3f} |" for k, v in reference.items()]
+    names = {"ref_unigram_ppl": "unigram count model", "ref_bigram_ppl": "bigram count model",
+             "ref_code_unigram_ppl": "unigram count model, clinical-code targets",
+             "ref_code_bigram_ppl": "bigram count model, clinical-code targets"}
+    rows = [f"| reference perplexity, {names[k]} (add-k, pretrain_val) | {v:.3f} |" for k, v in reference.items()]
     return "\n".join(rows) if rows else "| reference perplexities | n/a |"
 
 
@@ -187,6 +189,7 @@ EHR foundation model pretrained with `ehrfm pretrain` ({"masked" if meta['archit
 | strategy | {meta['strategy']} |
 | validation loss (last) | {last.get('val_loss', 'n/a')} |
 | validation perplexity (last) | {last.get('val_ppl', 'n/a')} |
+| validation perplexity on clinical-code targets (last) | {last.get('val_code_ppl', 'n/a')} |
 | best validation loss | {meta['final_metrics']['best_val_loss']} (step {meta['final_metrics']['best_step']}) |
 {_reference_rows(meta.get('reference_perplexity') or {})}
 | data fingerprint | `{meta['data_fingerprint']}` |

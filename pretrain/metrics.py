@@ -83,8 +83,7 @@ class MetricsLogger:
                     self.tb.add_scalar(prefix + key, value, step)
         if self.bar is not None:
             if clean.get("split") == "val":
-                refs = "".join(f" {k[4:]} {clean[k]:.2f}" for k in ("ref_unigram_ppl", "ref_bigram_ppl") if k in clean)
-                self.bar.write(f"step {step}: val_loss {clean['val_loss']:.4f} val_ppl {clean['val_ppl']:.2f}{refs}")
+                self.bar.write(f"step {step}: val_loss {clean['val_loss']:.4f} " + validation_summary(clean))
             else:
                 self.bar.n = step
                 self.bar.set_postfix(loss=f"{clean['loss']:.4f}", lr=f"{clean['lr']:.2e}", tok_s=f"{clean['tokens_per_s']:.0f}")
@@ -96,6 +95,20 @@ class MetricsLogger:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def validation_summary(record: dict) -> str:
+    """One line of a validation record: the model's perplexities beside the count-model references, e.g.
+    ``val_ppl 4.10 (unigram 284.87, bigram 5.63); codes 6.02 (unigram 434.11, bigram 7.58)``."""
+
+    def refs(keys: tuple[str, str]) -> str:
+        shown = [f"{name} {record[k]:.2f}" for name, k in zip(("unigram", "bigram"), keys) if k in record]
+        return f" ({', '.join(shown)})" if shown else ""
+
+    text = f"val_ppl {record['val_ppl']:.2f}" + refs(("ref_unigram_ppl", "ref_bigram_ppl"))
+    if "ref_code_unigram_ppl" in record and math.isfinite(record.get("val_code_ppl", float("nan"))):
+        text += f"; codes {record['val_code_ppl']:.2f}" + refs(("ref_code_unigram_ppl", "ref_code_bigram_ppl"))
+    return text
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

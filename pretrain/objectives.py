@@ -61,16 +61,47 @@ def mlm_mask(
     return {**batch, "input_ids": masked, "labels": labels}
 
 
-def target_count(batch: dict, causal: bool) -> torch.Tensor:
-    """Number of targets the model's mean loss is taken over (0-dim long tensor)."""
+def target_mask(batch: dict, causal: bool) -> torch.Tensor:
+    """Bool mask of the targets the model's mean loss is taken over, aligned with the target tokens:
+    causal (B, L-1), True at t where token t+1 is a target of position t; MLM (B, L), the masked positions."""
     labels = batch["labels"]
     if not causal:
-        return (labels != IGNORE_INDEX).sum()
+        return labels != IGNORE_INDEX
     valid = labels[:, 1:] != IGNORE_INDEX
     if batch.get("document_ids") is not None:
         doc = batch["document_ids"]
         valid &= ~document_starts(doc)[:, 1:] & (doc[:, 1:] != 0)
-    return valid.sum()
+    return valid
+
+
+def target_count(batch: dict, causal: bool) -> torch.Tensor:
+    """Number of targets the model's mean loss is taken over (0-dim long tensor)."""
+    return target_mask(batch, causal).sum()
+
+
+def is_code_type(type_ids: torch.Tensor) -> torch.Tensor:
+    """Bool mask of clinical-code tokens (types DX..OTHER, value bins included: they carry their code's type),
+    the targets of the ``codes`` reference perplexity (``data_shards.reference_ppl``)."""
+    special = torch.tensor(sorted({int(TokenType.PAD), *(int(t) for t in SPECIAL_TYPES)}), device=type_ids.device)
+    return ~torch.isin(type_ids, special)
+
+
+def loss_sums(logits: torch.Tensor, batch: dict, causal: bool) -> torch.Tensor:
+    """(4,) float64 [summed target NLL, targets, summed NLL over clinical-code targets, code targets] of one
+    batch; logits (B, L, V) in nats. The first two give the model's mean loss (sum / targets, the quantity
+    ``target_count`` normalises), the last two the perplexity on clinical codes alone."""
+    mask = target_mask(batch, causal)
+    if causal:
+        logits, targets, types = logits[:, :-1], batch["labels"][:, 1:], batch.get("type_ids")
+        types = types[:, 1:] if types is not None else None
+    else:
+        targets, types = batch["labels"], batch.get("type_ids")
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).clamp(min=0), reduction="none"
+    ).view(mask.shape)
+    codes = mask & is_code_type(types) if types is not None else mask
+    nll = nll.double()
+    return torch.stack([nll[mask].sum(), mask.sum().double(), nll[codes].sum(), codes.sum().double()])
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -140,6 +171,10 @@ class Objective:
                 logs.update({k: v.detach().float() for k, v in terms.items()})
         self._hidden = None
         return loss, logs
+
+    def validation_sums(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """``loss_sums`` of one forward without auxiliary losses: (4,) float64 on the batch's device."""
+        return loss_sums(model(**batch).logits, batch, self.causal)
 
 
 def dense_aux(cfg, group=None) -> AuxLoss:

@@ -39,8 +39,9 @@ from ..outputs import claim_run_dir, write_text_atomic
 from ..seeding import derive_seed, seed_everything
 from . import checkpoint as ckpt
 from .config import PREEMPTION_EXIT_CODE, PretrainConfig
+from .curves import plot_validation_curves
 from .metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_mb
-from .objectives import Objective, dense_aux, target_count
+from .objectives import Objective, dense_aux
 from .parallel import DistInfo, autocast_context, build_engine, describe_engine, init_distributed, lr_at
 
 log = get_logger(__name__)
@@ -217,7 +218,7 @@ class Trainer:
         vector = torch.tensor(
             [totals["loss"], totals["real"], totals["slots"], float(self.preemption.requested), float(not finite)]
             + [aux_logs[k] for k in keys],
-            dtype=torch.float64,
+            dtype=torch.float64, device=self.info.device,  # collectives run on the rank's device (NCCL: CUDA only)
         )
         flags = _all_reduce(vector[3:5].clone(), dist.ReduceOp.MAX)
         if flags[1].item():
@@ -244,36 +245,40 @@ class Trainer:
     # -- validation -------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
-        """Mean target loss over a finite pass of the validation split (all ranks; summed token losses)."""
+        """Mean target loss over a finite pass of the validation split (all ranks; summed token losses), and
+        the perplexity on clinical-code targets alone (``val_code_ppl``, read against the ``codes`` references
+        of ``data_shards.reference_ppl``)."""
         cfg, engine = self.cfg, self.engine
         stream = PatientStream(self.data_dir, cfg.data.val_split, stream_config(cfg, False),
                                rank=self.info.rank, world_size=self.info.world_size)
         it = iter(EhrDataLoader(stream, num_workers=0, generator=_private_generator()))
         engine.train(False)
-        total = torch.zeros(2, dtype=torch.float64)
+        device = self.info.device
+        total = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, targets, code loss sum, code targets
         first = None
         i = 0
         while True:
             raw = next(it, None) if (not cfg.train.val_max_batches or i < cfg.train.val_max_batches) else None
-            more = _all_reduce(torch.tensor([float(raw is not None)]), dist.ReduceOp.MAX)
+            more = _all_reduce(torch.tensor([float(raw is not None)], device=device), dist.ReduceOp.MAX)
             if more.item() == 0:
                 break
             weight = 1.0
             if raw is None:  # this rank is done; sharded engines still need its forward in every collective
                 raw, weight = first, 0.0
             first = first if first is not None else raw
-            batch = self.objective.prepare(raw, 0, i, self.info.device, split="val")
-            with autocast_context(cfg, self.info.device):
-                loss, _ = self.objective(engine.model, batch, with_aux=False)
-            n = float(target_count(batch, self.objective.causal)) * weight
-            if n > 0:
-                total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            batch = self.objective.prepare(raw, 0, i, device, split="val")
+            with autocast_context(cfg, device):
+                sums = self.objective.validation_sums(engine.model, batch)
+            if weight:
+                total += sums
             i += 1
-        total = _all_reduce(total)
+        total = _all_reduce(total).cpu()
         val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        code_loss = (total[2] / total[3]).item() if total[3] > 0 else float("nan")
         if total[1] > 0 and not math.isfinite(val_loss):
             raise TrainingDivergedError(f"step {self.state.step}: validation loss is {val_loss}; stopped without checkpointing")
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_targets": int(total[1].item()),
+                "val_code_ppl": math.exp(min(code_loss, 50.0)) if math.isfinite(code_loss) else float("nan"),
                 **self.reference}
 
     def save(self, best: bool = False) -> None:
@@ -358,6 +363,8 @@ class Trainer:
                 self.save_probe()
             if exit_code == 0 and info.rank == 0:
                 self._compare_with_references()
+                plot_validation_curves({f"{cfg.model.architecture}-{cfg.model.size}": self.run_dir},
+                                       self.run_dir / "val_ppl.png", title=str(self.run_dir))
         finally:
             metrics.close()
             self.preemption.restore()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from ehrfm.ablate import BASE_VALUES, ablation_plots, ablation_tables, cells, concept_groups, quick_grid, full_grid
+from ehrfm.demo import chance_verdict
+from ehrfm.study import benefit_plots, benefit_table, convergence_rows, convergence_table
 
 TASKS_YAML = Path(__file__).parent / "finetune" / "tasks_synthea.yaml"
 SMALL_SPLITS = ["splits.pretrain=0.2", "splits.finetune=0.5", "splits.test=0.3", "splits.val_fraction=0.4",
@@ -52,6 +54,7 @@ def test_tables_follow_the_supplementary_layout_and_plots_are_pngs(tmp_path):
     records = [_record("vocabulary", "b5-i3", "llama", 0.41), _record("vocabulary", "b10-i3", "llama", 0.52),
                _record("vocabulary", "b10-i3", "xgboost", 0.33), _record("train-fraction", "50%", "llama", 0.5)]
     records[-1]["tasks"] = {}
+    records[0]["tasks"]["los_7d"]["brier"] = _metric(0.2, 0.2 + 1e-16, 0.25)  # a CI above its point by rounding
     records[-1]["skipped_tasks"] = {"los_7d": "task 'los_7d': train_fraction 0.5 leaves only one class"}
     text = ablation_tables(records, grid)
     assert "| los_7d | 50% | 99 | - | - | - |" in text
@@ -63,6 +66,55 @@ def test_tables_follow_the_supplementary_layout_and_plots_are_pngs(tmp_path):
     assert {p.name for p in plots} == {f"ablation_{a}_{m}.png" for a in ("vocabulary", "train-fraction")
                                        for m in ("auprc", "auroc", "brier")}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+
+
+def test_chance_verdict_counts_auroc_and_ci_lower_bounds():
+    metrics = {"tasks": {"a": {"auroc": _metric(0.8, 0.6, 0.9)}, "b": {"auroc": _metric(0.7, 0.55, 0.85)},
+                         "c": {"auroc": _metric(0.52, 0.3, 0.7)}}}
+    verdict = chance_verdict(metrics, ["a", "b", "c"])
+    assert verdict["met"] and verdict["above"] == ["a", "b", "c"] and verdict["ci_above"] == ["a", "b"]
+    metrics["tasks"]["c"]["auroc"] = _metric(0.49, 0.3, 0.7)  # one task at or below chance fails the criterion
+    assert not chance_verdict(metrics, ["a", "b", "c"])["met"]
+    metrics["tasks"]["c"]["auroc"] = _metric(float("nan"), float("nan"), float("nan"))  # undefined is not above
+    assert chance_verdict(metrics, ["a", "b", "c"])["above"] == ["a", "b"]
+    assert not chance_verdict({"tasks": {"a": {"auroc": _metric(0.9, 0.45, 0.99)}, "b": {"auroc": _metric(0.9, 0.6, 1)}}},
+                              ["a", "b"])["met"]  # with two tasks both lower bounds must clear 0.5
+
+
+def test_benefit_table_and_plots(tmp_path):
+    def record(model, fraction, auroc):
+        entry = {"auroc": _metric(auroc, auroc - 0.1, auroc + 0.1), "auprc": _metric(0.3, 0.2, 0.4)}
+        return {"cell": f"{model}-f{round(fraction * 100)}", "model": model, "fraction": fraction,
+                "tasks": {"los_7d": entry}, "skipped_tasks": {}, "train_patients": round(200 * fraction)}
+
+    records = [record(m, f, a) for f in (0.1, 1.0) for m, a in (("pretrained", 0.7), ("from scratch", 0.6), ("xgboost", 0.65))]
+    records[0]["skipped_tasks"] = {"readmission_30d": "task 'readmission_30d': one class"}
+    text = benefit_table(records, ["los_7d"])
+    assert "## AUROC" in text and "## AUPRC" in text
+    assert "| los_7d | 10% | 20 | 0.700 (0.600-0.800) | 0.600 (0.500-0.700) | 0.650 (0.550-0.750) |" in text
+    assert "- pretrained-f10: task 'readmission_30d': one class" in text
+    plots = benefit_plots(records, ["los_7d"], tmp_path)
+    assert [p.name for p in plots] == ["pretraining_benefit_auroc.png", "pretraining_benefit_auprc.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+
+
+def test_convergence_rows_find_the_first_step_below_the_bigram(tmp_path):
+    from ehrfm.pretrain.curves import plot_validation_curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    refs = {"ref_unigram_ppl": 300.0, "ref_bigram_ppl": 5.6, "ref_code_unigram_ppl": 430.0, "ref_code_bigram_ppl": 7.6}
+    lines = [{"loss": 5.0, "step": 1, "step_time_s": 0.5}, {"loss": 4.0, "step": 2, "step_time_s": 0.25}]
+    lines += [{"split": "val", "step": s, "val_loss": 0.0, "val_ppl": v, "val_code_ppl": v * 1.3, **refs}
+              for s, v in ((50, 100.0), (100, 6.0), (150, 5.0), (200, 4.5))]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows = convergence_rows({"llama-mini": run, "empty": tmp_path / "missing"})
+    assert len(rows) == 1 and rows[0]["first_step_below_bigram"] == 150 and rows[0]["best_val_ppl"] == 4.5
+    assert rows[0]["seconds"] == 0.8
+    assert "| llama-mini | 200 | 4.50 | 4.50 | 5.85 | 300.00 | 5.60 | 430.00 | 7.60 | 150 | 1 |" in convergence_table(rows)
+    png = plot_validation_curves({"llama-mini": run}, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_validation_curves({"none": tmp_path / "missing"}, tmp_path / "none.png") is None
 
 
 def _ehrfm(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -86,10 +138,12 @@ def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
     first = _ehrfm(*args, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "demo_report.json").read_text())
-    assert set(report["results"]) == {"llama-tiny MPF", "llama-tiny MPF, from scratch", "XGBoost (counts)"}
+    assert set(report["results"]) == {"llama-mini MPF", "llama-mini MPF, from scratch", "XGBoost (counts)"}
     pretraining = report["pretraining"]["llama"]
     assert pretraining["val_ppl"] > 0 and pretraining["ref_bigram_ppl"] > 0 and pretraining["ref_unigram_ppl"] > 0
-    assert "bigram" in first.stdout
+    assert pretraining["val_code_ppl"] > 0 and pretraining["ref_code_bigram_ppl"] > 0
+    assert "bigram" in first.stdout and "llama-mini MPF vs chance: AUROC > 0.5 on" in first.stdout
+    assert report["recipe"]["size"] == "mini" and report["chance"]["llama"]["met"] in (True, False)
     assert json.loads((out / "finetune_llama_scratch" / "finetune.json").read_text())["init"] == "random"
     for model, tasks in report["results"].items():
         assert set(tasks) == set(report["tasks"]) and report["tasks"], model

@@ -1,6 +1,7 @@
 """End to end through the CLI: finetune -> evaluate -> files exist and parse; ANAA only while finetuning;
 early stopping; baselines and ALFIA-boost in the same report format."""
 import json
+from pathlib import Path
 
 import meds
 import polars as pl
@@ -166,3 +167,55 @@ def test_other_backbones_finetune_and_evaluate(arch, method, ft_data, export_fac
     assert meta["pooling"] == ("first" if arch == "bert" else "last")
     assert main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / "ev"), "--bootstrap", "10"]) == 0
     _check_eval_folder(tmp_path / "ev", tasks, 10)
+
+
+def test_baseline_train_fraction_keeps_the_patients_finetuning_keeps(ft_data, tasks, tmp_path, monkeypatch):
+    """`ehrfm baseline --train-fraction F --seed S` fits on exactly the label rows `ehrfm finetune` trains on
+    with the same tasks, fraction and seed (the pretraining-benefit study compares them on the same patients)."""
+    import numpy as np
+
+    import ehrfm.finetune.baselines as baselines
+    from ehrfm.data_shards.config import PrepareConfig
+    from ehrfm.data_shards.prepare import prepare
+    from ehrfm.data_shards.synthea import generate_cohort
+
+    cfg = PrepareConfig(format="fhir", tasks=[str(Path(__file__).with_name("tasks_synthea.yaml"))])  # most patients in finetune
+    cfg.splits.pretrain, cfg.splits.finetune, cfg.splits.test, cfg.splits.val_fraction, cfg.splits.seed = 0.1, 0.8, 0.1, 0.0, 1
+    ft_data = tmp_path / "data"
+    prepare(generate_cohort(6, seed=11, age="55-90", threads=1), ft_data, cfg, progress=False)
+    from ehrfm.finetune.data import FinetuneDataset, FinetuneInputError
+    from ehrfm.seeding import derive_seed
+
+    fitted = []
+    real = baselines.make_model
+
+    class Spy:
+        def __init__(self, model):
+            self.model = model
+
+        def fit(self, x, y):
+            fitted.append(np.asarray(y))
+            return self.model.fit(x, y)
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def __getitem__(self, index):  # the logreg pipeline's steps, read when the model is saved
+            return self.model[index]
+
+    monkeypatch.setattr(baselines, "make_model", lambda name, seed: Spy(real(name, seed)))
+    seed, fraction = 3, 0.5
+    dataset = FinetuneDataset(ft_data, tasks, "finetune", 32, None, fraction, derive_seed(seed, "train_fraction"))
+    try:
+        baselines.run_baseline("logreg", ft_data, tmp_path / "base", tasks=tasks, n_boot=5, seed=seed,
+                               train_fraction=fraction)
+    except FinetuneInputError as err:  # a fraction of 6 patients may leave one class: then finetuning refuses too
+        assert err.task in tasks
+        y = dataset.labels()[dataset.task_indices() == tasks.index(err.task)]
+        assert y.all() or not y.any()
+        pytest.fail(f"the fixture cohort left one class at fraction {fraction}: {err}")
+    assert [len(y) for y in fitted] == [int((dataset.task_indices() == t).sum()) for t in range(len(tasks))]
+    for t, y in enumerate(fitted):
+        assert (np.sort(y) == np.sort(dataset.labels()[dataset.task_indices() == t].astype(int))).all()
+    full = FinetuneDataset(ft_data, tasks, "finetune", 32, None)
+    assert len(dataset) < len(full)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ehrfm.finetune.metrics import binary_metrics, bootstrap_metrics
+from ehrfm.finetune.metrics import binary_metrics, bootstrap_metrics, fast_binary_metrics
 
 Y = np.array([0, 0, 1, 1])
 P = np.array([0.1, 0.4, 0.35, 0.8])
@@ -80,13 +80,16 @@ def test_bootstrap_draws_whole_patients(monkeypatch):
     y, _, groups, _ = _cohort(2, subjects=10)
     p = (np.arange(len(y)) + 0.5) / len(y)  # distinct scores identify the rows
     seen = []
-    real = metrics.binary_metrics
+    real_point, real_fast = metrics.binary_metrics, metrics.fast_binary_metrics
 
-    def spy(yy, pp):
-        seen.append(np.asarray(pp).copy())
-        return real(yy, pp)
+    def spy(real):
+        def wrapped(yy, pp):
+            seen.append(np.asarray(pp).copy())
+            return real(yy, pp)
+        return wrapped
 
-    monkeypatch.setattr(metrics, "binary_metrics", spy)
+    monkeypatch.setattr(metrics, "binary_metrics", spy(real_point))
+    monkeypatch.setattr(metrics, "fast_binary_metrics", spy(real_fast))
     metrics.bootstrap_metrics(y, p, groups, n_boot=20, seed=0)
     assert len(seen) == 21  # the point estimate, then 20 replicates
     for rep in seen[1:]:
@@ -94,3 +97,16 @@ def test_bootstrap_draws_whole_patients(monkeypatch):
         for g in np.unique(groups):
             rows = np.flatnonzero(groups == g)
             assert len({copies.get(int(r), 0) for r in rows}) == 1, f"subject {g} split across a replicate"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_metrics_equal_scikit_learn_with_ties(seed):
+    """The bootstrap's numpy metrics against scikit-learn's (``binary_metrics``), scores rounded to create ties."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 80))
+    y = (rng.random(n) < rng.uniform(0.05, 0.6)).astype(int)
+    p = np.round(rng.random(n), int(rng.integers(1, 4)))
+    slow, fast = binary_metrics(y, p), fast_binary_metrics(y, p)
+    assert slow.keys() == fast.keys()
+    for key, value in slow.items():
+        assert fast[key] == pytest.approx(value, abs=1e-12, nan_ok=True), key

@@ -4,6 +4,7 @@ trust_remote_code loading in a process that cannot import ehrfm, all equal to th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,17 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     reference = read_manifest(pt_data)["reference_perplexity"]["codes" if arch == "bert" else "all"]
     assert val[-1]["ref_unigram_ppl"] == pytest.approx(reference["unigram"])
     assert val[-1].get("ref_bigram_ppl") == (None if arch == "bert" else pytest.approx(reference["bigram"]))
+    if arch != "bert":  # and the perplexity on clinical-code targets beside the code-target references
+        codes = read_manifest(pt_data)["reference_perplexity"]["codes"]
+        assert val[-1]["ref_code_bigram_ppl"] == pytest.approx(codes["bigram"])
+        assert 1 < val[-1]["val_code_ppl"] < float("inf") and val[-1]["val_code_ppl"] != val[-1]["val_ppl"]
+        from ehrfm.pretrain.curves import perplexity_report  # `ehrfm bench perplexity`: the same numbers
+
+        report = perplexity_report(["--data", str(pt_data), "--run", str(run)])
+        assert report["reference_perplexity"]["codes"]["bigram"] == pytest.approx(codes["bigram"])
+        assert report["runs"][0]["codes"]["last"] == pytest.approx(val[-1]["val_code_ppl"])
+        assert report["runs"][0]["all"]["last"] == pytest.approx(val[-1]["val_ppl"])
+        assert (run / "val_ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every run draws its curve
     if extra:  # each dense term logged per step, and part of the loss
         assert {"aux/dense", "dense/spec", "dense/orth", "dense/sub"} <= set(train[0])
         assert train[0]["aux/dense"] > 0
@@ -111,3 +123,29 @@ def test_vendored_code_has_no_package_imports():
         assert not re.search(r"^\s*from \.\.", text, flags=re.M), name
         for module in re.findall(r"^\s*from \.(\w+) import", text, flags=re.M):
             assert f"{module}.py" in VENDORED, (name, module)
+
+
+def test_study_convergence_runs_each_backbone_and_draws_the_curves(pt_data, tmp_path):
+    """`ehrfm study convergence`: one run per backbone, a table whose numbers are the runs' own validation
+    records, the PNG, and a re-run that trains nothing again."""
+    import subprocess
+    import sys
+
+    from ehrfm.pretrain.curves import validation_records
+
+    out = tmp_path / "conv"
+    exe = Path(sys.executable).with_name("ehrfm")
+    args = [str(exe), "study", "convergence", "--data", str(pt_data), "--out", str(out), "--models", "llama,bert",
+            "--size", "mini", "--steps", "4", "--context-length", "32", "--pretrain-option", "train.val_every=2"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = {r["run"]: r for r in json.loads((out / "convergence.json").read_text())["rows"]}
+    assert set(rows) == {"llama-mini", "bert-mini"}
+    llama = validation_records(out / "runs" / "llama")
+    assert [r["step"] for r in llama] == [2, 4] and rows["llama-mini"]["val_ppl"] == pytest.approx(llama[-1]["val_ppl"])
+    assert rows["bert-mini"]["ref_bigram_ppl"] is None and rows["llama-mini"]["ref_code_bigram_ppl"] > 0
+    assert "| llama-mini | 4 |" in (out / "convergence.md").read_text()
+    assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = (out / "runs" / "llama" / "metrics.jsonl").stat().st_mtime_ns
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and (out / "runs" / "llama" / "metrics.jsonl").stat().st_mtime_ns == before

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ehrfm.data_shards.schema import PAD_ID, TokenType
 from ehrfm.pretrain.config import PretrainConfig
-from ehrfm.pretrain.objectives import maskable_positions, mlm_mask, target_count
+from ehrfm.pretrain.objectives import loss_sums, maskable_positions, mlm_mask, target_count
 
 
 def _batch(rows=64, length=48, vocab=200):
@@ -67,6 +67,31 @@ def test_target_count_matches_the_models_loss_normalisation():
     mlm = {**batch, "labels": torch.full_like(batch["labels"], -100)}
     mlm["labels"][:, 3] = 5
     assert int(target_count(mlm, causal=False)) == 3
+
+
+def test_loss_sums_match_the_models_loss_and_split_out_code_targets():
+    """Validation sums: all targets reproduce the model's mean loss; the code part is the CE over the
+    targets whose token is a clinical code (here: every non-REG/CLS token), computed by hand."""
+    from ehrfm.pretrain.models.common import next_token_loss
+
+    batch = _batch(rows=3, length=40)
+    logits = torch.randn(3, 40, 200)
+    sums = loss_sums(logits, batch, causal=True)
+    assert sums.dtype == torch.float64
+    mean = next_token_loss(logits, batch["labels"], batch["document_ids"])
+    assert int(sums[1]) == int(target_count(batch, causal=True))
+    assert float(sums[0] / sums[1]) == pytest.approx(float(mean), rel=1e-5)
+    targets = batch["labels"][:, 1:].clone()
+    targets[:, 19] = -100  # first token of document 2
+    code = batch["type_ids"][:, 1:] == TokenType.DX
+    targets[~code] = -100
+    by_hand = F.cross_entropy(logits[:, :-1].reshape(-1, 200), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    assert int(sums[3]) == int((targets != -100).sum()) and 0 < int(sums[3]) < int(sums[1])
+    assert float(sums[2]) == pytest.approx(float(by_hand), rel=1e-5)
+    mlm = mlm_mask(batch, probability=0.3, mask_token_id=2, vocab_size=200, first_code_id=30, seed=1)
+    mlm_sums = loss_sums(logits, mlm, causal=False)  # MLM masks codes only: both halves agree
+    assert int(mlm_sums[1]) == int(target_count(mlm, causal=False)) == int(mlm_sums[3])
+    assert float(mlm_sums[0]) == pytest.approx(float(mlm_sums[2]))
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
@@ -175,3 +200,25 @@ def test_example_config_loads():
     path = Path(config_module.__file__).with_name("pretrain.example.yaml")
     cfg = load_config(PretrainConfig, path, ["train.max_steps=10"])
     assert cfg.train.strategy == "fsdp" and cfg.train.max_steps == 10 and cfg.optim.warmup_fraction == 0.1
+
+
+def test_size_recipes_sit_between_the_defaults_and_the_users_settings(tmp_path):
+    """`ehrfm pretrain --size S` starts from S's measured recipe; a YAML, an override and a flag each win over it."""
+    from ehrfm.cli import build_parser
+    from ehrfm.pretrain.cli_train import build_config
+    from ehrfm.pretrain.recipes import RECIPES
+
+    def config(*argv):
+        return build_config(build_parser().parse_args(["pretrain", "--data", "D", "--out", "R", *argv]))
+
+    mini = config("--size", "mini")
+    assert (mini.optim.lr, mini.data.context_length, mini.train.max_steps) == (
+        RECIPES["mini"]["optim.lr"], RECIPES["mini"]["data.context_length"], RECIPES["mini"]["train.max_steps"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: {size: mini}\noptim: {lr: 0.0001}\n")
+    from_yaml = config("--config", str(yaml_file))
+    assert from_yaml.optim.lr == 1e-4 and from_yaml.data.context_length == RECIPES["mini"]["data.context_length"]
+    assert config("--config", str(yaml_file), "optim.lr=0.02").optim.lr == 0.02
+    small = config("--size", "small")  # no measured recipe: PretrainConfig's defaults
+    assert "small" not in RECIPES and small.optim.lr == PretrainConfig().optim.lr
+    assert small.data.context_length == PretrainConfig().data.context_length
