@@ -43,11 +43,20 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=main_export)
 
 
-def build_config(args: argparse.Namespace):
+def load_pretrain_config(path, overrides: list[str]):
+    """PretrainConfig as `ehrfm pretrain` resolves it: defaults < the size's recipe (``recipes.py``) < the YAML
+    at ``path`` < ``key=value`` overrides."""
     from ..config import load_config
     from .config import PretrainConfig
-    from .parallel import apply_accelerate_config
     from .recipes import recipe_overrides
+
+    cfg = load_config(PretrainConfig, path, overrides)
+    recipe = recipe_overrides(cfg.model.size)  # the size is known only once the YAML and overrides are read
+    return load_config(PretrainConfig, path, overrides, defaults=recipe) if recipe else cfg
+
+
+def build_config(args: argparse.Namespace):
+    from .parallel import apply_accelerate_config
 
     # `lambda` is a Python keyword, so the fields are `lam*`; the issue's spelling `dense.lambda=` works too
     overrides = [re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item) for item in args.overrides]
@@ -55,10 +64,7 @@ def build_config(args: argparse.Namespace):
                       (args.out, "out"), (args.deepspeed_config, "deepspeed.config_file")):
         if flag is not None:
             overrides.insert(0, f"{key}={flag}")
-    cfg = load_config(PretrainConfig, args.config, overrides)
-    recipe = recipe_overrides(cfg.model.size)  # the size is known only once the YAML and overrides are read
-    if recipe:
-        cfg = load_config(PretrainConfig, args.config, overrides, defaults=recipe)
+    cfg = load_pretrain_config(args.config, overrides)
     if args.accelerate_config:
         cfg.accelerate_config = args.accelerate_config
     if cfg.accelerate_config:

@@ -121,16 +121,16 @@ def reference_losses():
         """Micro-batches: rank r's stream yields them in order; loss / (world_size * grad_accum) per backward."""
         import torch
 
-        from ehrfm.config import load_config
         from ehrfm.data_shards.shards import read_manifest
         from ehrfm.data_shards.stream import EhrDataLoader, PatientStream
-        from ehrfm.pretrain.config import PretrainConfig
+        from ehrfm.pretrain.cli_train import load_pretrain_config
         from ehrfm.pretrain.objectives import Objective
         from ehrfm.pretrain.parallel import lr_at, param_groups
         from ehrfm.pretrain.train import build_model_for, first_code_id, stream_config
 
-        cfg = load_config(PretrainConfig, None, [f"model.architecture={arch}", f"data.path={data}",
-                                                 f"train.max_steps={steps}", *tiny_overrides(arch), *overrides])
+        # resolved as `ehrfm pretrain` does: the size's recipe sits below the overrides
+        cfg = load_pretrain_config(None, [f"model.architecture={arch}", f"data.path={data}",
+                                          f"train.max_steps={steps}", *tiny_overrides(arch), *overrides])
         model = build_model_for(cfg, read_manifest(data)["vocab_size"])
         o = cfg.optim
         opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
