@@ -123,7 +123,7 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
     manifest = read_manifest(data_dir)
     tasks = resolve_tasks(manifest, data_dir, tasks or [])
     if not 0 < train_fraction <= 1:
-        raise ValueError(f"train_fraction: must be in (0, 1], got {train_fraction}")
+        raise FinetuneInputError(f"--train-fraction: must be in (0, 1], got {train_fraction}")
     check_label_counts(data_dir, tasks, (TRAIN_SPLIT,))
     keep = None
     if train_fraction < 1.0:
