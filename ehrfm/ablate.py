@@ -24,7 +24,6 @@ value x model) and one PNG per axis and metric.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -165,17 +164,6 @@ def _prepare_variant(source: Path, fmt: str, folder: Path, overrides: tuple, tas
     return folder
 
 
-def _load_results(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    done = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            done[record["cell"]] = record
-    return done
-
-
 def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[str], tasks: list[str] | None,
              n_boot: int, jobs: int = 1, seed: int = 0, prepare_options: list[str] | None = None) -> list[dict]:
     """Run (or resume) every cell; returns one record per cell (also appended to ``out/results.jsonl``)."""
@@ -184,13 +172,13 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
     from .data_shards.shards import read_manifest
     from .outputs import claim_run_dir
     from .pipeline import (
-        PretrainSpec, baseline_stage, dropping_one_class_tasks, evaluate_stage, export_stage, finetune_stage,
-        pretrain_stage,
+        PretrainSpec, append_cell_result, baseline_stage, dropping_one_class_tasks, evaluate_stage, export_stage,
+        finetune_stage, load_cell_results, pretrain_stage,
     )
 
     claim_run_dir(out, "ablate", inputs=[source])  # a new, empty or earlier ablation folder (resumes)
     results_path = out / "results.jsonl"
-    done = _load_results(results_path)
+    done = load_cell_results(results_path)
     every_cell = cells(grid)
     todo = [c for c in every_cell if c.name not in done]
     variants = {c.data_variant: c.prepare_overrides for c in every_cell}
@@ -238,8 +226,7 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
                   "context": c.context, "size": c.size, "train_fraction": c.train_fraction,
                   "vocab_size": read_manifest(data)["vocab_size"], "seconds": round(time.time() - started, 1),
                   "tasks": metrics["tasks"], "skipped_tasks": skipped}
-        with open(results_path, "a") as stream:
-            stream.write(json.dumps(record, default=str) + "\n")
+        append_cell_result(results_path, record)
         records.append(record)
     return records
 
@@ -291,6 +278,8 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .outputs import save_figure_atomic
+
     written = []
     tasks = sorted({t for r in records for t in r["tasks"]})
     for axis in dict.fromkeys(r["axis"] for r in records):
@@ -324,12 +313,7 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
                     break
             fig.suptitle(f"ablation of {axis}")
             fig.tight_layout()
-            path = folder / f"ablation_{axis}_{metric}.png"
-            tmp = path.with_name("." + path.name)
-            fig.savefig(tmp, dpi=100, format="png")
-            plt.close(fig)
-            tmp.replace(path)
-            written.append(path)
+            written.append(save_figure_atomic(fig, folder / f"ablation_{axis}_{metric}.png"))
     return written
 
 

@@ -57,6 +57,18 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
+def save_figure_atomic(fig, path: Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG through a sibling temp file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def read_owner(folder: Path) -> dict | None:
     """The owner record of ``folder``, or None when it has none (or an unreadable one)."""
     path = Path(folder) / OWNER_FILE

@@ -7,6 +7,7 @@ Accelerate/DeepSpeed global state out of the caller.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -132,6 +133,19 @@ def baseline_stage(data: Path, out: Path, *, tasks: list[str] | None = None, n_b
     if _done(out, "metrics.json"):
         return load_metrics(out)
     return run_baseline(name, data, out, tasks=tasks, n_boot=n_boot, seed=seed, train_fraction=train_fraction)
+
+
+def load_cell_results(path: Path) -> dict[str, dict]:
+    """Finished cells of a resumable grid (`ehrfm ablate`, `ehrfm study`): ``results.jsonl`` keyed by "cell"."""
+    if not path.exists():
+        return {}
+    return {r["cell"]: r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
+
+
+def append_cell_result(path: Path, record: dict) -> None:
+    """Record one finished cell (a line of ``results.jsonl``; re-runs skip it)."""
+    with open(path, "a") as stream:
+        stream.write(json.dumps(record, default=str) + "\n")
 
 
 def format_metric(entry: dict | None) -> str:

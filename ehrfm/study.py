@@ -144,12 +144,6 @@ def cell_key(model: str, fraction: float) -> str:
     return f"{model.replace(' ', '-')}-f{round(fraction * 100)}"
 
 
-def _load_results(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    return {r["cell"]: r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
-
-
 def benefit_table(records: list[dict], tasks: list[str]) -> str:
     """Per metric: rows (task, fraction), columns the three models, value (95% CI)."""
     from .pipeline import format_metric
@@ -181,6 +175,8 @@ def benefit_plots(records: list[dict], tasks: list[str], folder: Path) -> list[P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .outputs import save_figure_atomic
+
     written = []
     for metric in METRICS:
         fig, panels = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
@@ -209,12 +205,7 @@ def benefit_plots(records: list[dict], tasks: list[str], folder: Path) -> list[P
             ax.legend(fontsize=7)
         fig.suptitle(f"pretraining benefit: {metric.upper()} (test split, 95% bootstrap CI)", fontsize=10)
         fig.tight_layout()
-        path = folder / f"pretraining_benefit_{metric}.png"
-        tmp = path.with_name("." + path.name + ".tmp")
-        fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-        tmp.replace(path)
-        written.append(path)
+        written.append(save_figure_atomic(fig, folder / f"pretraining_benefit_{metric}.png"))
     return written
 
 
@@ -235,8 +226,8 @@ def run_benefit(args: argparse.Namespace) -> int:
     from .data_shards.synthea import generate_cohort
     from .outputs import claim_run_dir, write_text_atomic
     from .pipeline import (
-        StageTimer, baseline_stage, dropping_one_class_tasks, evaluate_stage, export_stage, finetune_stage,
-        pretrain_stage,
+        StageTimer, append_cell_result, baseline_stage, dropping_one_class_tasks, evaluate_stage, export_stage,
+        finetune_stage, load_cell_results, pretrain_stage,
     )
 
     started = time.time()
@@ -268,7 +259,7 @@ def run_benefit(args: argparse.Namespace) -> int:
     export_stage(run, hf)
 
     results_path = out / "results.jsonl"
-    done = _load_results(results_path)
+    done = load_cell_results(results_path)
     for model, fraction in cells:
         key = cell_key(model, fraction)
         timer.start(key, f"{model} on {round(fraction * 100)}% of the finetune split's patients")
@@ -288,8 +279,7 @@ def run_benefit(args: argparse.Namespace) -> int:
             metrics = evaluate_stage(ft, data, cell / "eval", n_boot=args.bootstrap)
         record = {"cell": key, "model": model, "fraction": fraction, "tasks": metrics["tasks"], "skipped_tasks": skipped,
                   "train_patients": _train_patients(data, tasks, fraction, args.finetune_seed)}
-        with open(results_path, "a") as stream:
-            stream.write(json.dumps(record, default=str) + "\n")
+        append_cell_result(results_path, record)
         done[key] = record
     timer.stop()
 

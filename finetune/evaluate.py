@@ -36,6 +36,8 @@ def _plots(y: np.ndarray, p: np.ndarray, folder: Path, title: str) -> None:
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import precision_recall_curve, roc_curve
 
+    from ehrfm.outputs import save_figure_atomic
+
     if len(np.unique(y)) < 2:
         return
     fpr, tpr, _ = roc_curve(y, p)
@@ -51,10 +53,7 @@ def _plots(y: np.ndarray, p: np.ndarray, folder: Path, title: str) -> None:
         ax.plot(*ref, linestyle="--", color="grey")
         ax.set(xlabel=xl, ylabel=yl, title=f"{title} {name}", xlim=(0, 1), ylim=(0, 1.02))
         fig.tight_layout()
-        tmp = folder / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(folder / f"{name}.png")
+        save_figure_atomic(fig, folder / f"{name}.png")
 
 
 def _fmt(m: dict, key: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..outputs import save_figure_atomic
 from .metrics import read_metrics
 
 # record key -> (label, colour, line style) of the horizontal reference lines
@@ -75,12 +76,7 @@ def plot_validation_curves(runs: dict[str, Path], path: Path, *, title: str = ""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name("." + path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 def perplexity_report(argv: list[str]) -> dict:
