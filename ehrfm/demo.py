@@ -20,16 +20,17 @@ DEMO_TASKS = ["los_7d", "readmission_30d", "mortality_1y"]
 # (300: no AUROC CI above 0.5; 400: LOS and readmission above). Splits: a larger test split than
 # PrepareConfig's 001 default (15%), so the 150-patient cohort's CIs are informative; --prepare-option
 # splits.*=... overrides them.
-DEMO_RECIPE = {"steps": 400, "lr": 3e-3, "epochs": 5, "finetune_lr": 1e-3,
+DEMO_RECIPE = {"patients": 200, "age": "60-90", "steps": 400, "lr": 3e-3, "epochs": 5, "finetune_lr": 1e-3,
                "prepare": ["splits.pretrain=0.45", "splits.finetune=0.30", "splits.test=0.25"]}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the pipeline end to end on a Synthea cohort", description=__doc__)
-    p.add_argument("--patients", type=int, default=150,
-                   help="Synthea patients to generate (default 150: about 4 min on 2 cores, cached afterwards)")
+    p.add_argument("--patients", type=int, default=DEMO_RECIPE["patients"],
+                   help=f"Synthea patients to generate (default {DEMO_RECIPE['patients']}: about 8 min on 2 cores, cached "
+                        "afterwards)")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--age", default="50-90", help="Synthea age band (older patients have more admissions)")
+    p.add_argument("--age", default=DEMO_RECIPE["age"], help="Synthea age band (older patients have more admissions)")
     p.add_argument("--input", type=Path, default=None, help="your own MEDS folder or FHIR bundles instead of Synthea")
     p.add_argument("--format", choices=["meds", "fhir"], default="fhir")
     p.add_argument("--tasks", default=None,
