@@ -1,7 +1,7 @@
 """`ehrfm demo`: the whole pipeline on a seeded Synthea cohort (or your own MEDS/FHIR data) in minutes.
 
-cohort (Synthea, cached) -> prepare -> pretrain a Mini model (README 'Recipes') -> export to HF -> MPF finetuning on the demo tasks
-(LOS > 7 days, 30-day readmission, 1-year mortality) -> evaluation on the test split with patient-level bootstrap
+cohort (Synthea, cached) -> prepare -> pretrain a Mini model (README 'Recipes') -> export to HF -> finetuning with one head
+per demo task (LOS > 7 days, 30-day readmission, 1-year mortality; --method mpf for prompted finetuning) -> evaluation on the test split with patient-level bootstrap
 CIs -> the XGBoost count baseline -> one table. Every stage is resumable: re-running the same command skips
 finished stages and resumes pretraining from its last checkpoint.
 """
@@ -15,12 +15,14 @@ from pathlib import Path
 from .pretrain.config import SIZE_NAMES
 
 DEMO_TASKS = ["los_7d", "readmission_30d", "mortality_1y"]
+METHOD_LABELS = {"per-task": "per-task heads", "mpf": "MPF"}
 # the demo's recipe (2-core CPU, cached cohort <= 5 minutes; README top and "Recipes"); --input data gets the
 # same one. Mini Llama passes the bigram by step 200; 400 steps gave the best finetuning of the runs measured
 # (300: no AUROC CI above 0.5; 400: LOS and readmission above). Splits: a larger test split than
 # PrepareConfig's 001 default (15%), so the 150-patient cohort's CIs are informative; --prepare-option
 # splits.*=... overrides them.
-DEMO_RECIPE = {"patients": 200, "age": "60-90", "steps": 400, "lr": 3e-3, "epochs": 5, "finetune_lr": 1e-3,
+DEMO_RECIPE = {"patients": 200, "age": "60-90", "steps": 400, "lr": 3e-3, "method": "per-task", "epochs": 5,
+               "finetune_lr": 1e-3,
                "prepare": ["splits.pretrain=0.45", "splits.finetune=0.30", "splits.test=0.25"]}
 
 
@@ -44,6 +46,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=DEMO_RECIPE["lr"],
                    help=f"pretraining learning rate (default {DEMO_RECIPE['lr']}, README 'Recipes')")
+    p.add_argument("--method", choices=sorted(METHOD_LABELS), default=DEMO_RECIPE["method"],
+                   help=f"finetuning head (default {DEMO_RECIPE['method']}: one head per task on the shared backbone; "
+                        "mpf: one prompted head, a task token per task)")
     p.add_argument("--epochs", type=int, default=DEMO_RECIPE["epochs"],
                    help=f"finetuning epochs (default {DEMO_RECIPE['epochs']})")
     p.add_argument("--finetune-lr", type=float, default=DEMO_RECIPE["finetune_lr"],
@@ -124,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         tasks = [t for t in DEMO_TASKS if t in tasks]
 
     results, paths, pretraining = {}, {}, {}
+
+    def model_name(arch: str) -> str:
+        return f"{arch}-{args.size} {METHOD_LABELS[args.method]}"
+
     for arch in backbones:
         spec = PretrainSpec(architecture=arch, size=args.size, steps=args.steps, context_length=args.context_length,
                             overrides=[f"optim.lr={args.lr}"])
@@ -134,16 +143,16 @@ def run(args: argparse.Namespace) -> int:
         pretraining[arch] = pretraining_summary(run_dir)
         timer.start(f"export {arch}", str(hf_dir))
         export_stage(run_dir, hf_dir)
-        timer.start(f"finetune {arch}", f"MPF on {', '.join(tasks)} -> {ft_dir}")
-        finetune_stage(hf_dir, data, ft_dir, method="mpf", tasks=tasks, epochs=args.epochs,
+        timer.start(f"finetune {arch}", f"{METHOD_LABELS[args.method]} on {', '.join(tasks)} -> {ft_dir}")
+        finetune_stage(hf_dir, data, ft_dir, method=args.method, tasks=tasks, epochs=args.epochs,
                        context_length=args.context_length, learning_rate=args.finetune_lr)
         timer.start(f"evaluate {arch}", str(eval_dir))
-        results[f"{arch}-{args.size} MPF"] = evaluate_stage(ft_dir, data, eval_dir, n_boot=args.bootstrap)
+        results[model_name(arch)] = evaluate_stage(ft_dir, data, eval_dir, n_boot=args.bootstrap)
         scratch_ft, scratch_eval = out / f"finetune_{arch}_scratch", out / f"eval_{arch}_scratch"
         timer.start(f"from scratch {arch}", f"same finetuning from random weights (the control) -> {scratch_ft}")
-        finetune_stage(hf_dir, data, scratch_ft, method="mpf", tasks=tasks, epochs=args.epochs,
+        finetune_stage(hf_dir, data, scratch_ft, method=args.method, tasks=tasks, epochs=args.epochs,
                        context_length=args.context_length, learning_rate=args.finetune_lr, init="random")
-        results[f"{arch}-{args.size} MPF, from scratch"] = evaluate_stage(scratch_ft, data, scratch_eval, n_boot=args.bootstrap)
+        results[f"{model_name(arch)}, from scratch"] = evaluate_stage(scratch_ft, data, scratch_eval, n_boot=args.bootstrap)
         paths[arch] = {"pretrain run": run_dir, "exported HF model": hf_dir, "finetuned": ft_dir, "evaluation": eval_dir,
                        "from scratch": scratch_eval}
     timer.start("XGBoost baseline", "code counts + ages")
@@ -151,11 +160,11 @@ def run(args: argparse.Namespace) -> int:
     timer.stop()
 
     counts = manifest["counts"]
-    verdicts = {arch: chance_verdict(results[f"{arch}-{args.size} MPF"], tasks) for arch in backbones}
+    verdicts = {arch: chance_verdict(results[model_name(arch)], tasks) for arch in backbones}
     table = results_table(results, tasks) + "\n" + "\n".join(
         f"pretraining {arch}: step {p['step']}, {validation_summary(p)} (count models on the same split in brackets)"
         for arch, p in pretraining.items()) + "\n" + "\n".join(
-        f"{arch}-{args.size} MPF vs chance: {v['text']}" for arch, v in verdicts.items()) + "\n"
+        f"{model_name(arch)} vs chance: {v['text']}" for arch, v in verdicts.items()) + "\n"
     header = (f"# ehrfm demo\n\n{counts['patients_total']} patients, {counts['tokens_total']} tokens, vocabulary "
               f"{manifest['vocab_size']}; test split, 95% CIs from {args.bootstrap} patient-level bootstrap resamples\n\n")
     write_text_atomic(out / "report.md", header + table)
@@ -163,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         "tasks": tasks, "stage_seconds": timer.seconds, "results": {k: v["tasks"] for k, v in results.items()},
         "pretraining": pretraining, "chance": verdicts,
         "recipe": {"size": args.size, "steps": args.steps, "lr": args.lr, "context_length": args.context_length,
-                   "epochs": args.epochs, "finetune_lr": args.finetune_lr,
+                   "method": args.method, "epochs": args.epochs, "finetune_lr": args.finetune_lr,
                    "prepare": DEMO_RECIPE["prepare"] + list(args.prepare_option)},
         "paths": {a: {k: str(v) for k, v in p.items()} for a, p in paths.items()},
     })

@@ -188,12 +188,15 @@ def export_embeddings(ft_dir: Path, data_dir: Path, out: Path, splits: tuple[str
     the ALF output (ALFIA models) or the pooled last hidden state (per-task / MPF), L2-normalised (002 Alg. 2)."""
     from ehrfm.outputs import atomic_output, check_output_dir
 
+    from ehrfm.devices import compute_device
+
     from .data import check_vocabulary
     from .model import load_finetuned
 
     check_output_dir(Path(out), "embed", inputs=[ft_dir, data_dir], overwrite=overwrite)
     manifest = read_manifest(data_dir)
     model, meta = load_finetuned(ft_dir)
+    model.to(compute_device())
     check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
     with atomic_output(Path(out), "embed", inputs=[ft_dir, data_dir, meta.get("base_model")],
                        overwrite=overwrite) as tmp:

@@ -51,6 +51,8 @@ class FinetuneConfig:
     train_fraction: float = 1.0  # fraction of training *patients* kept (seeded), 0 < f <= 1
     neftune_alpha: float = 0.0  # 0 = off; 001/000 Table 3 baselines use 5 and 10
     max_grad_norm: float = 1.0
+    # as pretraining's train.precision (ehrfm.devices): "auto" = bf16 autocast on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 42
     lora: LoraSettings = field(default_factory=LoraSettings)
     alfia: AlfiaSettings = field(default_factory=AlfiaSettings)
@@ -65,6 +67,10 @@ class FinetuneConfig:
             raise ConfigError(f"train_fraction: must be in (0, 1], got {self.train_fraction}")
         if self.context_length < 2:
             raise ConfigError(f"context_length: must be >= 2, got {self.context_length}")
+        from ehrfm.devices import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: {self.precision!r} is not one of {list(PRECISIONS)}")
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ConfigError("epochs, patience and batch_size must be >= 1")
         if self.pos_weight not in ("none", "auto"):

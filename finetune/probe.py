@@ -56,7 +56,9 @@ def load_exported_model(model_dir: Path, data_dir: Path):
             f"{model_dir}: vocabulary {meta.get('vocab_fingerprint')} differs from {data_dir}'s "
             f"{manifest['vocab_fingerprint']}: the model was trained on another tokenization"
         )
-    model = AutoModel.from_pretrained(model_dir)
+    from ehrfm.devices import compute_device
+
+    model = AutoModel.from_pretrained(model_dir).to(compute_device())
     return model.eval(), manifest
 
 
@@ -76,13 +78,17 @@ def embed_samples(model, samples: list[dict], batch_size: int, context_length: i
     """Last-token patient embeddings (N, H) and, per sample, the [REG] states (n_visits, H)."""
     from ehrfm.data_shards.schema import TokenType
 
+    from ehrfm.devices import autocast, to_device
+
+    device = next(model.parameters()).device
     embeddings, reg_states = [], []
     for batch in _batches(samples, batch_size, context_length):
-        hidden = model(**batch).last_hidden_state  # (B, L, H) final-norm states
+        with autocast("auto", device):
+            hidden = model(**to_device(batch, device)).last_hidden_state.float().cpu()  # (B, L, H) final-norm states
         lengths = batch["attention_mask"].sum(1)
-        embeddings.append(hidden[torch.arange(hidden.shape[0]), lengths - 1].float())
+        embeddings.append(hidden[torch.arange(hidden.shape[0]), lengths - 1])
         is_reg = batch["type_ids"] == TokenType.REG
-        reg_states += [hidden[b][is_reg[b]].float() for b in range(hidden.shape[0])]
+        reg_states += [hidden[b][is_reg[b]] for b in range(hidden.shape[0])]
     return torch.cat(embeddings), reg_states
 
 

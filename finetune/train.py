@@ -8,7 +8,6 @@ restored and saved.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from ehrfm.data_shards.shards import read_manifest
+from ehrfm.devices import autocast, compute_device, to_device
 from ehrfm.outputs import check_output_dir
 from ehrfm.seeding import derive_seed, seed_everything
 
@@ -43,19 +43,26 @@ def pos_weights(cfg: FinetuneConfig, counts: dict, tasks: list[str]) -> torch.Te
 
 
 @torch.no_grad()
-def predict(model: FinetuneModel, dataset: FinetuneDataset, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Probabilities (N,), labels (N,), task indices (N,), ALF/pooled embeddings (N, H), layer weights (N, N_f)."""
+def predict(model: FinetuneModel, dataset: FinetuneDataset, batch_size: int = 64,
+            precision: str = "auto") -> dict[str, np.ndarray]:
+    """Probabilities (N,), labels (N,), task indices (N,), ALF/pooled embeddings (N, H), layer weights (N, N_f).
+
+    Runs on the model's device under ``precision``'s autocast (``ehrfm.devices``); results come back to the
+    host as float32 numpy arrays."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
     probs, labels, tasks, embs, lams = [], [], [], [], []
     for batch in loader:
-        out = model(batch)
-        probs.append(torch.sigmoid(out["logits"].float()).numpy())
+        with autocast(precision, device):
+            out = model(to_device(batch, device))
+        probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
         labels.append(batch["label"].numpy().astype(bool))
         tasks.append(batch["task"].numpy())
-        embs.append(out["embedding"].float().numpy())
+        embs.append(out["embedding"].float().cpu().numpy())
         if out["layer_weights"] is not None:
-            lams.append(out["layer_weights"].float().numpy())
+            lams.append(out["layer_weights"].float().cpu().numpy())
     empty = np.zeros(0)
     return {
         "probability": np.concatenate(probs) if probs else empty,
@@ -145,7 +152,10 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
                 f"task {name!r}: train_fraction {cfg.train_fraction} leaves only one class in split {TRAIN_SPLIT!r}",
                 task=name,
             )
+    device = compute_device()
+    model.to(device)
     pw = pos_weights(cfg, run["counts"], tasks)
+    pw = pw.to(device) if pw is not None else None
     head_params = list(model.heads.parameters())
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     groups = [{"params": head_params, "lr": cfg.head_learning_rate or cfg.learning_rate}]
@@ -154,11 +164,11 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle"))
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                                         generator=generator)
+                                         generator=generator, pin_memory=device.type == "cuda")
     regs = attach_regularizers(model.backbone, cfg.neftune_alpha, anaa)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("finetune %s on %s: method %s, tasks %s, %d train / %d val examples, %d trainable parameters%s",
-             model_dir, data_dir, cfg.method, tasks, len(train_set), len(val_set), n_trainable,
+    log.info("finetune %s on %s: method %s, tasks %s, %d train / %d val examples, %d trainable parameters, %s%s",
+             model_dir, data_dir, cfg.method, tasks, len(train_set), len(val_set), n_trainable, device,
              " (ANAA)" if regs.anaa_active else "")
     best_score, best_state, best_epoch, bad, history = -np.inf, None, -1, 0, []
     try:
@@ -168,7 +178,9 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
                 model.backbone.eval()
             losses = []
             for batch in loader:
-                out_ = model(batch)
+                batch = to_device(batch, device)
+                with autocast(cfg.precision, device):
+                    out_ = model(batch)
                 weight = None
                 if pw is not None:
                     weight = torch.where(batch["label"] > 0, pw[batch["task"]], torch.ones_like(batch["label"]))
@@ -178,12 +190,12 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
                 optimizer.step()
                 losses.append(float(loss.detach()))
-            score, per_task = validation_score(predict(model, val_set, cfg.batch_size), tasks)
+            score, per_task = validation_score(predict(model, val_set, cfg.batch_size, cfg.precision), tasks)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auprc": score, "val": per_task})
             log.info("epoch %d: train loss %.4f, val AUPRC %.4f", epoch, np.mean(losses), score)
             if score > best_score or best_state is None:
                 best_score, best_epoch, bad = score, epoch, 0
-                best_state = copy.deepcopy({k: v for k, v in model.state_dict().items()})
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             else:
                 bad += 1
                 if bad >= cfg.patience:
@@ -191,6 +203,7 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
                     break
     finally:
         regs.remove()
+    model.to("cpu")  # saved from the host
     model.load_state_dict(best_state)
     meta = {
         "method": cfg.method,

@@ -444,11 +444,38 @@ def _save_weights(engine, path: Path) -> None:
 def _save_deepspeed(engine, path: Path) -> None:
     ds = engine.model
     ds.save_checkpoint(str(path / "deepspeed"), tag="zero", save_latest=False)
-    if ds.zero_optimization_partition_weights():
+    if ds.bfloat16_enabled() or ds.fp16_enabled():
+        full = _deepspeed_fp32_masters(engine)
+    elif ds.zero_optimization_partition_weights():
         full = ds._zero3_consolidated_16bit_state_dict()  # collective; full dict on rank 0 only
     else:
         full = engine.module.state_dict() if dist.get_rank() == 0 else None
     _save_consolidated(full, path)
+
+
+def _deepspeed_fp32_masters(engine) -> dict[str, torch.Tensor] | None:
+    """Collective: the full fp32 master weights of a bf16/fp16 DeepSpeed run (ZeRO-2 or 3) on rank 0, None
+    elsewhere. The module's own weights are the 16-bit copies; exports and resharding need the masters.
+    Buffers and tied names come from the module's state dict."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    rank0 = dist.get_rank() == 0
+    masters: dict[int, torch.Tensor] = {}
+    for _, param in module.named_parameters():  # unique parameters, the same order on every rank
+        value = safe_get_full_fp32_param(param)  # collective
+        if value is None:
+            raise CheckpointError("DeepSpeed returned no fp32 master for a parameter; cannot write fp32 weights")
+        if rank0:
+            masters[id(param)] = value.detach().float().cpu()
+    if not rank0:
+        return None
+    by_name = dict(module.named_parameters(remove_duplicate=False))
+    full = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        param = by_name.get(key)
+        full[key] = masters[id(param)] if param is not None else tensor.detach().cpu()
+    return full
 
 
 def _save_consolidated(full: dict[str, torch.Tensor] | None, path: Path) -> None:

@@ -10,34 +10,55 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 from pathlib import Path
 
 import torch
 
-# dense bf16 peak FLOP/s per device (the tensor-core number vendors quote, without sparsity)
-PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12, "V100": 125e12}
+# dense bf16 peak FLOP/s per device (the tensor-core number vendors quote, without sparsity), matched as whole
+# words of torch.cuda.get_device_name() in this order ("L40" is not "L4", "GH200" is not "H200")
+PEAK_FLOPS = {
+    "B200": 2250e12, "GH200": 989e12, "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "V100": 125e12,
+}
 
 
 def flops_per_token(model: torch.nn.Module, context_length: int) -> float:
-    """Training FLOPs per token: 6 N (forward + backward matmuls over the N non-embedding parameters) plus
-    attention's 12 * layers * hidden * context for attention backbones (PaLM appendix B convention)."""
+    """Training FLOPs per token (PaLM appendix B convention, forward + backward = 3x forward):
+
+    * 6 N over the N parameters used in matmuls: every parameter except the input embedding tables (lookups),
+      plus the output projection (the LM head, H x V, counted once whether or not it is tied to the input);
+    * attention scores and values: 12 * layers * hidden * T for bidirectional attention (BERT), half that for
+      causal attention (Llama: on average a token attends to T / 2 positions). Mamba has no attention term."""
     config = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name and "embed_tokens" not in name)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = head.weight if head is not None else None
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if "embeddings" not in name and "embed_tokens" not in name and p is not head_weight)
+    if head_weight is not None:
+        n += head_weight.numel()
     flops = 6.0 * n
-    if config.model_type in ("ehr_llama", "ehr_bert"):
+    if config.model_type == "ehr_bert":
         flops += 12.0 * config.num_hidden_layers * config.hidden_size * context_length
+    elif config.model_type == "ehr_llama":
+        flops += 6.0 * config.num_hidden_layers * config.hidden_size * context_length
     return flops
 
 
-def peak_flops(override: float = 0.0) -> float:
-    """Per-device peak FLOP/s: the override, else a lookup of the GPU name; 0 on CPU (no MFU)."""
+def peak_flops(override: float = 0.0, device_name: str | None = None) -> float:
+    """Per-device peak FLOP/s: the override, else a lookup of the GPU name; 0 on CPU or an unknown GPU (no MFU;
+    set train.peak_flops)."""
     if override > 0:
         return override
-    if not torch.cuda.is_available():
-        return 0.0
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return 0.0
+        device_name = torch.cuda.get_device_name()
+    for key, value in PEAK_FLOPS.items():
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
+            return value
+    return 0.0
 
 
 def peak_memory_mb() -> float:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
+from ..devices import autocast, bf16_enabled, use_fast_attention
 from ..logging import get_logger
 
 log = get_logger(__name__)
@@ -135,15 +136,26 @@ def lr_at(step: int, cfg) -> float:
 
 
 def uses_bf16(cfg, device: torch.device) -> bool:
-    """bf16 when asked (precision bf16), or by default on GPU (precision auto); otherwise fp32."""
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    """``ehrfm.devices.bf16_enabled`` for ``train.precision``."""
+    return bf16_enabled(cfg.train.precision, device)
 
 
 def autocast_context(cfg, device: torch.device):
-    """bf16 autocast per ``uses_bf16``, else a no-op (fp32)."""
-    if uses_bf16(cfg, device):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """``ehrfm.devices.autocast`` for ``train.precision``."""
+    return autocast(cfg.train.precision, device)
+
+
+def fsdp_precision(cfg, device: torch.device, root: bool):
+    """FSDP2's mixed-precision policy: bf16 parameters and fp32 gradient reduction per ``uses_bf16``.
+
+    The root keeps its forward inputs as given (``cast_forward_inputs=False``): the EHR attribute streams are
+    float (``times`` in weeks since 1970, ~2,870; ``ages`` in years) and bf16's 8-bit mantissa would round them
+    to multiples of 16 weeks and whole years. Blocks cast their (hidden-state) inputs to bf16 as usual."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not uses_bf16(cfg, device):
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=not root)
 
 
 class Engine:
@@ -237,6 +249,11 @@ def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict:
     }
     if cfg.deepspeed.offload_optimizer:
         ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        # DeepSpeed >= 0.14 refuses a client (torch) optimizer next to an offloaded one unless told: the fp32
+        # masters then live on the CPU and torch AdamW (foreach) updates them there. DeepSpeed's own
+        # DeepSpeedCPUAdam (a C++ extension built on first use) is faster: name an "optimizer" block in
+        # deepspeed.config_file and it is used instead.
+        ours["zero_force_ds_cpu_optimizer"] = False
 
     def fill(user_node: dict, our_node: dict) -> dict:
         merged = dict(user_node)
@@ -263,6 +280,7 @@ def build_engine(cfg, module: nn.Module, info: DistInfo) -> Engine:
     """Activation checkpointing, compile, then wrap ``module`` for ``cfg.train.strategy`` and build AdamW."""
     strategy = cfg.train.strategy
     module.to(info.device)
+    use_fast_attention(module, info.device)  # flash varlen for packed rows where flash-attn runs
     if cfg.train.activation_checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.compile:
@@ -280,13 +298,11 @@ def build_engine(cfg, module: nn.Module, info: DistInfo) -> Engine:
         model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         return DDPEngine(module, model, adamw(param_groups(module, o.weight_decay)), cfg)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        bf16 = uses_bf16(cfg, info.device)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for block in transformer_blocks(module):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
+            fully_shard(block, mp_policy=fsdp_precision(cfg, info.device, root=False))
+        fully_shard(module, mp_policy=fsdp_precision(cfg, info.device, root=True))
         return FSDPEngine(module, module, adamw(param_groups(module, o.weight_decay)), cfg)
     if strategy.startswith("deepspeed"):
         if info.device.type == "cpu":

@@ -264,7 +264,7 @@ class Trainer:
                 break
             weight = 1.0
             if raw is None:  # this rank is done; sharded engines still need its forward in every collective
-                raw, weight = first, 0.0
+                raw, weight = (first if first is not None else self._stand_in_val_batch()), 0.0
             first = first if first is not None else raw
             batch = self.objective.prepare(raw, 0, i, device, split="val")
             with autocast_context(cfg, device):
@@ -280,6 +280,12 @@ class Trainer:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_targets": int(total[1].item()),
                 "val_code_ppl": math.exp(min(code_loss, 50.0)) if math.isfinite(code_loss) else float("nan"),
                 **self.reference}
+
+    def _stand_in_val_batch(self) -> dict:
+        """A validation batch for a rank whose shard of the split is empty (more ranks than validation
+        patients or shards): its forward keeps the collectives of sharded engines in step, its loss weighs 0."""
+        stream = PatientStream(self.data_dir, self.cfg.data.val_split, stream_config(self.cfg, False), rank=0, world_size=1)
+        return next(iter(EhrDataLoader(stream, num_workers=0, generator=_private_generator())))
 
     def save(self, best: bool = False) -> None:
         ckpt.save_checkpoint(

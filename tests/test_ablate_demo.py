@@ -138,11 +138,11 @@ def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
     first = _ehrfm(*args, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "demo_report.json").read_text())
-    assert set(report["results"]) == {"llama-mini MPF", "llama-mini MPF, from scratch", "XGBoost (counts)"}
+    assert set(report["results"]) == {"llama-mini per-task heads", "llama-mini per-task heads, from scratch", "XGBoost (counts)"}
     pretraining = report["pretraining"]["llama"]
     assert pretraining["val_ppl"] > 0 and pretraining["ref_bigram_ppl"] > 0 and pretraining["ref_unigram_ppl"] > 0
     assert pretraining["val_code_ppl"] > 0 and pretraining["ref_code_bigram_ppl"] > 0
-    assert "bigram" in first.stdout and "llama-mini MPF vs chance: AUROC > 0.5 on" in first.stdout
+    assert "bigram" in first.stdout and "llama-mini per-task heads vs chance: AUROC > 0.5 on" in first.stdout
     assert report["recipe"]["size"] == "mini" and report["chance"]["llama"]["met"] in (True, False)
     assert json.loads((out / "finetune_llama_scratch" / "finetune.json").read_text())["init"] == "random"
     for model, tasks in report["results"].items():

@@ -20,7 +20,8 @@ Backward (two kernels, no atomics): dS_ij = P_ij (dP_ij - Delta_i + 2 dr_i (P_ij
 dP = dY_A V'^T, Delta_i = dY_A_i . Y_A_i, and dr the gradient reaching r through sigma (0 when detached).
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (tests, fp32, small shapes). Inputs are upcast to fp32 and
-accumulation is fp32; fp32 inputs use IEEE fp32 dots, fp16/bf16 inputs tf32 dots.
+accumulation is fp32; dots are tf32 on GPU and IEEE fp32 for fp32 inputs under the interpreter
+(:func:`dot_precision`).
 """
 from __future__ import annotations
 
@@ -210,6 +211,18 @@ def philox_noise(seed: int, batch: int, heads: int, n: int, device="cpu") -> tor
     return z
 
 
+def dot_precision(dtype: torch.dtype, on_gpu: bool) -> str:
+    """``tl.dot`` input precision for inputs of ``dtype`` (the kernels see them upcast to fp32).
+
+    GPU: tf32 tensor cores for every input dtype. IEEE fp32 dots lower to FMA chains that need more registers
+    than a thread has: the backward dK/dV kernel spilled 0.5 KB at head dim 64 and 7 KB at 128 (``python -m
+    ehrfm.kernels.aot``), so fp32 training gets tf32 attention, as cuBLAS does with TF32 allowed.
+    Interpreter (CPU tests): IEEE fp32 for fp32/fp64 inputs, so they match the reference to 1e-5."""
+    if on_gpu or dtype not in (torch.float32, torch.float64):
+        return "tf32"
+    return "ieee"
+
+
 def _blocks(d: int):
     return 16, 16, max(16, triton.next_power_of_2(d))
 
@@ -270,9 +283,7 @@ def anaa_triton(q, k, v, *, taps, variant, mode, training, doc, noise, seed, det
     if smooth:
         vp = conv_rows(vp, taps, doc, variant, transpose=True)
     doc32 = doc.to(torch.int32).contiguous()
-    # fp32/fp64 inputs: IEEE fp32 dots (matches the reference); half inputs: tf32 tensor cores, whose rounding
-    # is below the inputs' own precision
-    prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    prec = dot_precision(q.dtype, q.is_cuda)
     ya, yz, r = _FusedANAA.apply(q, k, vp, doc32, noise, int(seed or 0), causal, noise_mode, prec)
     y = ya
     if mode != "smooth":

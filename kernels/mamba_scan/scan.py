@@ -11,10 +11,16 @@ two length-L loops (forward states, reverse adjoints) are sequential; each step 
 temporaries stay within a memory budget. States are recomputed in backward instead of stored (like the CUDA
 kernel), so the autograd graph holds only the inputs.
 
-``selective_scan`` dispatches to ``mamba_ssm``'s CUDA kernel when it is installed, the tensors are on CUDA and
-no resets are requested (the kernel has no reset input).
+``selective_scan`` dispatches to ``mamba_ssm``'s CUDA kernel when it is installed and the tensors are on CUDA.
+The kernel has no reset input, so packed rows (resets given) are first re-packed one document per row
+(``split_documents``: documents sorted by length, grouped so that the padded size stays within twice the
+packed one; right padding never reaches earlier steps of a causal scan) and scattered back afterwards. The
+kernel takes ``D`` and ``delta_bias`` in float32 only, whatever the parameter dtype. The CPU scan runs in
+float32 with autocast disabled (under bf16 autocast its matmuls would otherwise drop to bf16).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +85,11 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with fp32_region(dy.device.type):  # float32 throughout, as in forward
+            return _SelectiveScan._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         u, delta, A, B, C, keep = ctx.saved_tensors
         batch, channels, length = u.shape
         state = A.shape[1]
@@ -142,14 +153,84 @@ def selective_scan(
     D, delta_bias (channels,); resets (batch, length) bool, True at the first token of each document after the
     first (the state entering that token is dropped). Returns y (batch, channels, length) in u's dtype.
     """
-    if _mamba_ssm_scan is not None and u.is_cuda and resets is None:
-        return _mamba_ssm_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    delta_f = prepare_delta(delta, delta_bias, delta_softplus)
-    keep = (~resets).float() if resets is not None else None
-    uf = u.float()
-    y = _SelectiveScan.apply(uf, delta_f, A.float(), B.float(), C.float(), keep)
-    if D is not None:
-        y = y + uf * D.float()[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.float())
+    if _cuda_kernel_applies(u):
+        D32 = D.float() if D is not None else None
+        bias32 = delta_bias.float() if delta_bias is not None else None
+        if resets is None:
+            return _mamba_ssm_scan(u, delta, A, B, C, D32, z, bias32, delta_softplus)
+        return _scan_per_document(u, delta, A, B, C, D32, z, bias32, delta_softplus, resets)
+    with fp32_region(u.device.type):
+        delta_f = prepare_delta(delta.float(), delta_bias, delta_softplus)
+        keep = (~resets).float() if resets is not None else None
+        uf = u.float()
+        y = _SelectiveScan.apply(uf, delta_f, A.float(), B.float(), C.float(), keep)
+        if D is not None:
+            y = y + uf * D.float()[None, :, None]
+        if z is not None:
+            y = y * F.silu(z.float())
     return y.to(u.dtype)
+
+
+def fp32_region(device_type: str):
+    """Autocast disabled on ``device_type`` (a no-op where autocast does not exist, e.g. meta tensors)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _cuda_kernel_applies(u: torch.Tensor) -> bool:
+    return _mamba_ssm_scan is not None and u.is_cuda
+
+
+def split_documents(resets: torch.Tensor, budget: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Where each token of packed rows goes when every document gets its own row.
+
+    resets (batch, length) bool, True at the first token of each document after a row's first. Documents are
+    sorted by length (longest first) and grouped so that ``documents * longest`` stays within ``budget``
+    tokens (at least one document per group). Returns per group (rows, steps, slots, width): the packed
+    coordinates (rows, steps) of the group's tokens, their destination ``slots`` = document * width + position
+    in a (documents, width) grid."""
+    batch, length = resets.shape
+    segment = torch.cumsum(resets.long(), dim=1)  # document index within the row
+    per_row = segment[:, -1] + 1
+    first_doc = torch.cumsum(per_row, 0) - per_row  # global index of each row's first document
+    doc = (first_doc[:, None] + segment).flatten()  # (batch * length,)
+    n_docs = int(per_row.sum())
+    sizes = torch.bincount(doc, minlength=n_docs)
+    starts = torch.cumsum(sizes, 0) - sizes  # tokens are row-major, so a document's tokens are contiguous
+    position = torch.arange(batch * length, device=resets.device) - starts[doc]
+    order = torch.argsort(sizes, descending=True, stable=True)
+    sizes_sorted = sizes[order].tolist()
+    groups, begin = [], 0
+    while begin < n_docs:
+        width = sizes_sorted[begin]
+        end = begin + max(1, budget // max(1, width))
+        groups.append((begin, min(end, n_docs), width))
+        begin = end
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n_docs, device=resets.device)
+    flat_rank = rank[doc]
+    out = []
+    for begin, end, width in groups:
+        token = torch.nonzero((flat_rank >= begin) & (flat_rank < end)).squeeze(1)
+        slots = (flat_rank[token] - begin) * width + position[token]
+        out.append((token // length, token % length, slots, width))
+    return out
+
+
+def _scan_per_document(u, delta, A, B, C, D, z, delta_bias, delta_softplus, resets):
+    """The CUDA kernel on packed rows: one document per row, then back to the packed layout."""
+    batch, channels, length = u.shape
+    y = u.new_empty(batch, length, channels)
+    for rows, steps, slots, width in split_documents(resets, budget=2 * batch * length):
+        n = int(slots.max()) // width + 1
+
+        def grid(t):  # (batch, C, length) -> (n, C, width), zero right padding
+            out = t.new_zeros(n * width, t.shape[1])
+            out[slots] = t.permute(0, 2, 1)[rows, steps]
+            return out.view(n, width, -1).permute(0, 2, 1).contiguous()
+
+        y_docs = _mamba_ssm_scan(grid(u), grid(delta), A, grid(B), grid(C), D, grid(z) if z is not None else None,
+                                 delta_bias, delta_softplus)
+        y[rows, steps] = y_docs.permute(0, 2, 1).reshape(n * width, channels)[slots]
+    return y.permute(0, 2, 1)

@@ -26,6 +26,7 @@ from .embeddings import EhrEmbeddings, init_ehr_embedding_weights
 from .masking import (
     flash_varlen_kwargs,
     packed_attention_mask,
+    rows_are_right_padded,
     position_ids_per_document,
     resolve_document_ids,
     uses_flash_attention,
@@ -109,6 +110,9 @@ class EhrLlamaModel(EhrModelMixin, EhrLlamaPreTrainedModel):
                 if document_ids is not None:
                     raise ValueError("cached decoding does not support packed rows (document_ids)")
                 mask = attention_mask
+            elif (document_ids is None and self.config._attn_implementation == "sdpa"
+                  and rows_are_right_padded(attention_mask)):
+                mask = None  # one document per row, padding at the end: SDPA's causal kernel, no dense mask
             else:
                 mask = packed_attention_mask(
                     documents, causal=True, dtype=hidden.dtype, attn_implementation=self.config._attn_implementation

@@ -23,6 +23,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
     segment_sum,
 )
 
+from ...kernels.mamba_scan import fp32_region
 from .common import EhrModelMixin, StreamGenerationMixin, next_token_loss
 from .configuration import EhrMamba2Config
 from .hf_cache_compat import cache_kwargs, output_cache, resolve_cache
@@ -56,8 +57,14 @@ def ssd_chunk_scan(
 
     A reset at step t sets log-decay dt_t * A to -inf: every decay factor spanning t becomes exactly 0. Decays
     are read from segment sums / cumulative sums only (never differences of cumsums, which would give
-    inf - inf), so the result stays finite and equals running each document alone.
+    inf - inf), so the result stays finite and equals running each document alone. Autocast is disabled inside
+    (under bf16 autocast the einsums would otherwise run in bf16).
     """
+    with fp32_region(x.device.type):
+        return _ssd_chunk_scan_fp32(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, resets)
+
+
+def _ssd_chunk_scan_fp32(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, resets):
     batch, length, heads, head_dim = x.shape
     dt = dt.float()
     if dt_bias is not None:

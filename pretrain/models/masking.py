@@ -7,8 +7,10 @@ for the patient alone:
   * flash-attn (when installed): rows are flattened into one varlen sequence with cu_seqlens from positions.
   * SSMs (Mamba, Mamba2): the recurrent state is reset at document starts and the causal convolution must not
     read across a boundary.
+Unpacked causal rows padded only at the end need no mask at all: SDPA's own causal kernels (flash /
+memory-efficient) then run, and a padded tail never reaches the real tokens before it.
 Everything here is tensor arithmetic: no ``.item()`` or host syncs (except the flash varlen lengths, which
-flash-attn needs as a Python int).
+flash-attn needs as a Python int, and the one-boolean right-padding check of unpacked rows).
 """
 from __future__ import annotations
 
@@ -87,6 +89,17 @@ def flash_varlen_kwargs(flat_position_ids: torch.Tensor) -> dict:
         "max_length_q": max_length,
         "max_length_k": max_length,
     }
+
+
+def rows_are_right_padded(attention_mask: torch.Tensor | None) -> bool:
+    """Whether every row of a (B, L) mask is real tokens then padding (no padding before a real token). One
+    host sync."""
+    if attention_mask is None:
+        return True
+    if attention_mask.dim() != 2:
+        return False
+    keep = attention_mask != 0
+    return bool((keep[:, 1:] <= keep[:, :-1]).all())
 
 
 def uses_flash_attention(config) -> bool:

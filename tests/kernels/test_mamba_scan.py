@@ -145,3 +145,76 @@ def test_mixer_matches_hf_mamba_mixer_values_and_grads():
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
     for name, grad in results[0][2].items():
         torch.testing.assert_close(grad, results[1][2][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _fake_cuda_kernel(calls):
+    """Stands in for mamba_ssm's selective_scan_fn: the CUDA op's input rules (no resets, D and delta_bias in
+    float32), then the reference scan."""
+
+    def kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        assert D is None or D.dtype == torch.float32, f"D is {D.dtype}: the CUDA op takes float32 only"
+        assert delta_bias is None or delta_bias.dtype == torch.float32, f"delta_bias is {delta_bias.dtype}"
+        calls.append(tuple(u.shape))
+        return selective_scan_reference(u.float(), delta, A, B, C, D, z, delta_bias, delta_softplus).to(u.dtype)
+
+    return kernel
+
+
+def _packed_resets(batch=3, length=23):
+    """Rows of several documents of different lengths (the third row is one document)."""
+    resets = torch.zeros(batch, length, dtype=torch.bool)
+    resets[0, [5, 9, 10, 20]] = True
+    resets[1, [12]] = True
+    return resets
+
+
+def test_cuda_path_on_packed_rows_runs_one_document_per_row(monkeypatch):
+    """Packed rows reach the CUDA kernel (re-packed one document per row, then scattered back) and give the
+    reset scan's values and gradients; D / delta_bias arrive in float32 although the parameters are bf16.
+    Before the fix packed rows never reached the kernel, and bf16 D reached it unconverted."""
+    calls = []
+    monkeypatch.setattr(scan_module, "_mamba_ssm_scan", _fake_cuda_kernel(calls))
+    inputs = make_inputs(batch=3, length=23, seed=5)
+    resets = _packed_resets()
+    upstream = torch.randn(3, 6, 23, generator=torch.Generator().manual_seed(6))
+    expected = values_and_grads(selective_scan_reference, inputs, upstream, resets=resets)
+    monkeypatch.setattr(scan_module, "_cuda_kernel_applies", lambda u: True)
+    got = values_and_grads(selective_scan, inputs, upstream, resets=resets)
+    assert calls and all(shape[0] > 3 or shape[2] < 23 for shape in calls), calls  # documents, not packed rows
+    assert_close_all(got, expected)
+    bf16 = {**inputs, "D": inputs["D"].bfloat16(), "delta_bias": inputs["delta_bias"].bfloat16()}
+    selective_scan(**bf16, delta_softplus=True, resets=resets)
+    selective_scan(**bf16, delta_softplus=True)
+
+
+@pytest.mark.parametrize("budget", [1, 23, 69, 1000])
+def test_split_documents_places_every_token_once(budget):
+    resets = _packed_resets()
+    seen = torch.zeros(3, 23, dtype=torch.long)
+    for rows, steps, slots, width in scan_module.split_documents(resets, budget):
+        seen[rows, steps] += 1
+        docs = torch.cumsum(resets.long(), 1)[rows, steps]
+        # within a grid row the tokens are one document, in order, starting at position 0
+        for slot_row in torch.unique(slots // width):
+            mine = slots // width == slot_row
+            assert torch.unique(docs[mine]).numel() == 1 and torch.unique(rows[mine]).numel() == 1
+            assert sorted((slots[mine] % width).tolist()) == list(range(int(mine.sum())))
+            assert torch.equal(steps[mine].sort().values, steps[mine][torch.argsort(slots[mine])])
+    assert torch.equal(seen, torch.ones_like(seen))
+
+
+def test_cpu_scan_stays_float32_under_bf16_autocast():
+    """Documented float32: under bf16 autocast the CPU scan's matmuls must not drop to bf16 (before the fix:
+    relative error about 4e-3 on values)."""
+    inputs = make_inputs(batch=2, channels=16, state=16, length=64, seed=7)
+    resets = torch.zeros(2, 64, dtype=torch.bool)
+    resets[0, 30] = True
+    upstream = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(8))
+    expected = values_and_grads(selective_scan, inputs, upstream, resets=resets)
+
+    def under_autocast(**kwargs):  # forward under autocast, backward outside it (as the training loop)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return selective_scan(**kwargs)
+
+    got = values_and_grads(under_autocast, inputs, upstream, resets=resets)
+    assert_close_all(got, expected, atol=1e-6, rtol=1e-6)

@@ -37,6 +37,13 @@ def test_script_has_no_user_or_host_and_passes_args_through():
         assert forbidden not in text
 
 
+def test_srun_passes_cpus_per_task_to_the_step():
+    """Slurm 22.05-23.02 do not hand the allocation's --cpus-per-task to srun steps (issue 14)."""
+    text = render(SlurmJob(["--out", "r"], nodes=2, gpus_per_node=8, setup="true"))
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in srun
+
+
 def test_cpu_nodes_default_to_one_process_and_no_gpu_line():
     text = render(SlurmJob(["--out", "r"], nodes=2, gpus_per_node=0, setup="true"))
     assert "--gpus-per-node" not in text and "PROCS_PER_NODE=1" in text

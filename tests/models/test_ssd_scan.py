@@ -65,3 +65,23 @@ def test_ssd_resets_equal_running_each_document_alone(chunk_size):
                     grads_alone[k] += g
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], grads_alone[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_ssd_stays_float32_under_bf16_autocast():
+    """Documented float32: the einsums must not drop to bf16 under autocast (before the fix they did: every
+    output element differed). Forward under autocast, backward outside it, as the training loop does."""
+    inputs = make_inputs(batch=2, length=40, heads=4, head_dim=8, groups=2, state=16, seed=9)
+    resets = torch.zeros(2, 40, dtype=torch.bool)
+    resets[1, 17] = True
+    upstream = torch.randn(2, 40, 4, 8, generator=torch.Generator().manual_seed(10))
+    expected = run(ssd_chunk_scan, inputs, upstream, 8, resets=resets)
+
+    def under_autocast(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ssd_chunk_scan(*args, **kwargs)
+
+    got = run(under_autocast, inputs, upstream, 8, resets=resets)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=1e-6)
+    for name in got[1]:
+        torch.testing.assert_close(got[1][name], expected[1][name], atol=1e-6, rtol=1e-6)

@@ -186,3 +186,17 @@ sys.exit(main(sys.argv[1:]))
 '''
     )
     return path
+
+
+@pytest.mark.parametrize("strategy, arch, extra", [("ddp", "llama", ["dense.enabled=true"]), ("fsdp", "mamba", [])])
+def test_collectives_get_tensors_on_the_engine_device(strategy, arch, extra, pt_data, tmp_path, run_pretrain):
+    """NCCL takes only device tensors: under tests/pretrain/device_guard.py (a fake device on CPU) every tensor
+    the loop hands to a collective in training steps and validation must have been put on the engine's
+    device. The loop of 785a35f fails here (its metrics vector was made with torch.tensor([...]))."""
+    from pathlib import Path
+
+    driver = Path(__file__).with_name("device_guard.py")
+    proc = run_pretrain(pt_data, tmp_path / "run", arch, "train.max_steps=2", "train.val_every=1", "checkpoint.every=2",
+                        "train.save_probe=false", *extra, strategy=strategy, nproc=2, driver=driver, expect=None)
+    assert "HostTensorInCollective" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -222,3 +222,34 @@ def test_size_recipes_sit_between_the_defaults_and_the_users_settings(tmp_path):
     small = config("--size", "small")  # no measured recipe: PretrainConfig's defaults
     assert "small" not in RECIPES and small.optim.lr == PretrainConfig().optim.lr
     assert small.data.context_length == PretrainConfig().data.context_length
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA B200", 2250e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 0.0),
+])
+def test_peak_flops_lookup_matches_whole_names(name, peak):
+    """Before issue 14: "L40" matched L4's peak, H200/GH200/B200 had none."""
+    from ehrfm.pretrain.metrics import peak_flops
+
+    assert peak_flops(device_name=name) == peak
+    assert peak_flops(5e12, device_name=name) == 5e12
+
+
+@pytest.mark.parametrize("arch, attention", [("llama", 6.0), ("bert", 12.0), ("mamba", 0.0)])
+def test_flops_per_token_counts_the_head_and_causal_attention(arch, attention):
+    """6 x (matmul parameters + the H x V output projection) + the attention term: half for causal attention
+    (before issue 14 the LM head was left out and causal attention counted in full)."""
+    from ehrfm.pretrain.metrics import flops_per_token
+    from ehrfm.pretrain.models import build_model
+
+    sizes = {"llama": dict(num_attention_heads=2, intermediate_size=64), "bert": dict(num_attention_heads=2, intermediate_size=64),
+             "mamba": dict(state_size=4)}[arch]
+    model = build_model(arch, "tiny", head=True, vocab_size=50, hidden_size=32, num_hidden_layers=2, **sizes)
+    context = 64
+    body = sum(p.numel() for name, p in model.named_parameters()
+               if "embeddings" not in name and "embed_tokens" not in name and "lm_head" not in name
+               and p is not model.get_output_embeddings().weight)
+    expected = 6.0 * (body + 32 * 50) + attention * 2 * 32 * context
+    assert flops_per_token(model, context) == expected
