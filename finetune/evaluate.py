@@ -129,16 +129,19 @@ def _write_evaluation_into(tmp: Path, frame: pl.DataFrame, *, model: str, split:
 def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list[str] | None = None,
              n_boot: int = 1000, seed: int = 0, batch_size: int = 64, overwrite: bool = False) -> dict:
     """Predict every label row of ``split`` with a finetuned model and write the evaluation folder."""
-    from ehrfm.devices import compute_device
+    from ehrfm.devices import compute_device, use_fast_attention
     from ehrfm.outputs import check_output_dir
 
     from .model import load_finetuned
+    from .regularizers import hf_model
     from .train import predict
 
     check_output_dir(Path(out), "evaluate", inputs=[ft_dir, data_dir], overwrite=overwrite)
     manifest = read_manifest(data_dir)
     model, meta = load_finetuned(ft_dir)
-    model.to(compute_device())  # predict runs where the model is
+    device = compute_device()
+    model.to(device)  # predict runs where the model is
+    use_fast_attention(hf_model(model.backbone), device)
     inputs = [ft_dir, data_dir, meta.get("base_model")]
     check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
     tasks = resolve_tasks(manifest, data_dir, tasks or meta["tasks"])
@@ -150,7 +153,6 @@ def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list
     handle = None
     if meta.get("anaa"):
         from .anaa import ANAAConfig, enable_anaa
-        from .regularizers import hf_model
 
         handle = enable_anaa(hf_model(model.backbone), ANAAConfig(**meta["anaa"]))  # eval: deterministic eq. 10
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ehrfm.data_shards.shards import read_manifest
-from ehrfm.devices import autocast, compute_device, to_device
+from ehrfm.devices import autocast, compute_device, to_device, use_fast_attention
 from ehrfm.outputs import check_output_dir
 from ehrfm.seeding import derive_seed, seed_everything
 
@@ -154,6 +154,7 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
             )
     device = compute_device()
     model.to(device)
+    use_fast_attention(hf_model(model.backbone), device)  # flash-attn where it runs (before ANAA's swap)
     pw = pos_weights(cfg, run["counts"], tasks)
     pw = pw.to(device) if pw is not None else None
     head_params = list(model.heads.parameters())
@@ -228,6 +229,8 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
         "n_val": len(val_set),
         "seconds": round(time.time() - started, 2),
         "attn_implementation": getattr(hf_model(model.backbone).config, "_attn_implementation", None),
+        "device": str(device),
+        "precision": cfg.precision,
     }
     save_finetuned(model, out, meta, cfg, model_dir, inputs=[model_dir, data_dir], overwrite=overwrite)
     log.info("saved %s (best epoch %d, val AUPRC %.4f, %.1f s)", out, best_epoch, best_score, meta["seconds"])

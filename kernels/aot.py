@@ -35,6 +35,7 @@ class KernelCase:
     variant: str  # what distinguishes this case (input dtype, head dim)
     types: dict  # argument name -> "*fp32" / "i32" / "fp32" ...; every other argument is a constexpr
     constexprs: dict
+    num_warps: int = 4
 
 
 def _anaa_cases() -> list[KernelCase]:
@@ -42,7 +43,7 @@ def _anaa_cases() -> list[KernelCase]:
     # precision (triton_kernel.dot_precision) and the head dim the BD tile (triton_kernel._blocks)
     import torch
 
-    from .anaa.triton_kernel import dot_precision
+    from .anaa.triton_kernel import _blocks, dot_precision
 
     mod = "ehrfm.kernels.anaa.triton_kernel"
     cases = []
@@ -50,27 +51,34 @@ def _anaa_cases() -> list[KernelCase]:
         for dtype in INPUT_DTYPES:
             prec = dot_precision(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
                                  on_gpu=True)
-            common = {"CAUSAL": True, "BM": 16, "BN": 16, "BD": d, "PREC": prec}
-            variant = f"{dtype} inputs, head dim {d}"
+            bm, bn, bd, warps = _blocks(d, on_gpu=True)
+            common = {"CAUSAL": True, "BM": bm, "BN": bn, "BD": bd, "PREC": prec}
+            variant = f"{dtype} inputs, head dim {d} ({bm}x{bn} tiles, {warps} warps)"
             f32 = lambda *names: {n: "*fp32" for n in names}  # noqa: E731
+            docs = {"DOC": "*i32", "DSTART": "*i32", "DEND": "*i32"}
             scalars = {"n": "i32", "H": "i32", "d": "i32", "scale": "fp32"}
             cases.append(KernelCase(f"{mod}:_anaa_fwd", variant,
-                                    {**f32("Q", "K", "V", "Z", "YA", "YZ", "R", "LSE"), "DOC": "*i32", "seed": "i32",
-                                     **scalars}, {**common, "NOISE": 1}))
+                                    {**f32("Q", "K", "V", "Z", "YA", "YZ", "R", "LSE"), **docs, "seed": "i32",
+                                     **scalars}, {**common, "NOISE": 1}, warps))
             cases.append(KernelCase(f"{mod}:_anaa_bwd_dkdv", variant,
                                     {**f32("Q", "K", "V", "Z", "DYA", "DYZ", "LSE", "DELTA", "DR", "R", "DK", "DV"),
-                                     "DOC": "*i32", "seed": "i32", **scalars}, {**common, "NOISE": 1}))
+                                     **docs, "seed": "i32", **scalars}, {**common, "NOISE": 1}, warps))
             cases.append(KernelCase(f"{mod}:_anaa_bwd_dq", variant,
-                                    {**f32("Q", "K", "V", "DYA", "LSE", "DELTA", "DR", "R", "DQ"), "DOC": "*i32",
-                                     **scalars}, common))
+                                    {**f32("Q", "K", "V", "DYA", "LSE", "DELTA", "DR", "R", "DQ"), **docs,
+                                     **scalars}, common, warps))
     cases.append(KernelCase(f"{mod}:_philox_noise_kernel", "tests' noise", {"Z": "*fp32", "seed": "i32", "n": "i32"},
                             {"BM": 16, "BN": 16}))
     return cases
 
 
 def _dense_cases() -> list[KernelCase]:
+    import torch
+
+    from .dense.triton_kernel import BLOCK as block
+    from .dense.triton_kernel import DOT_WARPS, dot_precision
+
     mod = "ehrfm.kernels.dense.triton_kernel"
-    block = 32  # triton_kernel.BLOCK
+    gpu_prec = dot_precision(torch.device("cuda"))
     cases = []
     for dtype in INPUT_DTYPES:
         z = f"*{dtype}"
@@ -83,17 +91,18 @@ def _dense_cases() -> list[KernelCase]:
         cases.append(KernelCase(f"{mod}:_dual_gram_kernel", variant,
                                 {"A": z, "B": "*fp32", "PA": "*fp32", "PB": "*fp32", "PART": "*fp32",
                                  **ints("M", "R", "stride_am", "stride_ar", "stride_bm", "stride_br")},
-                                {"BLOCK_M": block, "BLOCK_R": block}))
+                                {"BLOCK_M": block, "BLOCK_R": block, "PREC": gpu_prec}, DOT_WARPS))
         # n >= d branch: dZ = Z P, G = Zs Ps (L1 = Z in the input dtype)
         cases.append(KernelCase(f"{mod}:_dual_matmul_kernel", variant,
                                 {"L1": z, "R1": "*fp32", "L2": "*fp32", "R2": "*fp32", "Z": z, "ZS": "*fp32",
                                  "COEF": "*fp32", "DZ": "*fp32", "G": "*fp32", "COLPART": "*fp32",
                                  **ints("N", "D", "K", "s_l1n", "s_l1k", "s_r1k", "s_r1d", "s_l2n", "s_l2k", "s_r2k",
                                         "s_r2d", "stride_zn", "stride_zd")},
-                                {"BLOCK_N": block, "BLOCK_D": block, "BLOCK_K": block}))
+                                {"BLOCK_N": block, "BLOCK_D": block, "BLOCK_K": block, "PREC": gpu_prec},
+                                DOT_WARPS))
     cases.append(KernelCase(f"{mod}:_orth_finish_kernel", "fp32 buffers",
-                            {"DZ": "*fp32", "G": "*fp32", "ZS": "*fp32", "RSTD": "*fp32", "COLPART": "*fp32",
-                             "N": "i32", "D": "i32", "NUM_ROW_BLOCKS": "i32"}, {"BLOCK_N": block, "BLOCK_D": block}))
+                            {"DZ": "*fp32", "G": "*fp32", "ZS": "*fp32", "RSTD": "*fp32", "COLSUM": "*fp32",
+                             "N": "i32", "D": "i32"}, {"BLOCK_N": block, "BLOCK_D": block}))
     return cases
 
 
@@ -127,7 +136,7 @@ def compile_case(case: KernelCase, arch: int) -> dict:
         raise ValueError(f"{case.kernel}: no type or constexpr for {missing}")
     constexprs = {(params.index(k),): v for k, v in case.constexprs.items()}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32))
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])

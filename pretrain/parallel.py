@@ -344,6 +344,8 @@ def describe_engine(engine: Engine) -> dict:
         "local_param_fraction": local / max(1, full),
         "activation_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()),
         "grad_accum": engine.grad_accum,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "attn_implementation": getattr(getattr(module, "config", None), "_attn_implementation", None),
     }
     try:
         from torch.distributed.fsdp import FSDPModule

@@ -50,6 +50,22 @@ def run_starts_index(doc: torch.Tensor) -> torch.Tensor:
     return torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), dim=1).values
 
 
+def document_bounds(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, seq) int32 pair (start, end): the half-open range [start, end) of the document holding each
+    position, which is all a query (or key) there can attend. Padding gets the empty range (seq, 0), so
+    min(start) / max(end) over a tile of positions bound the keys (queries) the tile needs."""
+    n = doc.shape[1]
+    start = run_starts_index(doc)
+    nxt = torch.nn.functional.pad(doc, (0, 1), value=-1)[:, 1:]
+    is_end = doc != nxt
+    pos = torch.arange(n, device=doc.device).expand_as(doc)
+    end = torch.where(is_end, pos + 1, torch.full_like(pos, n)).flip(1).cummin(dim=1).values.flip(1)
+    pad = doc == 0
+    start = start.masked_fill(pad, n)
+    end = end.masked_fill(pad, 0)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
 def allowed(doc: torch.Tensor, causal: bool) -> torch.Tensor:
     """(batch, 1, seq, seq) bool: query i may attend key j (same non-pad document, and j <= i if causal)."""
     m = (doc[:, :, None] == doc[:, None, :]) & (doc != 0)[:, :, None]

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .factorized import noise_statistics
 from .gaussian import conv_rows
-from .masks import run_starts_index, segment_cumsum, segment_sum
+from .masks import document_bounds, run_starts_index, segment_cumsum, segment_sum
 
 NOISE_OFF, NOISE_PHILOX, NOISE_EXPLICIT = 0, 1, 2
 NEG: tl.constexpr = tl.constexpr(-1.0e30)
@@ -48,18 +48,33 @@ def _tile_mask(doc_q, doc_k, offs_m, offs_n, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, NOISE: tl.constexpr):
+def _noise_tile(Z, seed, bh, offs_m, start_n, n, ok, NOISE: tl.constexpr, BN: tl.constexpr):
+    """The (BM, BN) noise tile of keys start_n..start_n+BN: loaded (explicit Z) or drawn (Philox, four normals
+    per call: element (i, j) is component j % 4 of counter (bh * n + i) * ceil(n / 4) + j // 4; start_n is a
+    multiple of 4)."""
     if NOISE == 2:
+        offs_n = start_n + tl.arange(0, BN)
         ptr = Z + bh.to(tl.int64) * n * n + offs_m[:, None].to(tl.int64) * n + offs_n[None, :]
         z = tl.load(ptr, mask=ok, other=0.0)
     else:
-        ctr = (bh.to(tl.int64) * n + offs_m[:, None].to(tl.int64)) * n + offs_n[None, :].to(tl.int64)
-        z = tl.randn(seed, ctr)
+        quads = (n + 3) // 4
+        ctr = (bh.to(tl.int64) * n + offs_m[:, None].to(tl.int64)) * quads + (start_n // 4 + tl.arange(0, BN // 4))[None, :]
+        z0, z1, z2, z3 = tl.randn4x(seed, ctr)
+        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (offs_m.shape[0], BN))
     return tl.where(ok, z, 0.0)
 
 
 @triton.jit
-def _anaa_fwd(Q, K, V, DOC, Z, YA, YZ, R, LSE, seed, n, H, d, scale,
+def _key_range(DSTART, DEND, b, n, offs, ok, BLOCK: tl.constexpr):
+    """[lo, hi) covering every position the documents of ``offs`` span; lo aligned down to BLOCK. Tiles
+    outside it hold no position of these documents: skipped (an all-padding tile gives an empty range)."""
+    start = tl.where(ok, tl.load(DSTART + b * n + offs, mask=ok, other=0), n)
+    end = tl.where(ok, tl.load(DEND + b * n + offs, mask=ok, other=0), 0)
+    return (tl.min(start, 0) // BLOCK) * BLOCK, tl.max(end, 0)
+
+
+@triton.jit
+def _anaa_fwd(Q, K, V, DOC, DSTART, DEND, Z, YA, YZ, R, LSE, seed, n, H, d, scale,
               CAUSAL: tl.constexpr, NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
               PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -77,10 +92,10 @@ def _anaa_fwd(Q, K, V, DOC, Z, YA, YZ, R, LSE, seed, n, H, d, scale,
     s2 = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BD), tl.float32)
     accz = tl.zeros((BM, BD), tl.float32)
-    hi = n
+    lo, hi = _key_range(DSTART, DEND, b, n, offs_m, row_ok, BN)
     if CAUSAL:
-        hi = tl.minimum(n, (pid_m + 1) * BM)
-    for start_n in range(0, hi, BN):
+        hi = tl.minimum(hi, (pid_m + 1) * BM)
+    for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         col_ok = offs_n < n
         kv_mask = col_ok[:, None] & (offs_d[None, :] < d)
@@ -98,7 +113,7 @@ def _anaa_fwd(Q, K, V, DOC, Z, YA, YZ, R, LSE, seed, n, H, d, scale,
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
         if NOISE != 0:
-            z = _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, NOISE)
+            z = _noise_tile(Z, seed, bh, offs_m, start_n, n, ok, NOISE, BN)
             accz += tl.dot(z, v, input_precision=PREC)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_mask = row_ok[:, None] & (offs_d[None, :] < d)
@@ -109,7 +124,7 @@ def _anaa_fwd(Q, K, V, DOC, Z, YA, YZ, R, LSE, seed, n, H, d, scale,
 
 
 @triton.jit
-def _anaa_bwd_dkdv(Q, K, V, DOC, Z, DYA, DYZ, LSE, DELTA, DR, R, DK, DV, seed, n, H, d, scale,
+def _anaa_bwd_dkdv(Q, K, V, DOC, DSTART, DEND, Z, DYA, DYZ, LSE, DELTA, DR, R, DK, DV, seed, n, H, d, scale,
                    CAUSAL: tl.constexpr, NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    BD: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -125,10 +140,10 @@ def _anaa_bwd_dkdv(Q, K, V, DOC, Z, DYA, DYZ, LSE, DELTA, DR, R, DK, DV, seed, n
     doc_k = tl.load(DOC + b * n + offs_n, mask=col_ok, other=-1)
     dk = tl.zeros((BN, BD), tl.float32)
     dv = tl.zeros((BN, BD), tl.float32)
-    lo = 0
+    lo, hi = _key_range(DSTART, DEND, b, n, offs_n, col_ok, BM)  # the queries that can see this key tile
     if CAUSAL:
-        lo = (pid_n * BN // BM) * BM
-    for start_m in range(lo, n, BM):
+        lo = tl.maximum(lo, (pid_n * BN // BM) * BM)
+    for start_m in range(lo, hi, BM):
         offs_m = start_m + tl.arange(0, BM)
         row_ok = offs_m < n
         q_mask = row_ok[:, None] & (offs_d[None, :] < d)
@@ -145,7 +160,7 @@ def _anaa_bwd_dkdv(Q, K, V, DOC, Z, DYA, DYZ, LSE, DELTA, DR, R, DK, DV, seed, n
         dv += tl.dot(tl.trans(p), dya, input_precision=PREC)
         if NOISE != 0:
             dyz = tl.load(DYZ + base + offs_m[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
-            z = _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, NOISE)
+            z = _noise_tile(Z, seed, bh, offs_m, pid_n * BN, n, ok, NOISE, BN)
             dv += tl.dot(tl.trans(z), dyz, input_precision=PREC)
         dp = tl.dot(dya, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None] + 2.0 * dr[:, None] * (p - r[:, None]))
@@ -155,7 +170,7 @@ def _anaa_bwd_dkdv(Q, K, V, DOC, Z, DYA, DYZ, LSE, DELTA, DR, R, DK, DV, seed, n
 
 
 @triton.jit
-def _anaa_bwd_dq(Q, K, V, DOC, DYA, LSE, DELTA, DR, R, DQ, n, H, d, scale,
+def _anaa_bwd_dq(Q, K, V, DOC, DSTART, DEND, DYA, LSE, DELTA, DR, R, DQ, n, H, d, scale,
                  CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -173,10 +188,10 @@ def _anaa_bwd_dq(Q, K, V, DOC, DYA, LSE, DELTA, DR, R, DQ, n, H, d, scale,
     dr = tl.load(DR + bh * n + offs_m, mask=row_ok, other=0.0)
     r = tl.load(R + bh * n + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BM, BD), tl.float32)
-    hi = n
+    lo, hi = _key_range(DSTART, DEND, b, n, offs_m, row_ok, BN)
     if CAUSAL:
-        hi = tl.minimum(n, (pid_m + 1) * BM)
-    for start_n in range(0, hi, BN):
+        hi = tl.minimum(hi, (pid_m + 1) * BM)
+    for start_n in range(lo, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         col_ok = offs_n < n
         kv_mask = col_ok[:, None] & (offs_d[None, :] < d)
@@ -200,7 +215,7 @@ def _philox_noise_kernel(Z, seed, n, BM: tl.constexpr, BN: tl.constexpr):
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     ok = (offs_m[:, None] < n) & (offs_n[None, :] < n)
-    z = _noise_tile(Z, seed, bh, offs_m, offs_n, n, ok, 1)
+    z = _noise_tile(Z, seed, bh, offs_m, pid_n * BN, n, ok, 1, BN)
     tl.store(Z + bh.to(tl.int64) * n * n + offs_m[:, None] * n + offs_n[None, :], z, mask=ok)
 
 
@@ -223,8 +238,15 @@ def dot_precision(dtype: torch.dtype, on_gpu: bool) -> str:
     return "ieee"
 
 
-def _blocks(d: int):
-    return 16, 16, max(16, triton.next_power_of_2(d))
+def _blocks(d: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BM, BN, BD, num_warps). Interpreter: 16 x 16 tiles (fast enough on CPU). GPU: the largest tiles that
+    compile without register spills on sm_80 and sm_90 with fp32 operands (``python -m ehrfm.kernels.aot``;
+    64 x 64 and 64 x 32 tiles spilled up to 1.8 KB): 32 x 32 with 4 warps up to head dim 64, 8 warps at 128.
+    Larger tiles need bf16 operands (not yet done). Not yet autotuned on a GPU (``scripts/gpu-check``)."""
+    bd = max(16, triton.next_power_of_2(d))
+    if not on_gpu or bd > 128:
+        return 16, 16, bd, 4
+    return (32, 32, bd, 4) if bd <= 64 else (32, 32, bd, 8)
 
 
 class _FusedANAA(torch.autograd.Function):
@@ -234,34 +256,36 @@ class _FusedANAA(torch.autograd.Function):
     def forward(ctx, q, k, vp, doc32, z, seed: int, causal: bool, noise_mode: int, prec: str):
         B, H, n, d = q.shape
         q, k, vp = (t.float().contiguous() for t in (q, k, vp))
+        dstart, dend = document_bounds(doc32)
         ya = torch.empty_like(q)
         yz = torch.empty_like(q)
         r = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
         lse = torch.empty_like(r)
-        BM, BN, BD = _blocks(d)
+        BM, BN, BD, warps = _blocks(d, q.is_cuda)
         zz = z.float().contiguous() if z is not None else ya  # unused pointer unless explicit noise
-        _anaa_fwd[(triton.cdiv(n, BM), B * H)](q, k, vp, doc32, zz, ya, yz, r, lse, seed, n, H, d, d ** -0.5,
-                                               CAUSAL=causal, NOISE=noise_mode, BM=BM, BN=BN, BD=BD, PREC=prec)
-        ctx.save_for_backward(q, k, vp, doc32, zz, ya, r, lse)
+        _anaa_fwd[(triton.cdiv(n, BM), B * H)](q, k, vp, doc32, dstart, dend, zz, ya, yz, r, lse, seed, n, H, d,
+                                               d ** -0.5, CAUSAL=causal, NOISE=noise_mode, BM=BM, BN=BN, BD=BD,
+                                               PREC=prec, num_warps=warps)
+        ctx.save_for_backward(q, k, vp, doc32, dstart, dend, zz, ya, r, lse)
         ctx.seed, ctx.causal, ctx.noise_mode, ctx.prec = seed, causal, noise_mode, prec
         return ya, yz, r
 
     @staticmethod
     def backward(ctx, dya, dyz, dr):
-        q, k, vp, doc32, zz, ya, r, lse = ctx.saved_tensors
+        q, k, vp, doc32, dstart, dend, zz, ya, r, lse = ctx.saved_tensors
         B, H, n, d = q.shape
         dya = torch.zeros_like(ya) if dya is None else dya.float().contiguous()
         dyz = torch.zeros_like(ya) if dyz is None else dyz.float().contiguous()
         dr = torch.zeros_like(r) if dr is None else dr.float().contiguous()
         delta = (dya * ya).sum(-1).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(vp)
-        BM, BN, BD = _blocks(d)
+        BM, BN, BD, warps = _blocks(d, q.is_cuda)
         _anaa_bwd_dkdv[(triton.cdiv(n, BN), B * H)](
-            q, k, vp, doc32, zz, dya, dyz, lse, delta, dr, r, dk, dv, ctx.seed, n, H, d, d ** -0.5,
-            CAUSAL=ctx.causal, NOISE=ctx.noise_mode, BM=BM, BN=BN, BD=BD, PREC=ctx.prec)
+            q, k, vp, doc32, dstart, dend, zz, dya, dyz, lse, delta, dr, r, dk, dv, ctx.seed, n, H, d, d ** -0.5,
+            CAUSAL=ctx.causal, NOISE=ctx.noise_mode, BM=BM, BN=BN, BD=BD, PREC=ctx.prec, num_warps=warps)
         _anaa_bwd_dq[(triton.cdiv(n, BM), B * H)](
-            q, k, vp, doc32, dya, lse, delta, dr, r, dq, n, H, d, d ** -0.5,
-            CAUSAL=ctx.causal, BM=BM, BN=BN, BD=BD, PREC=ctx.prec)
+            q, k, vp, doc32, dstart, dend, dya, lse, delta, dr, r, dq, n, H, d, d ** -0.5,
+            CAUSAL=ctx.causal, BM=BM, BN=BN, BD=BD, PREC=ctx.prec, num_warps=warps)
         return dq, dk, dv, None, None, None, None, None, None
 
 

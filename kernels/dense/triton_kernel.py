@@ -29,6 +29,7 @@ import triton.language as tl
 from .reference import DEFAULT_EPS
 
 BLOCK = 32  # tl.dot needs >= 16 per dimension; 32 keeps the interpreter fast and registers modest
+DOT_WARPS = 8  # the two dot kernels with tf32x3 on GPU: 4 warps spilled 8-16 bytes (python -m ehrfm.kernels.aot)
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def _col_stats_kernel(
 @triton.jit
 def _dual_gram_kernel(
     A, B, PA, PB, PART, M, R, stride_am, stride_ar, stride_bm, stride_br,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """P[i, j] = sum_r A[i, r] A[j, r] and the same for B, A and B (M, R), one (BLOCK_M, BLOCK_M) tile.
 
@@ -92,10 +93,10 @@ def _dual_gram_kernel(
         m_j = (rr[:, None] < R) & (rj[None, :] < M)
         a_i = tl.load(A + ri[:, None] * stride_am + rr[None, :] * stride_ar, mask=m_i, other=0.0).to(tl.float32)
         a_j = tl.load(A + rr[:, None] * stride_ar + rj[None, :] * stride_am, mask=m_j, other=0.0).to(tl.float32)
-        acc_a = tl.dot(a_i, a_j, acc_a, input_precision="ieee")
+        acc_a = tl.dot(a_i, a_j, acc_a, input_precision=PREC)
         b_i = tl.load(B + ri[:, None] * stride_bm + rr[None, :] * stride_br, mask=m_i, other=0.0)
         b_j = tl.load(B + rr[:, None] * stride_br + rj[None, :] * stride_bm, mask=m_j, other=0.0)
-        acc_b = tl.dot(b_i, b_j, acc_b, input_precision="ieee")
+        acc_b = tl.dot(b_i, b_j, acc_b, input_precision=PREC)
     out_mask = (ri[:, None] < M) & (rj[None, :] < M)
     tl.store(PA + ri[:, None] * M + rj[None, :], acc_a, mask=out_mask)
     tl.store(PB + ri[:, None] * M + rj[None, :], acc_b, mask=out_mask)
@@ -112,7 +113,7 @@ def _dual_gram_kernel(
 def _dual_matmul_kernel(
     L1, R1, L2, R2, Z, ZS, COEF, DZ, G, COLPART, N, D, K,
     s_l1n, s_l1k, s_r1k, s_r1d, s_l2n, s_l2k, s_r2k, s_r2d, stride_zn, stride_zd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):
     """One (BLOCK_N, BLOCK_D) tile of dZ_spec = c1 L1 R1 - c2 Z and G = a L2 R2 - b Zs (all (N, d))."""
     pid_n = tl.program_id(0)
@@ -127,10 +128,10 @@ def _dual_matmul_kernel(
         m_r = (kk[:, None] < K) & (cols[None, :] < D)
         l1 = tl.load(L1 + rows[:, None] * s_l1n + kk[None, :] * s_l1k, mask=m_l, other=0.0).to(tl.float32)
         r1 = tl.load(R1 + kk[:, None] * s_r1k + cols[None, :] * s_r1d, mask=m_r, other=0.0).to(tl.float32)
-        acc1 = tl.dot(l1, r1, acc1, input_precision="ieee")
+        acc1 = tl.dot(l1, r1, acc1, input_precision=PREC)
         l2 = tl.load(L2 + rows[:, None] * s_l2n + kk[None, :] * s_l2k, mask=m_l, other=0.0)
         r2 = tl.load(R2 + kk[:, None] * s_r2k + cols[None, :] * s_r2d, mask=m_r, other=0.0)
-        acc2 = tl.dot(l2, r2, acc2, input_precision="ieee")
+        acc2 = tl.dot(l2, r2, acc2, input_precision=PREC)
     c1 = tl.load(COEF)
     c2 = tl.load(COEF + 1)
     a = tl.load(COEF + 2)
@@ -149,19 +150,18 @@ def _dual_matmul_kernel(
 
 @triton.jit
 def _orth_finish_kernel(
-    DZ, G, ZS, RSTD, COLPART, N, D, NUM_ROW_BLOCKS,
+    DZ, G, ZS, RSTD, COLSUM, N, D,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """dZ += (G - colmean(G) - Zs * colmean(G * Zs)) * rstd; COLSUM (2, D) holds the column sums of G and
+    G * Zs (reduced once in PyTorch from the per-row-block partials, so each program reads 2 D values)."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    sum_g = tl.zeros([BLOCK_D], dtype=tl.float32)
-    sum_gz = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for blk in range(0, NUM_ROW_BLOCKS):
-        sum_g += tl.load(COLPART + (blk * 2) * D + cols, mask=cmask, other=0.0)
-        sum_gz += tl.load(COLPART + (blk * 2 + 1) * D + cols, mask=cmask, other=0.0)
+    sum_g = tl.load(COLSUM + cols, mask=cmask, other=0.0)
+    sum_gz = tl.load(COLSUM + D + cols, mask=cmask, other=0.0)
     m = (rows[:, None] < N) & cmask[None, :]
     offs = rows[:, None] * D + cols[None, :]
     g = tl.load(G + offs, mask=m, other=0.0)
@@ -170,6 +170,13 @@ def _orth_finish_kernel(
     dz = tl.load(DZ + offs, mask=m, other=0.0)
     dz += (g - sum_g[None, :] / N - zs * (sum_gz[None, :] / N)) * rstd[None, :]
     tl.store(DZ + offs, dz, mask=m)
+
+
+def dot_precision(device: torch.device) -> str:
+    """Gram / matmul dot precision: "tf32x3" on GPU (three tf32 tensor-core products, fp32-level accuracy;
+    IEEE fp32 dots lower to FMA chains), IEEE fp32 under the interpreter. Plain tf32 is not used: the spectral
+    loss is a small difference of large moments (q / s^2 - 1/d) that tf32's 10-bit mantissa would swamp."""
+    return "tf32x3" if device.type == "cuda" else "ieee"
 
 
 class _SpecOrthFunction(torch.autograd.Function):
@@ -196,7 +203,8 @@ class _SpecOrthFunction(torch.autograd.Function):
         ps = torch.empty(m, m, dtype=torch.float32, device=dev)
         grid = (triton.cdiv(m, BLOCK), triton.cdiv(m, BLOCK))
         part2 = torch.zeros(grid[0] * grid[1], 2, dtype=torch.float32, device=dev)
-        _dual_gram_kernel[grid](z, zs, p, ps, part2, m, r, *strides, BLOCK_M=BLOCK, BLOCK_R=BLOCK)
+        _dual_gram_kernel[grid](z, zs, p, ps, part2, m, r, *strides, BLOCK_M=BLOCK, BLOCK_R=BLOCK,
+                                PREC=dot_precision(z.device), num_warps=DOT_WARPS)
         q, qs = part2.sum(dim=0).unbind()
         spec = q / s.square() - 1.0 / d
         orth = qs / n**2 - 2 * trace_c + d
@@ -222,9 +230,10 @@ class _SpecOrthFunction(torch.autograd.Function):
         strides = [st for t in operands for st in t.stride()]
         _dual_matmul_kernel[grid](
             *operands, z, zs, coef, dz, g, colpart, n, d, k_dim, *strides, z.stride(0), z.stride(1),
-            BLOCK_N=BLOCK, BLOCK_D=BLOCK, BLOCK_K=BLOCK,
+            BLOCK_N=BLOCK, BLOCK_D=BLOCK, BLOCK_K=BLOCK, PREC=dot_precision(z.device), num_warps=DOT_WARPS,
         )
-        _orth_finish_kernel[grid](dz, g, zs, rstd, colpart, n, d, grid[0], BLOCK_N=BLOCK, BLOCK_D=BLOCK)
+        colsum = colpart.sum(dim=0).contiguous()  # (2, d): one reduction instead of one per program
+        _orth_finish_kernel[grid](dz, g, zs, rstd, colsum, n, d, BLOCK_N=BLOCK, BLOCK_D=BLOCK)
         return dz.to(z.dtype), None
 
 

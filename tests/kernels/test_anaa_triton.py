@@ -90,3 +90,14 @@ def test_triton_eval_deterministic():
     a = anaa_attention(q, k, v, **kw)
     assert torch.equal(a, anaa_attention(q, k, v, **kw))
     torch.testing.assert_close(a, anaa_attention(q, k, v, **{**kw, "impl": "factorized"}), **TOL)
+
+
+def test_document_bounds_give_each_position_its_documents_range():
+    """The kernels skip key (query) tiles outside [min start, max end) of a tile's documents; padding has the
+    empty range (n, 0). Hand-computed."""
+    from ehrfm.kernels.anaa.masks import document_bounds
+
+    doc = torch.tensor([[1, 1, 2, 2, 2, 0, 0], [3, 3, 3, 3, 4, 4, 0]])
+    start, end = document_bounds(doc)
+    assert start.tolist() == [[0, 0, 2, 2, 2, 7, 7], [0, 0, 0, 0, 4, 4, 7]]
+    assert end.tolist() == [[2, 2, 5, 5, 5, 0, 0], [4, 4, 4, 4, 6, 6, 0]]
