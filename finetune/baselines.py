@@ -186,9 +186,8 @@ def export_embeddings(ft_dir: Path, data_dir: Path, out: Path, splits: tuple[str
                       batch_size: int = 64, *, overwrite: bool = False) -> list[Path]:
     """Write ``out/<task>/<split>.parquet`` (subject_id, prediction_time, boolean_value, embedding, layer_weights):
     the ALF output (ALFIA models) or the pooled last hidden state (per-task / MPF), L2-normalised (002 Alg. 2)."""
-    from ehrfm.outputs import atomic_output, check_output_dir
-
     from ehrfm.devices import compute_device
+    from ehrfm.outputs import atomic_output, check_output_dir
 
     from .data import check_vocabulary
     from .model import load_finetuned

@@ -77,7 +77,6 @@ def _batches(samples: list[dict], batch_size: int, context_length: int):
 def embed_samples(model, samples: list[dict], batch_size: int, context_length: int) -> tuple[torch.Tensor, list]:
     """Last-token patient embeddings (N, H) and, per sample, the [REG] states (n_visits, H)."""
     from ehrfm.data_shards.schema import TokenType
-
     from ehrfm.devices import autocast, to_device
 
     device = next(model.parameters()).device
