@@ -108,29 +108,36 @@ def check_triton_kernels(ctx: Context) -> dict:
 
     from .kernels import anaa_attention
     from .kernels.dense.reference import orthogonality_loss, spectral_loss
+    from .kernels.anaa.triton_kernel import tuned_tiles
     from .kernels.dense.triton_kernel import spec_orth_triton
+    from .kernels.dense.triton_kernel import tuned_tiles as dense_tuned_tiles
 
-    batch, heads, n, d = (2, 4, 512, 64) if ctx.gpu else (1, 2, 37, 16)
+    batch, heads, n = (2, 4, 512) if ctx.gpu else (1, 2, 37)
+    head_dims = (64, 128) if ctx.gpu else (16,)
     g = torch.Generator().manual_seed(0)
     results, worst = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if not ctx.gpu and dtype == torch.bfloat16:
             continue  # the interpreter has no bf16
-        q, k, v, w = (torch.randn(batch, heads, n, d, generator=g) for _ in range(4))
-        docs = torch.ones(batch, n, dtype=torch.long)
-        docs[:, n // 3:] = 2
-        docs[-1, -n // 5:] = 0  # padding
-        kw = dict(sigma_eh=1.0, variant="causal", training=False, document_ids=docs.to(ctx.device))
+        errs = {}
+        for d in head_dims:
+            q, k, v, w = (torch.randn(batch, heads, n, d, generator=g) for _ in range(4))
+            noise = torch.randn(batch, heads, n, n, generator=g).to(ctx.device)
+            docs = torch.ones(batch, n, dtype=torch.long)
+            docs[:, n // 3:] = 2
+            docs[-1, -n // 5:] = 0  # padding
+            # training with explicit noise: the softmax and the noise kernels, compared with the reference
+            kw = dict(sigma_eh=1.0, variant="causal", training=True, noise=noise, document_ids=docs.to(ctx.device))
 
-        def run(impl, cast):
-            leaves = [t.to(ctx.device, cast).requires_grad_() for t in (q, k, v)]
-            out = anaa_attention(*leaves, impl=impl, **kw)
-            (out.float() * w.to(ctx.device)).sum().backward()
-            return [out] + [t.grad for t in leaves]
+            def run(impl, cast):
+                leaves = [t.to(ctx.device, cast).requires_grad_() for t in (q, k, v)]
+                out = anaa_attention(*leaves, impl=impl, **kw)
+                (out.float() * w.to(ctx.device)).sum().backward()
+                return [out] + [t.grad for t in leaves]
 
-        got, ref = run("triton", dtype), run("reference", torch.float32)
-        errs = {part: _rel(a, b) for part, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
-        z = (torch.randn(4 * d, 2 * d, generator=g) * torch.linspace(0.5, 2.0, 2 * d)).to(ctx.device)
+            got, ref = run("triton", dtype), run("reference", torch.float32)
+            errs.update({f"anaa_d{d}_{part}": _rel(a, b) for part, a, b in zip(("out", "dq", "dk", "dv"), got, ref)})
+        z = (torch.randn(4 * 64, 2 * 64, generator=g) * torch.linspace(0.5, 2.0, 2 * 64)).to(ctx.device)
 
         def dense(fn, cast):
             leaf = z.to(cast).detach().requires_grad_()
@@ -143,8 +150,8 @@ def check_triton_kernels(ctx: Context) -> dict:
         results[name] = errs
         worst[name] = max(errs.values())
     ok = all(worst[k] < TOL[k] for k in worst)
-    return {"status": "ok" if ok else "failed", "shape": [batch, heads, n, d], "relative_error": results,
-            "tolerance": {k: TOL[k] for k in worst}}
+    return {"status": "ok" if ok else "failed", "shape": [batch, heads, n, list(head_dims)], "relative_error": results,
+            "tolerance": {k: TOL[k] for k in worst}, "anaa_tiles_chosen": tuned_tiles(), "dense_tiles_chosen": dense_tuned_tiles()}
 
 
 def check_mamba_scan_packed(ctx: Context) -> dict:

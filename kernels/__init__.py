@@ -1,4 +1,6 @@
-"""ehrfm.kernels: each op as a Triton kernel beside a plain-PyTorch reference (the oracle and the CPU path).
+"""ehrfm.kernels: the numerical ops, each with a plain-PyTorch reference (the test oracle and the CPU path) and
+a fast path: Triton kernels for ANAA attention and the dense losses; mamba-ssm's CUDA kernel (no Triton kernel
+of ours) for the Mamba selective scan.
 
 Public API (imported lazily so `import ehrfm` never pulls in Triton):
     anaa_attention(q, k, v, *, sigma_eh, variant, training, ...)   -> ehrfm.kernels.anaa

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 ARCHS = (80, 90)
+# the most shared memory one block may use (bytes): A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB
+SHARED_LIMIT = {80: 166912, 90: 232448}
 HEAD_DIMS = (64, 128)
 INPUT_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -36,70 +38,108 @@ class KernelCase:
     types: dict  # argument name -> "*fp32" / "i32" / "fp32" ...; every other argument is a constexpr
     constexprs: dict
     num_warps: int = 4
+    num_stages: int = 3  # software-pipelining depth of loops (Triton's default)
+
+
+_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# ANAA kernel -> (arguments read in the operand dtype, other pointer arguments (fp32 or int32), scalars)
+_ANAA_SIGNATURES = {
+    "_anaa_fwd": (("Q", "K", "V"), ("YA", "R", "LSE"), ("n", "H", "d", "scale")),
+    "_anaa_noise_fwd": (("V",), ("Z", "YZ"), ("seed", "n", "H", "d")),
+    "_anaa_bwd_dkdv": (("Q", "K", "V", "DYA"), ("LSE", "DELTA", "DR", "R", "DK", "DV"), ("n", "H", "d", "scale")),
+    "_anaa_noise_bwd_dv": (("DYZ",), ("Z", "DVZ"), ("seed", "n", "H", "d")),
+    "_anaa_bwd_dq": (("Q", "K", "V", "DYA"), ("LSE", "DELTA", "DR", "R", "DQ"), ("n", "H", "d", "scale")),
+}
+
+
+def anaa_case(kernel: str, dtype: str, head_dim: int, tile: tuple[int, int, int, int]) -> KernelCase:
+    """The launch of ANAA ``kernel`` on ``dtype`` inputs (``"fp32"``/``"bf16"``/``"fp16"``) at ``head_dim`` with
+    ``tile`` = (BM, BN, num_warps, num_stages), as :mod:`ehrfm.kernels.anaa.triton_kernel` launches it on a GPU
+    (causal, Philox noise)."""
+    import torch
+
+    from .anaa import tiles
+    from .anaa.triton_kernel import dot_precision
+
+    torch_dtype = getattr(torch, _TORCH_DTYPE[dtype])
+    operand = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        tiles.operand_dtype(torch_dtype, on_gpu=True)]
+    operands, others, scalars = _ANAA_SIGNATURES[kernel]
+    types = {name: f"*{operand}" for name in operands}
+    types |= {name: "*fp32" for name in others} | {"DOC": "*i32", "DSTART": "*i32", "DEND": "*i32"}
+    types |= {name: "fp32" if name == "scale" else "i32" for name in scalars}
+    bm, bn, warps, stages = tile
+    constexprs = {"CAUSAL": True, "BM": bm, "BN": bn, "BD": max(16, 1 << (head_dim - 1).bit_length()),
+                  "PREC": dot_precision(torch_dtype, on_gpu=True)}
+    if "noise" in kernel:
+        constexprs["NOISE"] = 1
+    variant = f"{dtype} inputs, head dim {head_dim}, {bm}x{bn} tile, {warps} warps, {stages} stages"
+    return KernelCase(f"ehrfm.kernels.anaa.triton_kernel:{kernel}", variant, types, constexprs, warps, stages)
 
 
 def _anaa_cases() -> list[KernelCase]:
-    # anaa_triton upcasts q, k, V' to fp32 before the launch; the input dtype and device select the dot
-    # precision (triton_kernel.dot_precision) and the head dim the BD tile (triton_kernel._blocks)
+    """Every autotuning candidate of every ANAA kernel (:data:`.anaa.tiles.GPU_TILES`), per input dtype and
+    head dim, plus the tests' noise kernel."""
     import torch
 
-    from .anaa.triton_kernel import _blocks, dot_precision
+    from .anaa import tiles
 
-    mod = "ehrfm.kernels.anaa.triton_kernel"
     cases = []
-    for d in HEAD_DIMS:
-        for dtype in INPUT_DTYPES:
-            prec = dot_precision(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
-                                 on_gpu=True)
-            bm, bn, bd, warps = _blocks(d, on_gpu=True)
-            common = {"CAUSAL": True, "BM": bm, "BN": bn, "BD": bd, "PREC": prec}
-            variant = f"{dtype} inputs, head dim {d} ({bm}x{bn} tiles, {warps} warps)"
-            f32 = lambda *names: {n: "*fp32" for n in names}  # noqa: E731
-            docs = {"DOC": "*i32", "DSTART": "*i32", "DEND": "*i32"}
-            scalars = {"n": "i32", "H": "i32", "d": "i32", "scale": "fp32"}
-            cases.append(KernelCase(f"{mod}:_anaa_fwd", variant,
-                                    {**f32("Q", "K", "V", "Z", "YA", "YZ", "R", "LSE"), **docs, "seed": "i32",
-                                     **scalars}, {**common, "NOISE": 1}, warps))
-            cases.append(KernelCase(f"{mod}:_anaa_bwd_dkdv", variant,
-                                    {**f32("Q", "K", "V", "Z", "DYA", "DYZ", "LSE", "DELTA", "DR", "R", "DK", "DV"),
-                                     **docs, "seed": "i32", **scalars}, {**common, "NOISE": 1}, warps))
-            cases.append(KernelCase(f"{mod}:_anaa_bwd_dq", variant,
-                                    {**f32("Q", "K", "V", "DYA", "LSE", "DELTA", "DR", "R", "DQ"), **docs,
-                                     **scalars}, common, warps))
-    cases.append(KernelCase(f"{mod}:_philox_noise_kernel", "tests' noise", {"Z": "*fp32", "seed": "i32", "n": "i32"},
-                            {"BM": 16, "BN": 16}))
+    for kernel in tiles.GPU_TILES:
+        for d in HEAD_DIMS:
+            for dtype in INPUT_DTYPES:
+                for tile in tiles.gpu_candidates(kernel, getattr(torch, _TORCH_DTYPE[dtype]), d):
+                    cases.append(anaa_case(kernel, dtype, d, tile))
+    cases.append(KernelCase("ehrfm.kernels.anaa.triton_kernel:_philox_noise_kernel", "tests' noise",
+                            {"Z": "*fp32", "seed": "i32", "n": "i32"}, {"BM": 16, "BN": 16}))
     return cases
 
 
+def sweep_cases(dtypes=("bf16", "fp32"), sizes=(16, 32, 64, 128), warps=(4, 8), stages=(2,)) -> list[KernelCase]:
+    """A grid of ANAA tiles to choose :data:`.anaa.tiles.GPU_TILES` from (``--sweep``; about 10 minutes)."""
+    import itertools
+
+    from .anaa import tiles
+
+    return [anaa_case(kernel, dtype, d, (bm, bn, w, st)) for kernel in tiles.GPU_TILES for dtype in dtypes
+            for d in HEAD_DIMS for bm, bn, w, st in itertools.product(sizes, sizes, warps, stages)]
+
+
 def _dense_cases() -> list[KernelCase]:
+    """The dense-loss kernels as a GPU launch compiles them: every autotuning candidate of the two dot kernels."""
     import torch
 
     from .dense.triton_kernel import BLOCK as block
-    from .dense.triton_kernel import DOT_WARPS, dot_precision
+    from .dense.triton_kernel import GRAM_TILES, MATMUL_TILES, dot_precision
 
     mod = "ehrfm.kernels.dense.triton_kernel"
     gpu_prec = dot_precision(torch.device("cuda"))
     cases = []
     for dtype in INPUT_DTYPES:
         z = f"*{dtype}"
+        kind = "fp32" if dtype == "fp32" else "half"
         ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
-        variant = f"{dtype} embeddings"
-        cases.append(KernelCase(f"{mod}:_col_stats_kernel", variant,
+        cases.append(KernelCase(f"{mod}:_col_stats_kernel", f"{dtype} embeddings",
                                 {"Z": z, "ZS": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "PART": "*fp32",
                                  **ints("N", "D", "stride_zn", "stride_zd"), "eps": "fp32"},
                                 {"BLOCK_N": block, "BLOCK_D": block}))
-        cases.append(KernelCase(f"{mod}:_dual_gram_kernel", variant,
-                                {"A": z, "B": "*fp32", "PA": "*fp32", "PB": "*fp32", "PART": "*fp32",
-                                 **ints("M", "R", "stride_am", "stride_ar", "stride_bm", "stride_br")},
-                                {"BLOCK_M": block, "BLOCK_R": block, "PREC": gpu_prec}, DOT_WARPS))
+        for warps, stages in GRAM_TILES:
+            cases.append(KernelCase(f"{mod}:_dual_gram_kernel",
+                                    f"{dtype} embeddings, {block}x{block} tile, {warps} warps, {stages} stages",
+                                    {"A": z, "B": "*fp32", "PA": "*fp32", "PB": "*fp32", "PART": "*fp32",
+                                     **ints("M", "R", "stride_am", "stride_ar", "stride_bm", "stride_br")},
+                                    {"BLOCK_M": block, "BLOCK_R": block, "PREC": gpu_prec, "HALF_GRAM": kind == "half"},
+                                    warps, stages))
         # n >= d branch: dZ = Z P, G = Zs Ps (L1 = Z in the input dtype)
-        cases.append(KernelCase(f"{mod}:_dual_matmul_kernel", variant,
-                                {"L1": z, "R1": "*fp32", "L2": "*fp32", "R2": "*fp32", "Z": z, "ZS": "*fp32",
-                                 "COEF": "*fp32", "DZ": "*fp32", "G": "*fp32", "COLPART": "*fp32",
-                                 **ints("N", "D", "K", "s_l1n", "s_l1k", "s_r1k", "s_r1d", "s_l2n", "s_l2k", "s_r2k",
-                                        "s_r2d", "stride_zn", "stride_zd")},
-                                {"BLOCK_N": block, "BLOCK_D": block, "BLOCK_K": block, "PREC": gpu_prec},
-                                DOT_WARPS))
+        for block_d, warps, stages in MATMUL_TILES[kind]:
+            cases.append(KernelCase(f"{mod}:_dual_matmul_kernel",
+                                    f"{dtype} embeddings, {block}x{block_d} tile, {warps} warps, {stages} stages",
+                                    {"L1": z, "R1": "*fp32", "L2": "*fp32", "R2": "*fp32", "Z": z, "ZS": "*fp32",
+                                     "COEF": "*fp32", "DZ": "*fp32", "G": "*fp32", "COLPART": "*fp32",
+                                     **ints("N", "D", "K", "s_l1n", "s_l1k", "s_r1k", "s_r1d", "s_l2n", "s_l2k",
+                                            "s_r2k", "s_r2d", "stride_zn", "stride_zd")},
+                                    {"BLOCK_N": block, "BLOCK_D": block_d, "BLOCK_K": block, "PREC": gpu_prec},
+                                    warps, stages))
     cases.append(KernelCase(f"{mod}:_orth_finish_kernel", "fp32 buffers",
                             {"DZ": "*fp32", "G": "*fp32", "ZS": "*fp32", "RSTD": "*fp32", "COLSUM": "*fp32",
                              "N": "i32", "D": "i32"}, {"BLOCK_N": block, "BLOCK_D": block}))
@@ -136,7 +176,7 @@ def compile_case(case: KernelCase, arch: int) -> dict:
         raise ValueError(f"{case.kernel}: no type or constexpr for {missing}")
     constexprs = {(params.index(k),): v for k, v in case.constexprs.items()}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps, "num_stages": case.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
@@ -153,8 +193,24 @@ def compile_case(case: KernelCase, arch: int) -> dict:
             "shared_bytes": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
 
 
-def compile_all(archs=ARCHS) -> list[dict]:
-    return [compile_case(case, arch) for case in kernel_cases() for arch in archs]
+def _try_compile(case: KernelCase, arch: int) -> dict:
+    try:
+        return compile_case(case, arch)
+    except Exception as error:  # a sweep records tiles that do not compile and goes on
+        name = case.kernel.split(":")[1]
+        print(f"{name} ({case.variant}) sm_{arch}: {str(error).splitlines()[0][:200]}", file=sys.stderr)
+        return {"kernel": name, "variant": case.variant, "arch": f"sm_{arch}", "registers": -1, "spill_stores": -1,
+                "spill_loads": -1, "shared_bytes": -1, "num_warps": case.num_warps}
+
+
+def compile_all(archs=ARCHS, cases: list[KernelCase] | None = None, tolerate_errors: bool = False) -> list[dict]:
+    """Compile ``cases`` (default: every shipped kernel configuration) for ``archs``, one process per CPU."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(case, arch) for case in (cases or kernel_cases()) for arch in archs]
+    compile_one = _try_compile if tolerate_errors else compile_case
+    with ProcessPoolExecutor(max_workers=max(1, min(len(os.sched_getaffinity(0)), 8))) as pool:
+        return list(pool.map(compile_one, *zip(*jobs), chunksize=4))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -168,11 +224,13 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--sweep", action="store_true",
+                        help="compile a grid of ANAA tiles instead of the shipped candidates (to choose them)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    rows = compile_all()
+    rows = compile_all(cases=sweep_cases(), tolerate_errors=True) if args.sweep else compile_all()
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

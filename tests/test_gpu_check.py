@@ -20,8 +20,9 @@ def test_gpu_check_rehearses_its_numerical_checks_on_cpu(tmp_path):
     assert report["failed"] == [] and report["device"] == "cpu"
     assert checks["environment"]["torch"] and checks["environment"]["attn_implementation"] == "sdpa"
     assert checks["triton_kernels"]["status"] == "ok"
-    assert set(checks["triton_kernels"]["relative_error"]["fp32"]) == {"out", "dq", "dk", "dv", "dense_spec",
-                                                                       "dense_orth", "dense_dz"}
+    assert set(checks["triton_kernels"]["relative_error"]["fp32"]) == {
+        "anaa_d16_out", "anaa_d16_dq", "anaa_d16_dk", "anaa_d16_dv", "dense_spec", "dense_orth", "dense_dz"}
+    assert checks["triton_kernels"]["anaa_tiles_chosen"] == checks["triton_kernels"]["dense_tiles_chosen"] == {}
     assert max(checks["triton_kernels"]["relative_error"]["fp32"].values()) < 1e-4  # IEEE dots on the interpreter
     assert checks["mamba_scan_packed"]["status"] == "ok"
     assert max(checks["mamba_scan_packed"]["relative_error"].values()) < 1e-4

@@ -17,8 +17,10 @@ Backward (2 launches), with upstream scalars g_spec, g_orth folded into four coe
   5. `_orth_finish_kernel`  dZ = dZ_spec + (G - mean(G) - Zs mean(G Zs)) * rstd (standardization backward).
 
 Partial sums go to per-program buffers reduced in a fixed order (deterministic; no atomics). Accumulation
-is fp32 with `input_precision="ieee"` (no TF32) so results match the fp32 reference. Block sizes are fixed
-(no autotuning); see README for the GPU status.
+is fp32; dots are tf32x3 on a GPU (:func:`dot_precision`) and IEEE fp32 under the interpreter, except the Gram
+of a bf16/fp16 Z, whose products are exact in fp32 and run as one half-precision tensor-core pass. On a GPU the
+two dot kernels are autotuned among spill-free candidates (GRAM_TILES, MATMUL_TILES); the interpreter uses
+32 x 32 tiles.
 """
 from __future__ import annotations
 
@@ -29,7 +31,16 @@ import triton.language as tl
 from .reference import DEFAULT_EPS
 
 BLOCK = 32  # tl.dot needs >= 16 per dimension; 32 keeps the interpreter fast and registers modest
-DOT_WARPS = 8  # the two dot kernels with tf32x3 on GPU: 4 warps spilled 8-16 bytes (python -m ehrfm.kernels.aot)
+# GPU autotuning candidates of the two dot kernels, all spill-free on sm_80 and sm_90 (python -m ehrfm.kernels.aot;
+# tests/kernels/test_triton_aot.py). tf32x3 splits every fp32 operand into two tf32 halves: 64- and 128-row tiles
+# spilled 0.5-1.7 KB, and 4 warps spilled at 32 x 32, so the resident tiles stay 32 rows and the tuner picks the
+# column width, warps and pipelining depth. The row tile is fixed so the per-program partial-sum buffers keep
+# one layout whatever the tuner picks.
+GRAM_TILES: list[tuple[int, int]] = [(8, 2), (8, 3)]  # _dual_gram_kernel: (num_warps, num_stages), 32 x 32 tiles
+MATMUL_TILES: dict[str, list[tuple[int, int, int]]] = {  # _dual_matmul_kernel: (BLOCK_D, num_warps, num_stages)
+    "fp32": [(32, 8, 2), (64, 8, 2), (128, 8, 2)],
+    "half": [(32, 8, 2), (64, 8, 2), (128, 8, 2), (64, 4, 2)],
+}
 
 
 @triton.jit
@@ -72,7 +83,7 @@ def _col_stats_kernel(
 @triton.jit
 def _dual_gram_kernel(
     A, B, PA, PB, PART, M, R, stride_am, stride_ar, stride_bm, stride_br,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr, HALF_GRAM: tl.constexpr,
 ):
     """P[i, j] = sum_r A[i, r] A[j, r] and the same for B, A and B (M, R), one (BLOCK_M, BLOCK_M) tile.
 
@@ -91,9 +102,12 @@ def _dual_gram_kernel(
         rr = start + tl.arange(0, BLOCK_R)
         m_i = (ri[:, None] < M) & (rr[None, :] < R)
         m_j = (rr[:, None] < R) & (rj[None, :] < M)
-        a_i = tl.load(A + ri[:, None] * stride_am + rr[None, :] * stride_ar, mask=m_i, other=0.0).to(tl.float32)
-        a_j = tl.load(A + rr[:, None] * stride_ar + rj[None, :] * stride_am, mask=m_j, other=0.0).to(tl.float32)
-        acc_a = tl.dot(a_i, a_j, acc_a, input_precision=PREC)
+        a_i = tl.load(A + ri[:, None] * stride_am + rr[None, :] * stride_ar, mask=m_i, other=0.0)
+        a_j = tl.load(A + rr[:, None] * stride_ar + rj[None, :] * stride_am, mask=m_j, other=0.0)
+        if HALF_GRAM:  # bf16/fp16 Z: products are exact in fp32, one tensor-core pass instead of tf32x3's three
+            acc_a = tl.dot(a_i, a_j, acc_a)
+        else:
+            acc_a = tl.dot(a_i.to(tl.float32), a_j.to(tl.float32), acc_a, input_precision=PREC)
         b_i = tl.load(B + ri[:, None] * stride_bm + rr[None, :] * stride_br, mask=m_i, other=0.0)
         b_j = tl.load(B + rr[:, None] * stride_br + rj[None, :] * stride_bm, mask=m_j, other=0.0)
         acc_b = tl.dot(b_i, b_j, acc_b, input_precision=PREC)
@@ -179,6 +193,51 @@ def dot_precision(device: torch.device) -> str:
     return "tf32x3" if device.type == "cuda" else "ieee"
 
 
+_AUTOTUNED: dict = {}
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "half" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+def _half_gram(z: torch.Tensor) -> bool:
+    """Whether the Gram of z runs on half operands: bf16/fp16 on a GPU; fp16 under the interpreter too (numpy
+    has no bfloat16, so there bf16 is read as fp32), which lets the CPU tests cover the half path."""
+    return z.dtype == torch.float16 or (z.dtype == torch.bfloat16 and z.is_cuda)
+
+
+def _gram_launcher(on_gpu: bool, grid: tuple[int, int]):
+    """(kernel launcher, constexprs the caller adds): the autotuner on a GPU, fixed 32 x 32 tiles on CPU."""
+    if not on_gpu:
+        return _dual_gram_kernel[grid], {"BLOCK_R": BLOCK, "num_warps": 4}
+    if "gram" not in _AUTOTUNED:
+        configs = [triton.Config({"BLOCK_R": BLOCK}, num_warps=w, num_stages=st) for w, st in GRAM_TILES]
+        _AUTOTUNED["gram"] = triton.autotune(configs=configs, key=["PREC", "HALF_GRAM"])(_dual_gram_kernel)
+    return _AUTOTUNED["gram"][grid], {}
+
+
+def _matmul_launcher(on_gpu: bool, dtype: torch.dtype, d: int, n_row_blocks: int):
+    """As :func:`_gram_launcher`; the grid's column count follows the tuned BLOCK_D."""
+    if not on_gpu:
+        return _dual_matmul_kernel[(n_row_blocks, triton.cdiv(d, BLOCK))], {"BLOCK_D": BLOCK, "num_warps": 4}
+    if "matmul" not in _AUTOTUNED:
+        every = sorted({t for tiles in MATMUL_TILES.values() for t in tiles})
+        configs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in every]
+
+        def prune(configs, named_args, **kwargs):
+            keep = MATMUL_TILES[_kind(named_args["Z"].dtype)]
+            return [c for c in configs if (c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) in keep]
+
+        _AUTOTUNED["matmul"] = triton.autotune(configs=configs, key=["PREC"],
+                                               prune_configs_by={"early_config_prune": prune})(_dual_matmul_kernel)
+    return _AUTOTUNED["matmul"][lambda meta: (n_row_blocks, triton.cdiv(d, meta["BLOCK_D"]))], {}
+
+
+def tuned_tiles() -> dict[str, dict[str, str]]:
+    """The configuration each autotuned dense kernel chose in this process (for ``scripts/gpu-check``)."""
+    return {name: {str(key): str(cfg) for key, cfg in tuner.cache.items()} for name, tuner in _AUTOTUNED.items()}
+
+
 class _SpecOrthFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, eps: float):
@@ -203,8 +262,9 @@ class _SpecOrthFunction(torch.autograd.Function):
         ps = torch.empty(m, m, dtype=torch.float32, device=dev)
         grid = (triton.cdiv(m, BLOCK), triton.cdiv(m, BLOCK))
         part2 = torch.zeros(grid[0] * grid[1], 2, dtype=torch.float32, device=dev)
-        _dual_gram_kernel[grid](z, zs, p, ps, part2, m, r, *strides, BLOCK_M=BLOCK, BLOCK_R=BLOCK,
-                                PREC=dot_precision(z.device), num_warps=DOT_WARPS)
+        launch, fixed = _gram_launcher(z.is_cuda, grid)
+        launch(z, zs, p, ps, part2, m, r, *strides, BLOCK_M=BLOCK, PREC=dot_precision(z.device),
+               HALF_GRAM=_half_gram(z), **fixed)
         q, qs = part2.sum(dim=0).unbind()
         spec = q / s.square() - 1.0 / d
         orth = qs / n**2 - 2 * trace_c + d
@@ -220,7 +280,7 @@ class _SpecOrthFunction(torch.autograd.Function):
         dz = torch.empty(n, d, dtype=torch.float32, device=z.device)
         g = torch.empty_like(dz)
         grid = (triton.cdiv(n, BLOCK), triton.cdiv(d, BLOCK))
-        colpart = torch.empty(grid[0], 2, d, dtype=torch.float32, device=z.device)
+        colpart = torch.empty(grid[0], 2, d, dtype=torch.float32, device=z.device)  # every (row block, column)
         if n < d:  # dZ = P Z, G = Ps Zs with P (N, N)
             operands = (p, z, ps, zs)
             k_dim = n
@@ -228,10 +288,9 @@ class _SpecOrthFunction(torch.autograd.Function):
             operands = (z, p, zs, ps)
             k_dim = d
         strides = [st for t in operands for st in t.stride()]
-        _dual_matmul_kernel[grid](
-            *operands, z, zs, coef, dz, g, colpart, n, d, k_dim, *strides, z.stride(0), z.stride(1),
-            BLOCK_N=BLOCK, BLOCK_D=BLOCK, BLOCK_K=BLOCK, PREC=dot_precision(z.device), num_warps=DOT_WARPS,
-        )
+        launch, fixed = _matmul_launcher(z.is_cuda, z.dtype, d, grid[0])
+        launch(*operands, z, zs, coef, dz, g, colpart, n, d, k_dim, *strides, z.stride(0), z.stride(1),
+               BLOCK_N=BLOCK, BLOCK_K=BLOCK, PREC=dot_precision(z.device), **fixed)
         colsum = colpart.sum(dim=0).contiguous()  # (2, d): one reduction instead of one per program
         _orth_finish_kernel[grid](dz, g, zs, rstd, colsum, n, d, BLOCK_N=BLOCK, BLOCK_D=BLOCK)
         return dz.to(z.dtype), None

@@ -101,3 +101,54 @@ def test_document_bounds_give_each_position_its_documents_range():
     start, end = document_bounds(doc)
     assert start.tolist() == [[0, 0, 2, 2, 2, 7, 7], [0, 0, 0, 0, 4, 4, 7]]
     assert end.tolist() == [[2, 2, 5, 5, 5, 0, 0], [4, 4, 4, 4, 6, 6, 0]]
+
+
+def _half_inputs(dtype):
+    q, k, v, z = _inputs(3)
+    return [t.to(dtype) for t in (q, k, v)], z
+
+
+@pytest.mark.parametrize("layout", ["padding", "packing"])
+def test_fp16_operands_match_reference(layout):
+    """fp16 inputs are read as fp16 operands (P, dS and Z cast down before their dots, fp32 sums): within fp16
+    rounding of the float64 reference, and measurably not the fp32-operand computation."""
+    (q, k, v), z = _half_inputs(torch.float16)
+    w = torch.randn(B, H, N, D)
+    kw = dict(sigma_eh=1.0, variant="causal", training=True, noise=z, **LAYOUTS[layout])
+    ref = _run("reference", q.double(), k.double(), v.double(), w.double(), **{**kw, "noise": z.double()})
+    half = _run("triton", q, k, v, w.half(), **kw)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], half, ref):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < 3e-3, name
+    # the fused core's fp32 outputs: fp16 operands round P and Z before their dots, fp32 operands do not
+    from ehrfm.kernels.anaa.triton_kernel import NOISE_EXPLICIT, _FusedANAA
+
+    doc32 = LAYOUTS["packing"]["document_ids"].to(torch.int32)
+    fused = [_FusedANAA.apply(*(t.to(dtype) for t in (q, k, v)), doc32, z, 0, True, NOISE_EXPLICIT, "ieee")
+             for dtype in (torch.float16, torch.float32)]
+    for name, a, b in zip(["Y_A", "Y_Z"], *fused):  # r comes from the same fp16 q, k: identical
+        assert ((a - b).abs().max() / b.abs().max()) > 1e-5, f"{name}: fp16 inputs were computed in fp32"
+
+
+def test_bf16_inputs_on_the_interpreter_are_read_as_fp32():
+    """numpy has no bfloat16: under the interpreter bf16 inputs go through the fp32 operand path (they returned
+    values off by 1e9 when read as bf16)."""
+    (q, k, v), z = _half_inputs(torch.bfloat16)
+    w = torch.randn(B, H, N, D)
+    kw = dict(sigma_eh=1.0, variant="causal", training=True, noise=z, **LAYOUTS["packing"])
+    ref = _run("reference", q.double(), k.double(), v.double(), w.double(), **{**kw, "noise": z.double()})
+    out = _run("triton", q, k, v, w.bfloat16(), **kw)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], out, ref):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-2, name
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "half"), (torch.float16, "half"), (torch.float32, "fp32")])
+@pytest.mark.parametrize("d,cls", [(16, 64), (64, 64), (128, 128)])
+def test_gpu_autotuner_prunes_to_the_launch_candidates(dtype, kind, d, cls):
+    """The GPU autotuner of each kernel times exactly the candidates of the launch's operand dtype and head dim."""
+    from ehrfm.kernels.anaa import tiles, triton_kernel
+
+    for kernel, arg in tiles.OPERAND_ARG.items():
+        tuner = triton_kernel._autotuned(kernel)
+        kept = tuner.early_config_prune(tuner.configs, {arg: torch.empty(0, dtype=dtype)}, BD=d)
+        got = sorted((c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in kept)
+        assert got == sorted(tiles.GPU_TILES[kernel][(kind, cls)])

@@ -56,3 +56,29 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="CUDA"):
         dense_losses(torch.randn(8, 4), impl="triton")
     assert set(dense_losses(torch.randn(8, 4), impl="auto")) == {"spec", "orth"}  # auto stays on the reference
+
+
+@pytest.mark.parametrize("n,d", [(20, 37), (70, 20)])
+def test_fp16_gram_on_half_operands_matches_reference(n, d):
+    """An fp16 Z's Gram runs on fp16 operands (exact products, fp32 sums): same losses and gradient as the fp32
+    reference on the same fp16 values."""
+    from ehrfm.kernels.dense import triton_kernel
+
+    z = (torch.randn(n, d, generator=torch.Generator().manual_seed(5)) * 2.0).half()
+    assert triton_kernel._half_gram(z) and not triton_kernel._half_gram(z.bfloat16())
+    ref = _both(z.float(), _reference, 1.3, 0.7)
+    tri = _both(z, spec_orth_triton, 1.3, 0.7)
+    torch.testing.assert_close(tri[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tri[1], ref[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tri[2].float(), ref[2], rtol=2e-3, atol=1e-3 * ref[2].abs().max().item())  # fp16 grad
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "half"), (torch.float16, "half"), (torch.float32, "fp32")])
+def test_gpu_matmul_autotuner_prunes_to_the_dtype_candidates(dtype, kind):
+    from ehrfm.kernels.dense import triton_kernel
+
+    triton_kernel._matmul_launcher(True, dtype, 64, 2)  # builds the autotuner (launches nothing)
+    tuner = triton_kernel._AUTOTUNED["matmul"]
+    kept = tuner.early_config_prune(tuner.configs, {"Z": torch.empty(0, dtype=dtype)})
+    assert sorted((c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in kept) == sorted(
+        triton_kernel.MATMUL_TILES[kind])
