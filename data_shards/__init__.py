@@ -1,1 +1,3 @@
-"""ehrfm.data_shards"""
+"""ehrfm.data_shards: MEDS parquet / FHIR R4 -> patient timelines -> CEHR-BERT/EhrMamba tokens with attribute
+streams -> sharded, versioned corpora (``ehrfm prepare``), streamed deterministically and packed; clinical task
+labels without leakage."""

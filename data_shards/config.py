@@ -191,7 +191,7 @@ class PrepareConfig:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
-    # YAML files (or names of shipped configs under configs/tasks) with clinical task definitions
+    # YAML files (or names of shipped configs in data_shards/task_configs) with clinical task definitions
     tasks: list[str] = field(default_factory=lambda: ["ehrmamba", "heart_failure"])
     # parquet files in the MEDS label schema (subject_id, prediction_time, boolean_value), e.g. from ACES
     external_labels: list[str] = field(default_factory=list)

@@ -174,6 +174,21 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """The mapping a YAML file holds (safe loader: no code runs); :class:`ConfigError` naming the file when it
+    is missing, not YAML, or not a mapping."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 defaults: list[str] | None = None) -> T:
     """Defaults of ``cls`` <- ``defaults`` (``key=value``, e.g. a size's recipe) <- YAML file at ``path`` <-
@@ -182,16 +197,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     if defaults:
         data = _merge(data, parse_overrides(defaults))
     if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml_mapping(path))
     if overrides:
         data = _merge(data, parse_overrides(overrides))
     return from_dict(cls, data)

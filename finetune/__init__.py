@@ -1,4 +1,5 @@
-"""ehrfm.finetune: the finetuning stage (issue 5) and its regularizers (ANAA, issue 6).
+"""ehrfm.finetune: the finetuning stage (per-task heads, MPF, ALFIA + LoRA), its regularizers (NEFTune, ANAA),
+evaluation with bootstrap CIs and the GBDT baselines.
 
 Reads only exported HF folders (``ehrfm export``: config.json, model.safetensors, tokenizer files,
 ehrfm_export.json) and prepared data folders (``ehrfm prepare``).

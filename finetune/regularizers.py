@@ -1,5 +1,5 @@
 """Finetuning-time regularizers attached to a backbone: NEFTune (noisy embeddings, Jain et al. 2023; the
-baseline of 000 Table 3, alpha 5 / 10) and ANAA (:mod:`ehrfm.finetune.anaa`, issue 6).
+baseline of 000 Table 3, alpha 5 / 10) and ANAA (:mod:`ehrfm.finetune.anaa`; paper 000).
 
     regs = attach_regularizers(backbone, neftune_alpha=5.0, anaa=ANAAConfig())
     ... train ...           # NEFTune is active only in training mode; ANAA: noise in training, eq. 10 in eval

@@ -12,7 +12,7 @@ data loader alone.
   against the dynamic-padding loop, the stronger baseline.
 * loader: the packed stream iterated without training.
 
-Goals (issue 4): packed / padded >= 2.5x real tokens/s; loader / training >= 10x.
+Targets: packed / padded >= 2.5x real tokens/s; loader / training >= 10x.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, config)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None)
     p.add_argument("--config", default=None, help="YAML of PretrainConfig (ehrfm.pretrain.config)")
-    p.add_argument("--accelerate-config", default=None, help="an `accelerate config` YAML, used as-is")
+    p.add_argument("--accelerate-config", default=None,
+                   help="an `accelerate config` YAML: each field mapped, accepted or refused (accelerate_config.py)")
     p.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON, used as-is ('auto' keys filled)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4 train.max_steps=100")
     p.set_defaults(func=main_pretrain)
@@ -56,7 +57,7 @@ def load_pretrain_config(path, overrides: list[str]):
 
 
 def build_config(args: argparse.Namespace):
-    from .parallel import apply_accelerate_config
+    from .accelerate_config import apply_accelerate_config
 
     # `lambda` is a Python keyword, so the fields are `lam*`; the spelling `dense.lambda=` works too
     overrides = [re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item) for item in args.overrides]

@@ -85,7 +85,7 @@ class TrainSection:
     """Loop, precision and parallelism.
 
     strategy: how the model is wrapped (``parallel.py``). precision "auto" = bf16 autocast on GPU, fp32 on CPU.
-    grad_accum: micro-steps per optimizer step. val_every / checkpoint_every / log_every in optimizer steps.
+    grad_accum: micro-steps per optimizer step. val_every / log_every (and checkpoint.every) in optimizer steps.
     patience: validations without improvement before early stopping (0 = never stop early).
     mlm_probability: masked fraction for BERT (80% [MASK], 10% random, 10% unchanged).
     crash_after_step: fault injection for tests, the process dies (exit 137, no checkpoint) after this step.
@@ -148,4 +148,4 @@ class PretrainConfig:
     deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
     dense: DenseLossConfig = dataclasses.field(default_factory=DenseLossConfig)
     out: str = ""
-    accelerate_config: str = ""  # a user's `accelerate config` YAML; see parallel.apply_accelerate_config
+    accelerate_config: str = ""  # a user's `accelerate config` YAML; see accelerate_config.py

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError
 from ..devices import autocast, bf16_enabled, use_fast_attention
 from ..logging import get_logger
 
@@ -62,46 +61,6 @@ def init_distributed() -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return DistInfo(state.process_index, state.num_processes, local_rank, device)
-
-
-def apply_accelerate_config(cfg, path: str | os.PathLike) -> None:
-    """Read a user's `accelerate config` YAML as-is and map it onto ``cfg`` (PretrainConfig, in place).
-
-    distributed_type FSDP -> fsdp; DEEPSPEED -> deepspeed-zero{stage} (a ``deepspeed_config_file`` inside it is
-    used as the DeepSpeed JSON); MULTI_GPU / MULTI_CPU / NO -> ddp. mixed_precision bf16 -> bf16,
-    gradient_accumulation_steps and gradient_clipping are taken when present. Process counts and machine
-    ranks stay the launcher's business (torchrun / srun)."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    kind = str(data.get("distributed_type", "NO")).upper()
-    if kind == "FSDP":
-        cfg.train.strategy = "fsdp"
-    elif kind == "DEEPSPEED":
-        ds = data.get("deepspeed_config") or {}
-        if ds.get("deepspeed_config_file"):
-            cfg.deepspeed.config_file = str(ds["deepspeed_config_file"])
-            stage = json.loads(Path(ds["deepspeed_config_file"]).read_text()).get("zero_optimization", {}).get("stage", 2)
-        else:
-            stage = int(ds.get("zero_stage", 2))
-            if ds.get("gradient_accumulation_steps") not in (None, "auto"):
-                cfg.train.grad_accum = int(ds["gradient_accumulation_steps"])
-            if ds.get("gradient_clipping") not in (None, "auto"):
-                cfg.optim.grad_clip = float(ds["gradient_clipping"])
-            cfg.deepspeed.offload_optimizer = ds.get("offload_optimizer_device", "none") not in ("none", None)
-        if int(stage) not in (2, 3):
-            raise ConfigError(f"{path}: DeepSpeed ZeRO stage {stage} is not supported; use 2 or 3")
-        cfg.train.strategy = f"deepspeed-zero{int(stage)}"
-    elif kind in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU"):
-        cfg.train.strategy = "ddp"
-    else:
-        raise ConfigError(f"{path}: distributed_type {kind} is not supported (use NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED)")
-    if data.get("mixed_precision") == "bf16":
-        cfg.train.precision = "bf16"
-    elif data.get("mixed_precision") == "no":
-        cfg.train.precision = "fp32"
-    if data.get("gradient_accumulation_steps"):
-        cfg.train.grad_accum = int(data["gradient_accumulation_steps"])
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

@@ -111,8 +111,8 @@ def test_lr_schedule_warmup_ten_percent(schedule):
         assert lrs[55] == pytest.approx(0.5e-3, rel=0.05)
 
 
-def test_accelerate_config_is_used_as_is(tmp_path):
-    from ehrfm.pretrain.parallel import apply_accelerate_config
+def test_accelerate_config_maps_strategies(tmp_path):
+    from ehrfm.pretrain.accelerate_config import apply_accelerate_config
 
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
@@ -137,6 +137,43 @@ def test_accelerate_config_is_used_as_is(tmp_path):
     cfg = PretrainConfig()
     apply_accelerate_config(cfg, tmp_path / "ds.yaml")
     assert cfg.deepspeed.config_file == str(ds_json)
+
+
+def test_accelerate_config_fields_are_mapped_accepted_or_refused(tmp_path):
+    """No field of an accelerate YAML is dropped silently: FSDP fields map or must match what ehrfm does,
+    unknown fields and unsupported requests are one ConfigError naming the file and the fields."""
+    from ehrfm.config import ConfigError
+    from ehrfm.pretrain.accelerate_config import apply_accelerate_config
+
+    typical = ("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\nnum_machines: 2\n"
+               "num_processes: 16\nmachine_rank: 0\nmain_training_function: main\nrdzv_backend: static\n"
+               "same_network: true\nuse_cpu: false\ndynamo_config:\n  dynamo_backend: INDUCTOR\nfsdp_config:\n"
+               "  fsdp_activation_checkpointing: true\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+               "  fsdp_cpu_ram_efficient_loading: true\n  fsdp_offload_params: false\n"
+               "  fsdp_reshard_after_forward: true\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n  fsdp_version: 2\n")
+    (tmp_path / "ok.yaml").write_text(typical)
+    cfg = PretrainConfig()
+    apply_accelerate_config(cfg, tmp_path / "ok.yaml")
+    assert (cfg.train.strategy, cfg.train.precision, cfg.train.activation_checkpointing, cfg.train.compile) == (
+        "fsdp", "bf16", True, True)
+    refused = {
+        "unknown top": ("distributed_type: FSDP\nfsdp_plugin_magic: 3\n", "fsdp_plugin_magic"),
+        "unknown fsdp": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_new_knob: 1\n", "fsdp_new_knob"),
+        "offload": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n", "fsdp_offload_params=True"),
+        "grad-op": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n",
+                    "fsdp_sharding_strategy"),
+        "fp16": ("distributed_type: MULTI_GPU\nmixed_precision: fp16\n", "mixed_precision"),
+        "param offload": ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_param_device: cpu\n",
+                          "offload_param_device"),
+        "beside file": ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: ds.json\n"
+                        "  zero_stage: 3\n", "zero_stage beside deepspeed_config_file"),
+    }
+    for name, (text, named) in refused.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            apply_accelerate_config(PretrainConfig(), path)
+        assert str(path) in str(err.value) and named in str(err.value), (name, str(err.value))
 
 
 def test_deepspeed_json_kept_and_autos_filled(tmp_path):
