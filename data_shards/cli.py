@@ -6,33 +6,34 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
+    from ..config_flags import add_config_arguments
     from ..outputs import add_overwrite_argument
+    from .config import PrepareConfig
 
     p = subparsers.add_parser(
         "prepare",
         help="MEDS / FHIR data -> tokenized, sharded corpus",
         description=__doc__,
-        epilog="Overrides: key=value with dotted keys, e.g. vocab.num_bins=5 vocab.icd_level=3 history.lookback=1y",
+        epilog="Every config field is a flag (--vocab.num-bins 5) and a key=value override (vocab.num_bins=5); "
+               "overrides win over flags, which win over --config.",
     )
     p.add_argument("--input", required=True, type=Path, help="MEDS root folder, or a folder of FHIR bundles/NDJSON")
-    p.add_argument("--format", choices=["meds", "fhir"], default=None, help="input format (default: from config, meds)")
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--config", type=Path, default=None, help="prepare YAML config")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_overwrite_argument(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_config_arguments(p, PrepareConfig)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..config_flags import config_overrides
     from .config import PrepareConfig
     from .prepare import prepare
 
-    overrides = list(args.overrides)
-    if args.format:
-        overrides.append(f"format={args.format}")
-    cfg = load_config(PrepareConfig, args.config, overrides)
+    cfg = load_config(PrepareConfig, args.config, config_overrides(args))
     manifest = prepare(args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
                        config_file=args.config)
     counts = manifest["counts"]

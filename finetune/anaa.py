@@ -21,28 +21,18 @@ dropout is not applied on top of ANAA. Mamba / Mamba2 backbones have no attentio
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
+from .config import ANAAConfig
+
+__all__ = ["ANAAConfig", "ANAAHandle", "anaa_finetuning", "enable_anaa"]
+
 ATTN_NAME = "ehrfm_anaa"
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class ANAAConfig:
-    """Settings of ``ehrfm.kernels.anaa_attention`` used inside the swapped model (see its docstring)."""
-
-    sigma_eh: float = 0.33
-    variant: str | None = None  # None: causal for causal attention modules, symmetric otherwise
-    mode: str = "anaa"  # "anaa" | "rna" | "smooth"
-    sigma_norm: str = "paper"
-    detach_sigma: bool = True
-    impl: str = "auto"
-    kernel_size: int | None = None
 
 
 class _State:
@@ -182,22 +172,3 @@ def anaa_finetuning(model, cfg: ANAAConfig | None = None):
         handle.remove()
 
 
-def add_anaa_arguments(parser: argparse.ArgumentParser) -> None:
-    """``ehrfm finetune`` flags: --anaa, --anaa-sigma-eh, --anaa-variant, --anaa-mode, --anaa-sigma-norm."""
-    g = parser.add_argument_group("ANAA (adaptive noise-augmented attention, finetuning only)")
-    g.add_argument("--anaa", action="store_true", help="swap attention for ANAA while finetuning")
-    g.add_argument("--anaa-sigma-eh", type=float, default=0.33, help="event-horizon std of the smoothing kernel")
-    g.add_argument("--anaa-variant", choices=["causal", "symmetric"], default=None,
-                   help="default: causal for decoders (Llama), symmetric for encoders (BERT)")
-    g.add_argument("--anaa-mode", choices=["anaa", "rna", "smooth"], default="anaa",
-                   help="rna = noise only (the paper's RNA ablation); smooth = smoothing only")
-    g.add_argument("--anaa-sigma-norm", choices=["paper", "entries"], default="paper")
-    g.add_argument("--anaa-grad-sigma", action="store_true", help="differentiate through sigma (default: detach)")
-
-
-def anaa_config_from_args(args: argparse.Namespace) -> ANAAConfig | None:
-    """ANAAConfig from parsed :func:`add_anaa_arguments` flags, or None without --anaa."""
-    if not getattr(args, "anaa", False):
-        return None
-    return ANAAConfig(sigma_eh=args.anaa_sigma_eh, variant=args.anaa_variant, mode=args.anaa_mode,
-                      sigma_norm=args.anaa_sigma_norm, detach_sigma=not args.anaa_grad_sigma)

@@ -13,14 +13,23 @@ import json
 from pathlib import Path
 
 
+# earlier spellings kept beside the generated ``--section.field`` flags
+FINETUNE_FLAG_ALIASES = {
+    "learning_rate": ["--lr"], "lora.enabled": ["--lora"], "lora.save": ["--lora-save"], "anaa.enabled": ["--anaa"],
+    "anaa.sigma_eh": ["--anaa-sigma-eh"], "anaa.variant": ["--anaa-variant"], "anaa.mode": ["--anaa-mode"],
+    "anaa.sigma_norm": ["--anaa-sigma-norm"],
+}
+
+
 def _tasks(text: str | None) -> list[str]:
     return [t for t in (text or "").split(",") if t]
 
 
 def add_parser(subparsers) -> None:
+    from ehrfm.config_flags import add_config_arguments
     from ehrfm.outputs import add_overwrite_argument
 
-    from .anaa import add_anaa_arguments
+    from .config import FinetuneConfig
 
     p = subparsers.add_parser("finetune", help="finetune an exported model on prepared tasks",
                               description="Finetune an `ehrfm export` folder on the tasks of a prepared data folder.")
@@ -28,25 +37,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", required=True, type=Path, help="prepared data folder (manifest.json)")
     p.add_argument("--out", required=True, type=Path, help="finetuned model folder to write")
     p.add_argument("--config", type=Path, help="YAML FinetuneConfig (flags and key=value override it)")
-    p.add_argument("--method", choices=["per-task", "mpf", "alfia"])
-    p.add_argument("--tasks", help="comma-separated task names (default: every task of the data)")
-    p.add_argument("--freeze", action="store_true", default=None, help="frozen backbone: linear/MLP probe")
-    p.add_argument("--init", choices=["pretrained", "random"],
-                   help="random: same architecture and tokenizer, fresh weights (the from-scratch control)")
-    p.add_argument("--lora", action="store_true", default=None, help="peft LoRA r=16 alpha=16 dropout=0.05")
-    p.add_argument("--lora-save", choices=["merged", "adapter"], help="save merged weights or the adapter only")
-    p.add_argument("--train-fraction", type=float, help="fraction of training patients used (0 < f <= 1)")
-    p.add_argument("--pos-weight", help="none | auto | a number (BCE weight of positives)")
-    p.add_argument("--neftune-alpha", type=float, help="NEFTune noise alpha (5 or 10; 0 = off)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--lr", type=float, dest="learning_rate")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--context-length", type=int)
-    p.add_argument("--seed", type=int)
     add_overwrite_argument(p)
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. alfia.gating=false)")
-    add_anaa_arguments(p)
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. alfia.gating=false); they win "
+                                                "over flags, which win over --config")
+    add_config_arguments(p, FinetuneConfig, aliases=FINETUNE_FLAG_ALIASES)
     p.set_defaults(func=run_finetune)
 
     e = subparsers.add_parser("evaluate", help="evaluate a finetuned model: metrics with bootstrap CIs, plots")
@@ -87,36 +81,23 @@ def add_parser(subparsers) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    """FinetuneConfig: defaults <- --config YAML <- key=value overrides <- explicit flags."""
+    """FinetuneConfig: defaults < --config YAML < flags < key=value overrides (``ehrfm.config_flags``)."""
     from ehrfm.config import load_config
+    from ehrfm.config_flags import config_overrides
 
     from .config import FinetuneConfig
 
-    flags = []
-    for key, name in (("method", "method"), ("train_fraction", "train_fraction"), ("pos_weight", "pos_weight"),
-                      ("neftune_alpha", "neftune_alpha"), ("epochs", "epochs"), ("patience", "patience"),
-                      ("learning_rate", "learning_rate"), ("batch_size", "batch_size"),
-                      ("context_length", "context_length"), ("seed", "seed"), ("lora_save", "lora.save"), ("init", "init")):
-        value = getattr(args, key, None)
-        if value is not None:
-            flags.append(f"{name}={value}")
-    if args.tasks:
-        flags.append(f"tasks={args.tasks}")
-    if args.freeze:
-        flags.append("freeze=true")
-    if args.lora:
-        flags.append("lora.enabled=true")
-    cfg = load_config(FinetuneConfig, args.config, list(args.overrides) + flags)
+    cfg = load_config(FinetuneConfig, args.config, config_overrides(args))
     cfg.validate()
     return cfg
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from .anaa import anaa_config_from_args
     from .train import finetune
 
     cfg = build_config(args)
-    meta = finetune(args.model, args.data, args.out, cfg, anaa=anaa_config_from_args(args), overwrite=args.overwrite)
+    meta = finetune(args.model, args.data, args.out, cfg, anaa=cfg.anaa if cfg.anaa.enabled else None,
+                    overwrite=args.overwrite)
     print(json.dumps({"out": str(args.out), "best_epoch": meta["best_epoch"], "best_val_auprc": meta["best_val_auprc"]}))
     return 0
 

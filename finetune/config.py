@@ -31,6 +31,21 @@ class AlfiaSettings:
 
 
 @dataclass
+class ANAAConfig:
+    """ANAA while finetuning (000; ``ehrfm.kernels.anaa_attention`` inside the swapped attention modules).
+    ``enabled`` switches it on (flag ``--anaa``); the others are the operator's settings."""
+
+    enabled: bool = False
+    sigma_eh: float = 0.33  # event-horizon std of the smoothing kernel
+    variant: Literal["causal", "symmetric"] | None = None  # None: causal for causal attention, symmetric otherwise
+    mode: Literal["anaa", "rna", "smooth"] = "anaa"  # rna: noise only (the paper's RNA ablation); smooth: smoothing only
+    sigma_norm: Literal["paper", "entries"] = "paper"
+    detach_sigma: bool = True  # false: differentiate through sigma
+    impl: Literal["auto", "reference", "factorized", "triton"] = "auto"
+    kernel_size: int | None = None
+
+
+@dataclass
 class FinetuneConfig:
     method: Literal["per-task", "mpf", "alfia"] = "per-task"
     tasks: list[str] = field(default_factory=list)  # empty: every task of the data manifest
@@ -56,6 +71,7 @@ class FinetuneConfig:
     seed: int = 42
     lora: LoraSettings = field(default_factory=LoraSettings)
     alfia: AlfiaSettings = field(default_factory=AlfiaSettings)
+    anaa: ANAAConfig = field(default_factory=ANAAConfig)
 
     def validate(self) -> None:
         """Raise ValueError naming the field for values outside their domain."""

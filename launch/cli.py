@@ -20,22 +20,14 @@ def _pretrain_args(rest: list[str]) -> list[str]:
 
 
 def add_parser(subparsers) -> None:
+    from ..config_flags import add_config_arguments
+    from .slurm import SlurmJob
+
     p = subparsers.add_parser("launch", help="run pretraining on SLURM or locally (torchrun)", description=__doc__)
     sub = p.add_subparsers(dest="launcher", required=True)
     s = sub.add_parser("slurm", help="render (and submit) a multi-node sbatch script")
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU nodes")
-    s.add_argument("--procs-per-node", type=int, default=None, help="default: gpus per node (1 on CPU nodes)")
-    s.add_argument("--cpus-per-task", type=int, default=8)
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--time", help="time limit, e.g. 2-00:00:00")
-    s.add_argument("--job-name", default="ehrfm-pretrain")
-    s.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit")
-    s.add_argument("--max-restarts", type=int, default=3, help="requeues allowed after preemption")
-    s.add_argument("--master-port", type=int, default=None)
-    s.add_argument("--setup", default=None, help="shell line making `ehrfm` available (default: this venv)")
     s.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH option, repeatable")
+    add_config_arguments(s, SlurmJob, by_hand=("pretrain_args", "extra_sbatch"))
     s.add_argument("--script", type=Path, default=None, help="where to write the script (default RUN/slurm/)")
     mode = s.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
@@ -50,14 +42,14 @@ def add_parser(subparsers) -> None:
 
 
 def run_slurm(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..config import load_config
+    from ..config_flags import config_overrides
     from .slurm import SlurmJob, render, submit, write_script
 
-    job = SlurmJob(
-        pretrain_args=_pretrain_args(args.rest), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
-        account=args.account, time=args.time, job_name=args.job_name, signal_seconds=args.signal_seconds,
-        max_restarts=args.max_restarts, master_port=args.master_port, setup=args.setup, extra_sbatch=args.sbatch,
-    )
+    job = dataclasses.replace(load_config(SlurmJob, None, config_overrides(args)),
+                              pretrain_args=_pretrain_args(args.rest), extra_sbatch=list(args.sbatch))
     if args.dry_run:
         print(render(job), end="")
         return 0

@@ -19,17 +19,18 @@ DEFAULT_SIGNAL_SECONDS = 300
 
 @dataclasses.dataclass
 class SlurmJob:
-    pretrain_args: list[str]
+    pretrain_args: list[str] = dataclasses.field(default_factory=list)  # `ehrfm pretrain` arguments (after --)
     nodes: int = 1
-    gpus_per_node: int = 0
+    gpus_per_node: int = dataclasses.field(default=0, metadata={"help": "0 = CPU nodes"})
     procs_per_node: int | None = None  # default: gpus_per_node, or 1 on CPU nodes
     cpus_per_task: int = 8
     partition: str | None = None
     account: str | None = None
-    time: str | None = None
+    time: str | None = dataclasses.field(default=None, metadata={"help": "time limit, e.g. 2-00:00:00"})
     job_name: str = "ehrfm-pretrain"
-    signal_seconds: int = DEFAULT_SIGNAL_SECONDS
-    max_restarts: int = 3
+    signal_seconds: int = dataclasses.field(
+        default=DEFAULT_SIGNAL_SECONDS, metadata={"help": "SIGUSR1 this long before the time limit (checkpoint, requeue)"})
+    max_restarts: int = dataclasses.field(default=3, metadata={"help": "requeues allowed after preemption"})
     master_port: int | None = None  # default: derived from the job id on the cluster
     setup: str | None = None  # shell line(s) that make `ehrfm` available, e.g. "source .venv/bin/activate"
     extra_sbatch: list[str] = dataclasses.field(default_factory=list)

@@ -17,7 +17,9 @@ from .config import ARCHITECTURE_NAMES, PREEMPTION_EXIT_CODE, SIZE_NAMES, STRATE
 
 
 def add_parser(subparsers) -> None:
+    from ..config_flags import add_config_arguments
     from ..outputs import add_overwrite_argument
+    from .config import PretrainConfig
 
     p = subparsers.add_parser("pretrain", help="pretrain a backbone (resumes automatically)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--accelerate-config", default=None,
                    help="an `accelerate config` YAML: each field mapped, accepted or refused (accelerate_config.py)")
     p.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON, used as-is ('auto' keys filled)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4 train.max_steps=100")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4 train.max_steps=100; "
+                                                "they win over flags, which win over --config")
+    add_config_arguments(p, PretrainConfig)
     p.set_defaults(func=main_pretrain)
 
     e = subparsers.add_parser("export", help="consolidate a checkpoint into a HuggingFace folder",
@@ -57,14 +61,17 @@ def load_pretrain_config(path, overrides: list[str]):
 
 
 def build_config(args: argparse.Namespace):
+    """PretrainConfig: defaults < the size's recipe < --config YAML < flags < key=value overrides; then the
+    accelerate YAML, and --strategy over it."""
+    from ..config_flags import config_overrides
     from .accelerate_config import apply_accelerate_config
 
-    # `lambda` is a Python keyword, so the fields are `lam*`; the issue's spelling `dense.lambda=` works too
-    overrides = [re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item) for item in args.overrides]
-    for flag, key in ((args.model, "model.architecture"), (args.size, "model.size"), (args.data, "data.path"),
-                      (args.out, "out"), (args.deepspeed_config, "deepspeed.config_file")):
-        if flag is not None:
-            overrides.insert(0, f"{key}={flag}")
+    shorthand = [f"{key}={flag}" for flag, key in (
+        (args.model, "model.architecture"), (args.size, "model.size"), (args.data, "data.path"), (args.out, "out"),
+        (args.deepspeed_config, "deepspeed.config_file")) if flag is not None]
+    # `lambda` is a Python keyword, so the fields are `lam*`; the spelling `dense.lambda=` works too
+    overrides = [re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item)
+                 for item in shorthand + config_overrides(args)]
     cfg = load_pretrain_config(args.config, overrides)
     if args.accelerate_config:
         cfg.accelerate_config = args.accelerate_config

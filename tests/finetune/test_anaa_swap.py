@@ -144,20 +144,19 @@ def test_documents_recovered_from_4d_mask(causal):
 
 
 def test_enable_twice_refused_and_cli_flags():
-    import argparse
-
-    from ehrfm.finetune.anaa import add_anaa_arguments, anaa_config_from_args
+    from ehrfm.cli import parse_args
+    from ehrfm.finetune.cli import build_config
 
     model = _llama()
     handle = enable_anaa(model)
     with pytest.raises(ValueError, match="already enabled"):
         enable_anaa(model)
     handle.remove()
-    p = argparse.ArgumentParser()
-    add_anaa_arguments(p)
-    assert anaa_config_from_args(p.parse_args([])) is None
-    cfg = anaa_config_from_args(p.parse_args(["--anaa", "--anaa-sigma-eh", "1.0", "--anaa-mode", "rna"]))
-    assert cfg == ANAAConfig(sigma_eh=1.0, mode="rna")
+    base = ["finetune", "--model", "M", "--data", "D", "--out", "F"]
+    assert not build_config(parse_args(base)).anaa.enabled
+    cfg = build_config(parse_args([*base, "--anaa", "--anaa-sigma-eh", "1.0", "--anaa-mode", "rna",
+                                   "--no-anaa.detach-sigma"])).anaa
+    assert cfg == ANAAConfig(enabled=True, sigma_eh=1.0, mode="rna", detach_sigma=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "mamba", "mamba2"])
