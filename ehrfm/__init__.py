@@ -1,15 +1,11 @@
-"""ehrfm: foundation models for electronic health records."""
+"""ehrfm: foundation models for electronic health records.
+
+``import ehrfm`` is light (no torch, no transformers) and changes nothing outside ehrfm. The backbones join
+transformers' Auto classes when their package is imported::
+
+    import ehrfm.pretrain.models          # registers ehr_llama, ehr_mamba, ehr_mamba2, ehr_bert
+    model = AutoModelForCausalLM.from_pretrained(HFDIR)   # an `ehrfm export` folder
+
+(an export also loads anywhere with ``trust_remote_code=True``: its modeling code is vendored).
+"""
 __version__ = "0.1.0"
-
-
-def register_models() -> None:
-    """Register the ehrfm backbones (ehr_llama, ehr_mamba, ehr_mamba2, ehr_bert) with transformers' Auto
-    classes now. ``import ehrfm`` already arranges this lazily (see ``ehrfm._auto_register``)."""
-    from ehrfm._auto_register import register_now
-
-    register_now()
-
-
-from ehrfm import _auto_register  # noqa: E402
-
-_auto_register.install()

@@ -45,12 +45,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a sibling temp file and a rename: readers see the old file or the new one, never a part."""
+@contextmanager
+def atomic_file(path: Path, *, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
+    """Yield a sibling temp path to write ``path`` through; when the block finishes it is renamed over ``path``
+    (readers see the old file or the new one, never a part), on an error it is removed. ``suffix`` ends the temp
+    name (for writers that pick a format by extension); ``fsync`` flushes it to disk before the rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path, fsync=fsync) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -61,12 +76,10 @@ def save_figure_atomic(fig, path: Path, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG through a sibling temp file and a rename, then close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        plt.close(fig)
+    return Path(path)
 
 
 def read_owner(folder: Path) -> dict | None:

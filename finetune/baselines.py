@@ -162,23 +162,23 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
 def save_baseline_model(model, name: str, stem: Path) -> Path:
     """Write a fitted baseline in a format that loads without unpickling (never pickle: a pickle file executes
     code when loaded): XGBoost JSON, LightGBM text, logistic-regression coefficients as JSON."""
+    from ehrfm.outputs import atomic_file, write_json_atomic
+
     if name == "xgboost":
         path = stem.with_suffix(".xgb.json")
-        tmp = path.with_name("." + path.name + ".tmp.json")
-        model.save_model(str(tmp))
+        with atomic_file(path, suffix=".json") as tmp:  # XGBoost picks the format by extension
+            model.save_model(str(tmp))
     elif name == "lightgbm":
         path = stem.with_suffix(".lgbm.txt")
-        tmp = path.with_name("." + path.name + ".tmp")
-        model.booster_.save_model(str(tmp))
+        with atomic_file(path) as tmp:
+            model.booster_.save_model(str(tmp))
     else:
         scaler, clf = model[-2], model[-1]
         path = stem.with_suffix(".logreg.json")
-        tmp = path.with_name("." + path.name + ".tmp")
-        tmp.write_text(json.dumps({
+        write_json_atomic(path, {
             "features": "log1p(counts) then divided by max_abs", "max_abs": scaler.max_abs_.tolist(),
             "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist(),
-        }))
-    tmp.replace(path)
+        })
     return path
 
 

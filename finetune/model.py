@@ -42,9 +42,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def random_backbone(model_dir: Path, seed: int):
     """The base model of ``model_dir``'s architecture and config with freshly initialised weights (HF's
     ``_init_weights``, seeded): the from-scratch control of ``--init random``."""
-    import ehrfm  # noqa: F401  (registers the ehrfm architectures with the Auto classes)
     from transformers import AutoConfig, AutoModel
 
+    from ehrfm.pretrain.models import register_auto_classes
+
+    register_auto_classes()
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
     except Exception as err:  # noqa: BLE001
@@ -55,11 +57,12 @@ def random_backbone(model_dir: Path, seed: int):
 
 def load_backbone(model_dir: Path):
     """Base model (hidden states) of an exported / finetuned HF folder via ``AutoModel``."""
-    import ehrfm  # noqa: F401  (registers the ehrfm architectures with the Auto classes)
     from transformers import AutoModel
-
     from transformers.utils import logging as hf_logging
 
+    from ehrfm.pretrain.models import register_auto_classes
+
+    register_auto_classes()
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the pretraining head's lm_head is "unexpected" for the base model: expected
     try:

@@ -40,8 +40,11 @@ def add_parser(subparsers) -> None:
 
 def load_exported_model(model_dir: Path, data_dir: Path):
     """The base model of an export folder after checking its vocabulary against the data's manifest."""
-    import ehrfm  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel
+
+    from ehrfm.pretrain.models import register_auto_classes
+
+    register_auto_classes()
 
     from ehrfm.data_shards.errors import DataError
     from ehrfm.data_shards.shards import read_manifest

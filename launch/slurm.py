@@ -86,16 +86,15 @@ def render(job: SlurmJob) -> str:
 def write_script(job: SlurmJob, path: Path | None = None) -> Path:
     """Write the rendered script into RUN/slurm/ (or ``path``) atomically; returns its path. RUN is claimed as a
     run folder of `ehrfm pretrain` first (:func:`ehrfm.outputs.claim_run_dir`): a foreign folder is refused."""
-    from ehrfm.outputs import claim_run_dir
+    from ehrfm.outputs import atomic_file, claim_run_dir
 
     claim_run_dir(Path(job.run_dir), "pretrain", inputs=[_flag_value(job.pretrain_args, "--data")])
     path = Path(path or Path(job.run_dir) / "slurm" / "pretrain.sbatch")
     path.parent.mkdir(parents=True, exist_ok=True)
     (Path(job.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(job))
-    tmp.chmod(0o755)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(render(job))
+        tmp.chmod(0o755)
     return path
 
 

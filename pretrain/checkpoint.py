@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from ..errors import EhrfmError
 from ..logging import get_logger
-from ..outputs import file_sha256
+from ..outputs import file_sha256, write_text_atomic
 
 log = get_logger(__name__)
 
@@ -320,12 +320,7 @@ def check_data_identity(path: Path, state: TrainerState, current: dict) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text, fsync=True)
 
 
 def _fsync_dir(path: Path) -> None:

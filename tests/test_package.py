@@ -90,12 +90,21 @@ def test_seeding_is_reproducible():
     assert derive_seed(1, "x", 2) == derive_seed(1, "x", 2) != derive_seed(1, "x", 3)
 
 
-def test_import_ehrfm_registers_auto_classes_lazily(tmp_path):
-    """`import ehrfm` stays light (no torch/transformers), yet the Auto classes know the ehrfm backbones."""
+def test_import_ehrfm_is_light_and_registration_is_explicit(tmp_path):
+    """`import ehrfm` pulls in neither torch nor transformers and installs no import hook; after
+    `register_auto_classes()` (or importing ehrfm.pretrain.models) the Auto classes know the four backbones."""
     code = (
         "import sys, ehrfm\n"
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert not [f for f in sys.meta_path if type(f).__module__.startswith('ehrfm')]\n"
         "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM\n"
+        "try:\n"
+        "    AutoConfig.for_model('ehr_mamba')\n"
+        "    print('registered-implicitly')\n"
+        "except ValueError:\n"
+        "    print('unregistered')\n"
+        "from ehrfm.pretrain.models import register_auto_classes\n"
+        "register_auto_classes()\n"  # idempotent: the import registered already
         "for t in ('ehr_llama', 'ehr_mamba', 'ehr_mamba2', 'ehr_bert'):\n"
         "    cfg = AutoConfig.for_model(t, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,\n"
         "                               intermediate_size=32, vocab_size=50)\n"
@@ -104,17 +113,27 @@ def test_import_ehrfm_registers_auto_classes_lazily(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    # registration must also survive a first import that enters transformers half-way (circular imports)
-    other_orders = [
-        "import ehrfm\nfrom transformers.models.mamba.modeling_mamba import MambaMixer\n",
-        "import transformers, ehrfm\n",
-        "from transformers import AutoConfig\nimport ehrfm\n",
-    ]
-    for prefix in other_orders:
-        check = prefix + "from transformers import AutoConfig\nprint(type(AutoConfig.for_model('ehr_mamba')).__name__)\n"
-        res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
-        assert res.returncode == 0 and res.stdout.strip() == "EhrMambaConfig", (prefix, res.stderr[-2000:])
     assert out.stdout.split() == [
+        "unregistered",
         "EhrLlamaModel", "EhrLlamaForCausalLM", "EhrMambaModel", "EhrMambaForCausalLM",
         "EhrMamba2Model", "EhrMamba2ForCausalLM", "EhrBertModel", "EhrBertForMaskedLM",
     ]
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    """One helper for every atomic file write: the old content survives a failed write, no temp file is left,
+    a finished write replaces the file."""
+    from ehrfm.outputs import atomic_file, write_text_atomic
+
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    write_text_atomic(target, "new", fsync=True)
+    with atomic_file(tmp_path / "m.xgb.json", suffix=".json") as tmp:
+        assert tmp.name.endswith(".json") and tmp.parent == tmp_path
+        tmp.write_text("{}")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "m.xgb.json"]

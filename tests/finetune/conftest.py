@@ -30,10 +30,7 @@ def make_export(folder: Path, data_dir: Path, arch: str = "llama", size: str = "
     tokenizer files flat, and ehrfm_export.json (fingerprint from the data unless given)."""
     import torch
 
-    import ehrfm  # noqa: F401
-    from transformers import AutoModel  # noqa: F401  (triggers registration before importing the models)
-
-    from ehrfm.pretrain.models import build_model
+    from ehrfm.pretrain.models import build_model  # registers the Auto classes
 
     manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
     torch.manual_seed(seed)

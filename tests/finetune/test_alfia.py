@@ -111,9 +111,6 @@ def test_attentional_classifier_head_shape_and_gradients():
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "mamba", "mamba2"])
 def test_alfia_model_on_every_backbone(arch):
-    import ehrfm  # noqa: F401
-    from transformers import AutoModel  # noqa: F401
-
     from ehrfm.finetune.model import FinetuneModel
     from ehrfm.pretrain.models import build_model
 

@@ -5,13 +5,18 @@ says so loudly in the terminal summary; when it runs, the summary shows the brin
 """
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ehrfm.launch.testbed import SlurmTestbed, TestbedUnavailable
+# the testbed installs Debian packages and edits /etc/hosts: a test helper, never part of the installed package
+_spec = importlib.util.spec_from_file_location("slurm_testbed", Path(__file__).with_name("slurm_testbed.py"))
+_testbed = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_testbed)
+SlurmTestbed, TestbedUnavailable = _testbed.SlurmTestbed, _testbed.TestbedUnavailable
 
 _REPORT: dict = {}
 

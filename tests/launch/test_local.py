@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ehrfm.launch.testbed import free_port
+from ehrfm.pretrain.parallel import free_port
 
 
 def test_local_launch_runs_two_ranks(slurm_data, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ehrfm.launch.testbed import free_port
+from ehrfm.pretrain.parallel import free_port
 
 pytestmark = pytest.mark.slurm
 

@@ -19,10 +19,12 @@ pytestmark = pytest.mark.distributed
 def check_export(run_dir, out, auto_cls_name, guard):
     """Exported model's logits on the probe batch == the training model's (1e-6); ``guard`` (the
     no_unpickling fixture's context) is active while exporting and loading."""
-    import ehrfm  # noqa: F401  (registers the model types)
     import transformers
-    from ehrfm.pretrain.export import export
 
+    from ehrfm.pretrain.export import export
+    from ehrfm.pretrain.models import register_auto_classes
+
+    register_auto_classes()
     with guard():
         export(run_dir, out)
         model = getattr(transformers, auto_cls_name).from_pretrained(str(out)).eval()

@@ -23,10 +23,12 @@ BASE_CLS = {"llama": "EhrLlamaModel", "mamba": "EhrMambaModel", "mamba2": "EhrMa
 def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_check):
     import transformers
 
-    import ehrfm  # noqa: F401
     from ehrfm.data_shards.shards import read_manifest
     from ehrfm.pretrain.export import export
     from ehrfm.pretrain.metrics import read_metrics
+    from ehrfm.pretrain.models import register_auto_classes
+
+    register_auto_classes()
 
     run, hf = tmp_path / "run", tmp_path / "hf"
     run_pretrain(pt_data, run, arch, "train.max_steps=3", "train.val_every=3", "checkpoint.every=0", *extra)
