@@ -3,6 +3,7 @@
 Metadata lives in pyproject.toml; only the package list is computed here because setuptools cannot
 discover sub-packages of a remapped folder declaratively.
 """
+
 from setuptools import find_packages, setup
 
 STAGE_FOLDERS = ("data_shards", "pretrain", "finetune", "kernels", "launch")

@@ -5,6 +5,7 @@ FHIR -> shards and MEDS -> shards at two input sizes, the second twice the first
 folder that the FHIR run converted, so both formats see the same events.
 packing: real-token fraction of packed vs padded batches over the pretraining split at a context length.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -30,6 +30,7 @@ events after the data end      kept, counted (notes "events_after_data_end"; the
                                :func:`.prepare.derive_data_end`)
 =============================  =================================================================
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,7 @@ class Tally:
     dropped_subjects: Counter = dataclasses.field(default_factory=Counter)
     notes: Counter = dataclasses.field(default_factory=Counter)
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         self.rows_in += other.rows_in
         self.rows_out += other.rows_out
         self.subjects_in += other.subjects_in
@@ -95,8 +96,9 @@ def escape_reserved_codes(code: pl.Expr, reserved: Iterable[str]) -> tuple[pl.Ex
     return hit, pl.lit(ESCAPED_CODE_PREFIX) + code
 
 
-def clean_events(frame: pl.DataFrame, cfg: CleaningConfig, tally: Tally,
-                 reserved_codes: Iterable[str] = SPECIAL_TOKENS) -> pl.DataFrame:
+def clean_events(
+    frame: pl.DataFrame, cfg: CleaningConfig, tally: Tally, reserved_codes: Iterable[str] = SPECIAL_TOKENS
+) -> pl.DataFrame:
     """Apply the rules above; adds per-subject ``birth`` and ``death`` columns (datetime, nullable).
 
     ``reserved_codes``: token strings an input code must not be spelled as (the special tokens and the
@@ -105,19 +107,32 @@ def clean_events(frame: pl.DataFrame, cfg: CleaningConfig, tally: Tally,
     tally.rows_in += frame.height
     subjects_in = frame["subject_id"].n_unique()
     tally.subjects_in += subjects_in
-    frame = _drop(frame, pl.col("subject_id").is_not_null() & pl.col("code").is_not_null(), "null_subject_or_code", tally)
+    frame = _drop(
+        frame, pl.col("subject_id").is_not_null() & pl.col("code").is_not_null(), "null_subject_or_code", tally
+    )
     low, high = parse_time(cfg.min_time, "cleaning.min_time"), parse_time(cfg.max_time, "cleaning.max_time")
     frame = _drop(
-        frame, pl.col("time").is_null() | ((pl.col("time") >= low) & (pl.col("time") < high)), "time_out_of_bounds", tally
+        frame,
+        pl.col("time").is_null() | ((pl.col("time") >= low) & (pl.col("time") < high)),
+        "time_out_of_bounds",
+        tally,
     )
     value = pl.col("numeric_value")
-    frame = _rewrite(frame, value.is_not_null() & ~value.is_finite(), "numeric_value",
-                     pl.lit(None, dtype=frame.schema["numeric_value"]), "non_finite_numeric_values", tally)
+    frame = _rewrite(
+        frame,
+        value.is_not_null() & ~value.is_finite(),
+        "numeric_value",
+        pl.lit(None, dtype=frame.schema["numeric_value"]),
+        "non_finite_numeric_values",
+        tally,
+    )
     escape, escaped = escape_reserved_codes(pl.col("code"), reserved_codes)
     frame = _rewrite(frame, escape, "code", escaped, "escaped_reserved_codes", tally)
     if cfg.drop_duplicates:
         before = frame.height
-        frame = frame.unique(subset=["subject_id", "time", "code", "numeric_value", "text_value"], keep="first", maintain_order=True)
+        frame = frame.unique(
+            subset=["subject_id", "time", "code", "numeric_value", "text_value"], keep="first", maintain_order=True
+        )
         if frame.height != before:
             tally.dropped_rows["duplicate_rows"] += before - frame.height
     life = frame.group_by("subject_id").agg(
@@ -128,7 +143,9 @@ def clean_events(frame: pl.DataFrame, cfg: CleaningConfig, tally: Tally,
     if cfg.drop_before_birth:
         frame = _drop(
             frame,
-            pl.col("time").is_null() | pl.col("birth").is_null() | (pl.col("time").dt.date() >= pl.col("birth").dt.date()),
+            pl.col("time").is_null()
+            | pl.col("birth").is_null()
+            | (pl.col("time").dt.date() >= pl.col("birth").dt.date()),
             "before_birth",
             tally,
         )

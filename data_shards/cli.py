@@ -1,4 +1,5 @@
 """`ehrfm prepare`: EHR data (MEDS or FHIR R4) -> tokenized, sharded corpus."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ def add_parser(subparsers) -> None:
         help="MEDS / FHIR data -> tokenized, sharded corpus",
         description=__doc__,
         epilog="Every config field is a flag (--vocab.num-bins 5) and a key=value override (vocab.num_bins=5); "
-               "overrides win over flags, which win over --config.",
+        "overrides win over flags, which win over --config.",
     )
     p.add_argument("--input", required=True, type=Path, help="MEDS root folder, or a folder of FHIR bundles/NDJSON")
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
@@ -34,10 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from .prepare import prepare
 
     cfg = load_config(PrepareConfig, args.config, config_overrides(args))
-    manifest = prepare(args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
-                       config_file=args.config)
+    manifest = prepare(
+        args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite, config_file=args.config
+    )
     counts = manifest["counts"]
-    print(f"wrote {args.out}: {counts['patients_total']} patients, {counts['tokens_total']} tokens, vocab {manifest['vocab_size']}")
+    print(
+        f"wrote {args.out}: {counts['patients_total']} patients, {counts['tokens_total']} tokens, vocab {manifest['vocab_size']}"
+    )
     for split, n in sorted(counts["patients"].items()):
         print(f"  {split:13s} {n:7d} patients {counts['tokens'].get(split, 0):10d} tokens")
     for name, task in manifest["tasks"].items():

@@ -6,6 +6,7 @@ A *document* is one patient sequence (or one chunk of it, with ``long_sequences=
 document_ids, labels`` (B, L); positions restart at 0 for every document; ``document_ids`` are 1.. within a
 row and 0 on padding; ``labels`` are the input ids with -100 on padding (objectives shift/mask them).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,11 +1,12 @@
 """Typed configuration of `ehrfm prepare` (YAML + ``key=value`` overrides, see :mod:`ehrfm.config`)."""
+
 from __future__ import annotations
 
 import datetime as dt
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from ..config import ConfigError, check_range
 from .schema import SPECIAL_TOKENS
@@ -37,7 +38,7 @@ def parse_time(value: str, name: str) -> dt.datetime:
     except ValueError:
         raise ConfigError(f"{name}: {value!r} is not an ISO date (YYYY-MM-DD) or datetime") from None
     if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
     return parsed
 
 
@@ -62,8 +63,10 @@ class SplitConfig:
             check_range(self, name, ge=0.0, le=1.0)
         total = self.pretrain + self.finetune + self.test
         if abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"pretrain: pretrain + finetune + test must sum to 1 (within 1e-6), got "
-                              f"{self.pretrain} + {self.finetune} + {self.test} = {total}")
+            raise ConfigError(
+                f"pretrain: pretrain + finetune + test must sum to 1 (within 1e-6), got "
+                f"{self.pretrain} + {self.finetune} + {self.test} = {total}"
+            )
         check_range(self, "val_fraction", ge=0.0, lt=1.0)
 
 
@@ -74,7 +77,7 @@ class VocabConfig:
     num_bins: int = 10
     # Truncate ICD codes to this many characters of the code proper (003: level 3 "I50" or level 4 "I509").
     # None keeps them whole. Applies to prefixes listed in icd_prefixes.
-    icd_level: Optional[int] = None
+    icd_level: int | None = None
     icd_prefixes: list[str] = field(default_factory=lambda: ["ICD10CM", "ICD10", "ICD9CM", "ICD9"])
     min_frequency: int = 1  # codes seen fewer times in the pretraining split map to [UNK]
     max_values_per_code: int = 20000  # reservoir size for learning quantile bin edges
@@ -155,7 +158,7 @@ class CleaningConfig:
     # End of the data, used to censor task labels. None = derived (manifest "data_end_rule"): the largest
     # per-subject last event time that is at most data_end_margin_days after the 99th percentile of the
     # per-subject last event times, so a few far-future outliers cannot switch censoring off.
-    data_end: Optional[str] = None
+    data_end: str | None = None
     data_end_margin_days: float = 365.0
 
     def validate(self) -> None:
@@ -164,7 +167,9 @@ class CleaningConfig:
         check_range(self, "data_end_margin_days", ge=0.0)
         low, high = parse_time(self.min_time, "min_time"), parse_time(self.max_time, "max_time")
         if not low < high:
-            raise ConfigError(f"min_time: must be before max_time, got min_time={self.min_time!r} max_time={self.max_time!r}")
+            raise ConfigError(
+                f"min_time: must be before max_time, got min_time={self.min_time!r} max_time={self.max_time!r}"
+            )
         if self.data_end is not None:
             parse_time(self.data_end, "data_end")
 

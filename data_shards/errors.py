@@ -1,4 +1,5 @@
 """Errors of the data stage. Messages always name the file and, where known, the row / resource and field."""
+
 from ehrfm.errors import EhrfmError
 
 

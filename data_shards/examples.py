@@ -8,6 +8,7 @@ record it would leak the outcome (a record that ends early, e.g. at death, keeps
 This is the single place where finetuning inputs are cut, and the property test in
 tests/data_shards/test_leakage.py holds it to that.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,6 @@ from .errors import DataError
 from .shards import read_manifest
 from .stream import ShardReader
 from .timeline import LOOKBACK_DAYS
-
 
 LOOKBACK_SECONDS = {name: days * 86400 for name, days in LOOKBACK_DAYS.items()}
 
@@ -38,8 +38,9 @@ def _lookback_mask(times: np.ndarray, orders: np.ndarray, prediction_time_s: int
     return ~in_visit | (visit_end[inverse] >= prediction_time_s - LOOKBACK_SECONDS[lookback])
 
 
-def cut_at(sample: dict[str, np.ndarray], prediction_time_s: int, context_length: int | None = None,
-           lookback: str = "all") -> dict:
+def cut_at(
+    sample: dict[str, np.ndarray], prediction_time_s: int, context_length: int | None = None, lookback: str = "all"
+) -> dict:
     """Tokens of ``sample`` with ``event_time_s < prediction_time_s``, then the ``lookback`` window of the
     prediction time (visit orders renumbered from 1 as in pretraining), then the last ``context_length``."""
     keep = sample["event_time_s"] < prediction_time_s
@@ -73,7 +74,9 @@ class TaskExamples:
         row_of = {}
         for shard_idx, shard in enumerate(manifest["shards"][split]):
             for local in range(shard["rows"]):
-                row_of[int(self.reader._load(shard_idx)["subject_id"][local])] = int(self.reader.starts[shard_idx]) + local
+                row_of[int(self.reader._load(shard_idx)["subject_id"][local])] = (
+                    int(self.reader.starts[shard_idx]) + local
+                )
         self._row_of = row_of
         missing = [s for s in self.labels["subject_id"].to_list() if s not in row_of]
         if missing:
@@ -86,8 +89,10 @@ class TaskExamples:
     def __getitem__(self, i: int) -> tuple[dict, bool]:
         sid = int(self.labels["subject_id"][i])
         sample = self.reader.get(self._row_of[sid])
-        return (cut_at(sample, int(self._pred_s[i]), self.context_length, self.lookback),
-                bool(self.labels["boolean_value"][i]))
+        return (
+            cut_at(sample, int(self._pred_s[i]), self.context_length, self.lookback),
+            bool(self.labels["boolean_value"][i]),
+        )
 
 
 def _prepared_lookback(data_dir: Path) -> str:

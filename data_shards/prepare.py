@@ -13,6 +13,7 @@ one code path.
 The data end (censoring of task labels) is derived from the per-subject last event times of pass 1 by
 :func:`derive_data_end`, or given as ``cleaning.data_end``; manifest.json records it with its rule.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,9 @@ def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: i
     tally = fhir.FhirTally()
     owners: dict = {}  # subject id -> the bundle file holding it: a patient split over two files is an error
     shard = 0
-    for start in tqdm(range(0, len(bundles), patients_per_shard), desc="fhir bundles", unit="shard", disable=not progress):
+    for start in tqdm(
+        range(0, len(bundles), patients_per_shard), desc="fhir bundles", unit="shard", disable=not progress
+    ):
         frame = fhir.read_bundle_files(bundles[start : start + patients_per_shard], tally, owners)
         if frame.height:
             frame.sort("subject_id", "time", nulls_last=False).write_parquet(data_dir / f"{shard}.parquet")
@@ -87,9 +90,9 @@ def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: i
         for bucket in range(n_buckets):
             files = sorted(parts_dir.glob(f"{bucket}-*.parquet"))
             if files:
-                pl.concat([pl.read_parquet(f) for f in files]).sort("subject_id", "time", nulls_last=False).write_parquet(
-                    data_dir / f"{shard}.parquet"
-                )
+                pl.concat([pl.read_parquet(f) for f in files]).sort(
+                    "subject_id", "time", nulls_last=False
+                ).write_parquet(data_dir / f"{shard}.parquet")
                 shard += 1
         shutil.rmtree(parts_dir)
     if shard == 0:
@@ -167,8 +170,15 @@ def _sequences(events: pl.DataFrame, vocab, cfg: PrepareConfig) -> pl.DataFrame:
     return pl.concat(parts, how="vertical_relaxed")
 
 
-def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = True, overwrite: bool = False,
-            config_file: Path | None = None) -> dict:
+def prepare(
+    input_dir: Path,
+    out: Path,
+    cfg: PrepareConfig,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    config_file: Path | None = None,
+) -> dict:
     """Run both passes; returns the manifest. ``out`` appears only when everything succeeded, and replaces an
     existing folder only if `ehrfm prepare` wrote it (or ``overwrite``; never an input: :mod:`ehrfm.outputs`)."""
     started = time.time()
@@ -186,7 +196,11 @@ def prepare(input_dir: Path, out: Path, cfg: PrepareConfig, *, progress: bool = 
         set_fingerprint(tmp, manifest["source"]["fingerprint"])
     log.info(
         "prepared %s: %d patients, %d tokens, vocab %d, %.1f s",
-        out, manifest["counts"]["patients_total"], manifest["counts"]["tokens_total"], manifest["vocab_size"], manifest["seconds"],
+        out,
+        manifest["counts"]["patients_total"],
+        manifest["counts"]["tokens_total"],
+        manifest["vocab_size"],
+        manifest["seconds"],
     )
     return manifest
 
@@ -225,7 +239,9 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
             counts[code] += count
         reservoir.add(pre.filter(pl.col("time").is_not_null()))
     if tally.subjects_out == 0:
-        raise DataError(f"{input_dir}: no patient has any usable event after cleaning ({tally.to_dict()['dropped_rows']})")
+        raise DataError(
+            f"{input_dir}: no patient has any usable event after cleaning ({tally.to_dict()['dropped_rows']})"
+        )
     data_end, data_end_rule = derive_data_end(np.concatenate(last_times), cfg.cleaning)
     edges = reservoir.edges(cfg.vocab.num_bins)
     token_counts = Counter()
@@ -244,7 +260,9 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
     task_tallies = {t.name: TaskTally() for t in tasks}
     split_counts: Counter = Counter()
     unk_tokens = 0
-    for _, frame in tqdm(iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress):
+    for _, frame in tqdm(
+        iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress
+    ):
         events = prepare_events(clean_events(frame, cfg.cleaning, Tally(), reserved), cfg.vocab)
         after_end = events.filter(pl.col("time") > data_end).height
         if after_end:
@@ -268,7 +286,9 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
         external = external.join(_subject_splits_of(tmp, shard_lists), on="subject_id", how="left")
         unknown = external.filter(pl.col("split").is_null())
         if unknown.height:
-            raise DataError(f"{path}: {unknown.height} label row(s) for subjects not in the data, e.g. {unknown['subject_id'][0]}")
+            raise DataError(
+                f"{path}: {unknown.height} label row(s) for subjects not in the data, e.g. {unknown['subject_id'][0]}"
+            )
         for (split,), part in external.partition_by("split", as_dict=True).items():
             labels.setdefault((name, split), []).append(part.drop("split"))
         tasks = [*tasks, TaskConfig(name=name, description=f"external labels from {path}")]
@@ -278,11 +298,24 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
     tokens_per_split = {s: sum(x["tokens"] for x in shard_lists[s]) for s in shard_lists}
     return {
         "format_version": FORMAT_VERSION,
-        "source": {"path": str(input_dir.resolve()), "format": cfg.format, "fingerprint": fingerprint, "files": len(input_files)},
+        "source": {
+            "path": str(input_dir.resolve()),
+            "format": cfg.format,
+            "fingerprint": fingerprint,
+            "files": len(input_files),
+        },
         "vocab_size": len(vocab),
         "vocab_fingerprint": vocab.fingerprint(),
         "task_tokens": task_tokens,
-        "tasks": {t.name: {"token": t.token, "description": t.description, **task_tallies[t.name].to_dict(), "files": label_files.get(t.name, {})} for t in tasks},
+        "tasks": {
+            t.name: {
+                "token": t.token,
+                "description": t.description,
+                **task_tallies[t.name].to_dict(),
+                "files": label_files.get(t.name, {}),
+            }
+            for t in tasks
+        },
         "data_end": str(data_end),
         "data_end_rule": data_end_rule,
         "counts": {
@@ -308,13 +341,17 @@ def _write_labels(tmp: Path, tasks, labels) -> dict:
             frame = (
                 pl.concat(parts).sort("subject_id", "prediction_time")
                 if parts
-                else pl.DataFrame(schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean})
+                else pl.DataFrame(
+                    schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean}
+                )
             )
             path = tmp / "labels" / task.name / f"{split}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             frame.write_parquet(path)
             files.setdefault(task.name, {})[split] = {
-                "path": str(path.relative_to(tmp)), "rows": frame.height, "positives": int(frame["boolean_value"].sum() or 0)
+                "path": str(path.relative_to(tmp)),
+                "rows": frame.height,
+                "positives": int(frame["boolean_value"].sum() or 0),
             }
     return files
 

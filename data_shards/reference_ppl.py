@@ -20,6 +20,7 @@ counted over the targets of the pretraining split's patient sequences. Which tok
 Results are written into the prepared folder's manifest (``reference_perplexity``); :func:`for_data_dir`
 computes them for folders prepared before they existed (not cached: prepared folders are never rewritten).
 """
+
 from __future__ import annotations
 
 import math
@@ -99,8 +100,14 @@ class CountModels:
         return uni, bi
 
 
-def reference_perplexities(root: Path, manifest: dict, *, train_split: str = "pretrain",
-                           eval_split: str = "pretrain_val", k: float = SMOOTHING_K) -> dict:
+def reference_perplexities(
+    root: Path,
+    manifest: dict,
+    *,
+    train_split: str = "pretrain",
+    eval_split: str = "pretrain_val",
+    k: float = SMOOTHING_K,
+) -> dict:
     """Unigram/bigram perplexities on ``eval_split`` of a prepared folder ``root`` (see the module docstring)."""
     vocab_size = int(manifest["vocab_size"])
     shards = manifest["shards"]
@@ -114,7 +121,9 @@ def reference_perplexities(root: Path, manifest: dict, *, train_split: str = "pr
     pos = target_positions(eval_first)
     codes = _code_targets(eval_types[pos])
     # the unigram of codes is fit on code targets only (MLM's reference); the bigram keeps all contexts
-    code_unigram = np.bincount(train_ids[~train_first & _code_targets(train_types)], minlength=vocab_size).astype(np.float64)
+    code_unigram = np.bincount(train_ids[~train_first & _code_targets(train_types)], minlength=vocab_size).astype(
+        np.float64
+    )
     code_uni = unigram_log_probs(code_unigram, eval_ids[pos][codes], k)
 
     def ppl(logp: np.ndarray) -> float:
@@ -135,8 +144,12 @@ def reference_for(reference: dict, causal: bool) -> dict[str, float]:
     if "all" not in reference:
         return {}
     if causal:
-        return {"ref_unigram_ppl": reference["all"]["unigram"], "ref_bigram_ppl": reference["all"]["bigram"],
-                "ref_code_unigram_ppl": reference["codes"]["unigram"], "ref_code_bigram_ppl": reference["codes"]["bigram"]}
+        return {
+            "ref_unigram_ppl": reference["all"]["unigram"],
+            "ref_bigram_ppl": reference["all"]["bigram"],
+            "ref_code_unigram_ppl": reference["codes"]["unigram"],
+            "ref_code_bigram_ppl": reference["codes"]["bigram"],
+        }
     return {"ref_unigram_ppl": reference["codes"]["unigram"]}
 
 

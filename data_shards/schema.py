@@ -2,6 +2,7 @@
 
 Everything downstream (models, finetuning, kernels) imports these names instead of re-declaring them.
 """
+
 from __future__ import annotations
 
 import enum
@@ -42,7 +43,9 @@ class TokenType(enum.IntEnum):
 
 
 NUM_TOKEN_TYPES = len(TokenType)
-SPECIAL_TYPES = frozenset({TokenType.CLS, TokenType.VS, TokenType.VE, TokenType.REG, TokenType.INTERVAL, TokenType.TASK})
+SPECIAL_TYPES = frozenset(
+    {TokenType.CLS, TokenType.VS, TokenType.VE, TokenType.REG, TokenType.INTERVAL, TokenType.TASK}
+)
 
 # Per-token streams of one patient sequence (a shard row) and of a model batch. All have the same length.
 #   input_ids       int64  vocabulary ids

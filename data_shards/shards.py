@@ -12,6 +12,7 @@ Everything is written into ``<out>.tmp-<pid>`` and renamed to ``<out>`` only whe
 interrupted run never leaves a folder that looks finished; an existing ``<out>`` is replaced only when an
 earlier `ehrfm prepare` wrote it (see :mod:`ehrfm.outputs`).
 """
+
 from __future__ import annotations
 
 import json

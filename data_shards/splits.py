@@ -3,6 +3,7 @@
 A subject's split is a pure function of (seed, subject_id): a 64-bit hash mapped to [0, 1). This is
 deterministic, needs no global pass over patients, and no patient can land in two splits.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,10 @@ def assign_splits(subjects: pl.DataFrame, cfg: SplitConfig, meds_splits: pl.Data
     is_val = v < cfg.val_fraction
     pre_end, fin_end = cfg.pretrain, cfg.pretrain + cfg.finetune
     by_hash = (
-        pl.when(u < pre_end).then(pl.when(is_val).then(pl.lit("pretrain_val")).otherwise(pl.lit("pretrain")))
-        .when(u < fin_end).then(pl.when(is_val).then(pl.lit("finetune_val")).otherwise(pl.lit("finetune")))
+        pl.when(u < pre_end)
+        .then(pl.when(is_val).then(pl.lit("pretrain_val")).otherwise(pl.lit("pretrain")))
+        .when(u < fin_end)
+        .then(pl.when(is_val).then(pl.lit("finetune_val")).otherwise(pl.lit("finetune")))
         .otherwise(pl.lit("test"))
     )
     frame = subjects.select("subject_id").unique(maintain_order=True)
@@ -50,8 +53,11 @@ def assign_splits(subjects: pl.DataFrame, cfg: SplitConfig, meds_splits: pl.Data
     frame = frame.join(meds_splits, on="subject_id", how="left")
     given = pl.col("split").replace_strict(MEDS_TO_EHRFM, default=None, return_dtype=pl.String)
     from_meds = (
-        pl.when(given == "test").then(pl.lit("test"))
-        .when(given == "train").then(pl.when(u < ratio).then(pl.lit("pretrain")).otherwise(pl.lit("finetune")))
-        .when(given == "val").then(pl.when(u < ratio).then(pl.lit("pretrain_val")).otherwise(pl.lit("finetune_val")))
+        pl.when(given == "test")
+        .then(pl.lit("test"))
+        .when(given == "train")
+        .then(pl.when(u < ratio).then(pl.lit("pretrain")).otherwise(pl.lit("finetune")))
+        .when(given == "val")
+        .then(pl.when(u < ratio).then(pl.lit("pretrain_val")).otherwise(pl.lit("finetune_val")))
     )
     return frame.with_columns(split=pl.coalesce(from_meds, by_hash)).select("subject_id", "split")

@@ -19,15 +19,16 @@ exactly those of an uninterrupted run.
 the main process keeps the state of the last batch it actually handed out (prefetching does not matter),
 and on resume the worker that was due next is started first.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..seeding import derive_seed
@@ -84,7 +85,11 @@ def epoch_order(row_counts: np.ndarray, seed: int, epoch: int, shuffle_buffer: i
     rng = np.random.default_rng(derive_seed(seed, "epoch-order", epoch))
     starts = np.concatenate([[0], np.cumsum(row_counts)])
     shard_order = rng.permutation(len(row_counts))
-    rows = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shard_order]) if len(row_counts) else np.zeros(0, np.int64)
+    rows = (
+        np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shard_order])
+        if len(row_counts)
+        else np.zeros(0, np.int64)
+    )
     if shuffle_buffer > 1:
         for lo in range(0, len(rows), shuffle_buffer):
             window = rows[lo : lo + shuffle_buffer]
@@ -108,7 +113,7 @@ class ConsumedSet:
         self.todo = {int(k): [int(j) for j in v] for k, v in self.todo.items()}
 
     @classmethod
-    def from_positions(cls, positions: np.ndarray, todo: dict | None = None) -> "ConsumedSet":
+    def from_positions(cls, positions: np.ndarray, todo: dict | None = None) -> ConsumedSet:
         positions = np.unique(positions)
         prefix = 0
         # largest p with 0..p-1 all present
@@ -183,7 +188,10 @@ class PatientStream(IterableDataset):
             epoch = min(self.global_state) if self.global_state else 0
             state = {"epoch": epoch, "base": self.global_state.get(epoch, ConsumedSet()), "read": 0, "pending": []}
         else:
-            state = {**state, "base": ConsumedSet(**state["base"]) if isinstance(state["base"], dict) else state["base"]}
+            state = {
+                **state,
+                "base": ConsumedSet(**state["base"]) if isinstance(state["base"], dict) else state["base"],
+            }
         while True:
             yield from self._epoch(reader, state, consumer, consumers, role)
             if not self.cfg.infinite:
@@ -339,7 +347,11 @@ class EhrDataLoader:
         return {
             "version": STATE_VERSION,
             "total": self.dataset.total,
-            "layout": {"world_size": self.dataset.world_size, "rank": self.dataset.rank, "num_workers": max(1, self.num_workers)},
+            "layout": {
+                "world_size": self.dataset.world_size,
+                "rank": self.dataset.rank,
+                "num_workers": max(1, self.num_workers),
+            },
             "next_role": self._next_role,
             "global": {str(k): v.to_state() for k, v in self.dataset.global_state.items()},
             "consumers": {str(k): v for k, v in self._consumer_states.items()},
@@ -354,9 +366,11 @@ class EhrDataLoader:
             if s.get("version") != STATE_VERSION:
                 raise DataError(f"data-loader state version {s.get('version')} != {STATE_VERSION}")
         own = [s for s in states if s.get("layout", {}).get("rank") == self.dataset.rank]
-        same_layout = own and all(
-            {k: s.get("layout", {}).get(k) for k in layout} == layout for s in states
-        ) and len(states) == self.dataset.world_size
+        same_layout = (
+            own
+            and all({k: s.get("layout", {}).get(k) for k in layout} == layout for s in states)
+            and len(states) == self.dataset.world_size
+        )
         if same_layout:
             s = own[0]
             self._consumer_states = {int(k): v for k, v in s["consumers"].items()}

@@ -4,6 +4,7 @@
 only on seed and i), so a cohort is cached under ``$EHRFM_CACHE`` (default ``~/.cache/ehrfm``) by its
 parameters and generated at most once. Generation writes into a temp folder renamed when complete.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,14 @@ def cache_root() -> Path:
 
 
 def generate_cohort(
-    patients: int, *, seed: int = 7, age: str | None = "50-90", reference_date: str = "20250101",
-    threads: int = 2, cache_dir: Path | None = None, progress: bool = True,
+    patients: int,
+    *,
+    seed: int = 7,
+    age: str | None = "50-90",
+    reference_date: str = "20250101",
+    threads: int = 2,
+    cache_dir: Path | None = None,
+    progress: bool = True,
 ) -> Path:
     """Folder of FHIR bundles (one per patient) for the cohort, generating it if not cached."""
     name = f"seed{seed}-n{patients}-age{age or 'all'}-ref{reference_date}"
@@ -51,8 +58,21 @@ def generate_cohort(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "synthea.properties").write_text(PROPERTIES)
-    cmd = [exe, "-s", str(seed), "-p", str(patients), "-r", reference_date, "--threads", str(threads),
-           "-c", str(tmp / "synthea.properties"), "-o", str(tmp)]
+    cmd = [
+        exe,
+        "-s",
+        str(seed),
+        "-p",
+        str(patients),
+        "-r",
+        reference_date,
+        "--threads",
+        str(threads),
+        "-c",
+        str(tmp / "synthea.properties"),
+        "-o",
+        str(tmp),
+    ]
     if age:
         cmd[1:1] = ["-a", age]
     with open(tmp / "synthea.log", "w") as log:

@@ -14,6 +14,7 @@ Exclusions (counted per task in the manifest):
 * for code outcomes with ``exclude_prior``: the code already occurred before the prediction time;
 * censored anchors: negative label but the window reaches past the data end ("censored").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,7 +110,9 @@ def external_task_names(paths: list[str], tasks: list[TaskConfig]) -> list[str]:
         name = Path(path).stem
         check_task_name(name, f"external_labels[{i}]", source=str(path))
         if name in taken:
-            raise ConfigError(f"external_labels[{i}]: task name {name!r} (the file name of {path}) is already used by another task")
+            raise ConfigError(
+                f"external_labels[{i}]: task name {name!r} (the file name of {path}) is already used by another task"
+            )
         taken.add(name)
         names.append(name)
     return names
@@ -119,11 +122,15 @@ def encounter_table(events: pl.DataFrame) -> pl.DataFrame:
     """Encounters from ENCOUNTER/<class> and ENCOUNTER_END/<class> events: subject_id, encounter_id, class,
     start, end (end null when the encounter was never closed)."""
     enc = events.filter(pl.col("encounter_id").is_not_null() & pl.col("code").str.starts_with("ENCOUNTER"))
-    starts = enc.filter(pl.col("code").str.starts_with("ENCOUNTER/")).group_by("subject_id", "encounter_id").agg(
-        klass=pl.col("code").first().str.split("/").list.get(1), start=pl.col("time").min()
+    starts = (
+        enc.filter(pl.col("code").str.starts_with("ENCOUNTER/"))
+        .group_by("subject_id", "encounter_id")
+        .agg(klass=pl.col("code").first().str.split("/").list.get(1), start=pl.col("time").min())
     )
-    ends = enc.filter(pl.col("code").str.starts_with("ENCOUNTER_END/")).group_by("subject_id", "encounter_id").agg(
-        end=pl.col("time").max()
+    ends = (
+        enc.filter(pl.col("code").str.starts_with("ENCOUNTER_END/"))
+        .group_by("subject_id", "encounter_id")
+        .agg(end=pl.col("time").max())
     )
     return starts.join(ends, on=["subject_id", "encounter_id"], how="left")
 
@@ -142,14 +149,19 @@ class TaskTally:
     positives: int = 0
     excluded: Counter = dataclasses.field(default_factory=Counter)
 
-    def merge(self, other: "TaskTally") -> None:
+    def merge(self, other: TaskTally) -> None:
         self.anchors += other.anchors
         self.labels += other.labels
         self.positives += other.positives
         self.excluded.update(other.excluded)
 
     def to_dict(self) -> dict:
-        return {"anchors": self.anchors, "labels": self.labels, "positives": self.positives, "excluded": dict(self.excluded)}
+        return {
+            "anchors": self.anchors,
+            "labels": self.labels,
+            "positives": self.positives,
+            "excluded": dict(self.excluded),
+        }
 
 
 def _exclude(frame: pl.DataFrame, keep: pl.Expr, reason: str, tally: TaskTally) -> pl.DataFrame:
@@ -164,7 +176,9 @@ def compute_labels(events: pl.DataFrame, task: TaskConfig, data_end, tally: Task
 
     Returns subject_id, prediction_time (datetime[us]), boolean_value.
     """
-    empty = pl.DataFrame(schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean})
+    empty = pl.DataFrame(
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean}
+    )
     if "encounter_id" not in events.columns or events["encounter_id"].null_count() == events.height:
         return empty
     a, o = task.anchor, task.outcome
@@ -174,34 +188,50 @@ def compute_labels(events: pl.DataFrame, task: TaskConfig, data_end, tally: Task
     stays = _exclude(stays, pl.col("end").is_not_null() & (pl.col("end") < open_end), "open_stay", tally)
     stays = _exclude(stays, pl.col("end") >= pl.col("start"), "negative_stay", tally)
     stays = _exclude(
-        stays, (pl.col("end") - pl.col("start")) >= pl.duration(microseconds=int(a.min_stay_hours * US_PER_HOUR)),
-        "shorter_than_min_stay", tally,
+        stays,
+        (pl.col("end") - pl.col("start")) >= pl.duration(microseconds=int(a.min_stay_hours * US_PER_HOUR)),
+        "shorter_than_min_stay",
+        tally,
     )
     if a.requires_codes:
-        first_code = events.filter(_code_match(a.requires_codes)).group_by("subject_id").agg(code_time=pl.col("time").min())
+        first_code = (
+            events.filter(_code_match(a.requires_codes)).group_by("subject_id").agg(code_time=pl.col("time").min())
+        )
         stays = stays.join(first_code, on="subject_id", how="left")
-        stays = _exclude(stays, pl.col("code_time").is_not_null() & (pl.col("code_time") <= pl.col("end")), "no_required_code", tally)
+        stays = _exclude(
+            stays, pl.col("code_time").is_not_null() & (pl.col("code_time") <= pl.col("end")), "no_required_code", tally
+        )
     anchor_time = pl.col("start") if a.kind == "encounter_start" else pl.col("end")
     stays = stays.with_columns(
         prediction_time=anchor_time + pl.duration(microseconds=int(a.offset_hours * US_PER_HOUR))
     )
     if a.select != "all" and stays.height:
         stays = stays.sort("subject_id", "prediction_time", "encounter_id")
-        stays = stays.group_by("subject_id", maintain_order=True).agg(pl.all().first() if a.select == "first" else pl.all().last())
+        stays = stays.group_by("subject_id", maintain_order=True).agg(
+            pl.all().first() if a.select == "first" else pl.all().last()
+        )
     death = events.group_by("subject_id").agg(pl.col("death").first())
     stays = stays.join(death, on="subject_id", how="left")
-    stays = _exclude(stays, pl.col("death").is_null() | (pl.col("death") > pl.col("prediction_time")), "died_before_prediction", tally)
+    stays = _exclude(
+        stays,
+        pl.col("death").is_null() | (pl.col("death") > pl.col("prediction_time")),
+        "died_before_prediction",
+        tally,
+    )
     window_end = pl.col("prediction_time") + pl.duration(microseconds=int(o.window_days * 24 * US_PER_HOUR))
     if o.kind == "stay_longer_than":
         labeled = stays.with_columns(
-            boolean_value=(pl.col("end") - pl.col("start")) > pl.duration(microseconds=int(o.stay_days * 24 * US_PER_HOUR))
+            boolean_value=(pl.col("end") - pl.col("start"))
+            > pl.duration(microseconds=int(o.stay_days * 24 * US_PER_HOUR))
         )
     else:
         if o.kind == "death":
             hit = stays.with_columns(hit_time=pl.col("death"))
         elif o.kind == "encounter_start":
-            others = encounter_table(events).filter(pl.col("klass").is_in(o.encounter_classes)).select(
-                "subject_id", pl.col("encounter_id").alias("other_id"), pl.col("start").alias("other_start")
+            others = (
+                encounter_table(events)
+                .filter(pl.col("klass").is_in(o.encounter_classes))
+                .select("subject_id", pl.col("encounter_id").alias("other_id"), pl.col("start").alias("other_start"))
             )
             pairs = stays.join(others, on="subject_id", how="left").filter(
                 (pl.col("other_id") != pl.col("encounter_id")) & (pl.col("other_start") > pl.col("prediction_time"))
@@ -214,8 +244,10 @@ def compute_labels(events: pl.DataFrame, task: TaskConfig, data_end, tally: Task
                 first_code = code_times.group_by("subject_id").agg(first_code=pl.col("code_time").min())
                 stays = stays.join(first_code, on="subject_id", how="left")
                 stays = _exclude(
-                    stays, pl.col("first_code").is_null() | (pl.col("first_code") >= pl.col("prediction_time")),
-                    "outcome_before_prediction", tally,
+                    stays,
+                    pl.col("first_code").is_null() | (pl.col("first_code") >= pl.col("prediction_time")),
+                    "outcome_before_prediction",
+                    tally,
                 )
             after = stays.join(code_times, on="subject_id").filter(pl.col("code_time") >= pl.col("prediction_time"))
             first_after = after.group_by("subject_id", "encounter_id").agg(hit_time=pl.col("code_time").min())
@@ -248,7 +280,9 @@ def read_external_labels(path: Path) -> pl.DataFrame:
     if "boolean_value" not in table.schema.names:
         raise DataError(f"{path}: external labels need a boolean_value column (binary tasks)")
     frame = pl.from_arrow(table).select(
-        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")), pl.col("boolean_value").cast(pl.Boolean)
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("prediction_time").cast(pl.Datetime("us")),
+        pl.col("boolean_value").cast(pl.Boolean),
     )
     nulls = frame.filter(pl.any_horizontal(pl.all().is_null()))
     if nulls.height:

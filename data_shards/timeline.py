@@ -17,6 +17,7 @@ visit segment (1/2 alternating; 0 for [CLS] and statics), visit order (1-based; 
 and the event time in epoch seconds used to cut inputs at a prediction time. Token times: [CLS] and static
 codes take the first event time, an interval token and [VS] the visit start, [VE] and [REG] the visit end.
 """
+
 from __future__ import annotations
 
 import polars as pl
@@ -24,7 +25,15 @@ import polars as pl
 from . import schema
 from .config import HistoryConfig, VisitConfig, VocabConfig
 from .schema import TokenType
-from .vocab import NON_TOKEN_CODES, NON_TOKEN_PREFIXES, TYPE_IDS, Vocabulary, bin_tokens, infer_event_type, normalize_codes
+from .vocab import (
+    NON_TOKEN_CODES,
+    NON_TOKEN_PREFIXES,
+    TYPE_IDS,
+    Vocabulary,
+    bin_tokens,
+    infer_event_type,
+    normalize_codes,
+)
 
 US_PER_WEEK = 7 * 86400 * 1_000_000
 US_PER_DAY = 86400 * 1_000_000
@@ -85,9 +94,11 @@ def apply_lookback(events: pl.DataFrame, visits: pl.DataFrame, lookback: str) ->
         keep = pl.col("visit_order") == pl.col("visit_order").max().over("subject_id")
     else:
         keep = pl.col("end") >= last_end - pl.duration(days=LOOKBACK_DAYS[lookback])
-    visits = visits.filter(keep).with_columns(
-        visit_order=pl.col("start").rank("ordinal").over("subject_id").cast(pl.Int32)
-    ).with_columns(visit_segment=(2 - pl.col("visit_order") % 2).cast(pl.Int8))
+    visits = (
+        visits.filter(keep)
+        .with_columns(visit_order=pl.col("start").rank("ordinal").over("subject_id").cast(pl.Int32))
+        .with_columns(visit_segment=(2 - pl.col("visit_order") % 2).cast(pl.Int8))
+    )
     events = events.join(visits.select("subject_id", "visit_key"), on=["subject_id", "visit_key"], how="semi")
     return events, visits
 
@@ -115,7 +126,15 @@ def interval_token(gap: pl.Expr) -> pl.Expr:
     days = gap.dt.total_microseconds().cast(pl.Float64) / US_PER_DAY
     weeks = (days / 7).floor().clip(0, 3).cast(pl.Int32).cast(pl.String)
     months = (days / 30).floor().clip(1, 12).cast(pl.Int32).cast(pl.String)
-    return pl.when(days.is_null()).then(pl.lit(None, pl.String)).when(days < 28).then("[W" + weeks + "]").when(days < 365).then("[M" + months + "]").otherwise(pl.lit(schema.LONG_TERM))
+    return (
+        pl.when(days.is_null())
+        .then(pl.lit(None, pl.String))
+        .when(days < 28)
+        .then("[W" + weeks + "]")
+        .when(days < 365)
+        .then("[M" + months + "]")
+        .otherwise(pl.lit(schema.LONG_TERM))
+    )
 
 
 def build_sequences(
@@ -137,8 +156,11 @@ def build_sequences(
     ends = assign_visits(
         events.filter(pl.col("time").is_not_null() & pl.col("code").str.starts_with("ENCOUNTER_END/")), visit_cfg
     ).select("subject_id", "visit_key", "time")
-    visits = visit_table(pl.concat([timed.select("subject_id", "visit_key", "time"), ends], how="vertical_relaxed")
-                         .join(timed.select("subject_id", "visit_key").unique(), on=["subject_id", "visit_key"], how="semi"))
+    visits = visit_table(
+        pl.concat([timed.select("subject_id", "visit_key", "time"), ends], how="vertical_relaxed").join(
+            timed.select("subject_id", "visit_key").unique(), on=["subject_id", "visit_key"], how="semi"
+        )
+    )
     timed, visits = apply_lookback(timed, visits, history_cfg.lookback)
     timed = aggregate_numeric(timed, history_cfg.aggregate_days)
     timed = timed.with_columns(token=bin_tokens(timed, vocab.bin_edges))
@@ -149,17 +171,31 @@ def build_sequences(
     type_id = pl.col("event_type").replace_strict(TYPE_IDS, default=int(TokenType.OTHER), return_dtype=pl.Int8)
 
     event_tokens = timed.join(visits, on=["subject_id", "visit_key"]).select(
-        "subject_id", "visit_order", "visit_segment", pl.lit(2, pl.Int8).alias("slot"), "time", "token",
+        "subject_id",
+        "visit_order",
+        "visit_segment",
+        pl.lit(2, pl.Int8).alias("slot"),
+        "time",
+        "token",
         type_id.alias("type_id"),
     )
     cls_rows = first_time.select(
-        "subject_id", pl.lit(0, pl.Int32).alias("visit_order"), pl.lit(0, pl.Int8).alias("visit_segment"),
-        pl.lit(0, pl.Int8).alias("slot"), pl.col("first").alias("time"), pl.lit(schema.CLS).alias("token"),
+        "subject_id",
+        pl.lit(0, pl.Int32).alias("visit_order"),
+        pl.lit(0, pl.Int8).alias("visit_segment"),
+        pl.lit(0, pl.Int8).alias("slot"),
+        pl.col("first").alias("time"),
+        pl.lit(schema.CLS).alias("token"),
         pl.lit(int(TokenType.CLS), pl.Int8).alias("type_id"),
     )
     static_rows = static.join(first_time, on="subject_id").select(
-        "subject_id", pl.lit(0, pl.Int32).alias("visit_order"), pl.lit(0, pl.Int8).alias("visit_segment"),
-        pl.lit(1, pl.Int8).alias("slot"), pl.col("first").alias("time"), "token", type_id.alias("type_id"),
+        "subject_id",
+        pl.lit(0, pl.Int32).alias("visit_order"),
+        pl.lit(0, pl.Int8).alias("visit_segment"),
+        pl.lit(1, pl.Int8).alias("slot"),
+        pl.col("first").alias("time"),
+        "token",
+        type_id.alias("type_id"),
     )
     prev_end = pl.col("end").shift(1).over("subject_id", order_by="visit_order")
     specials = visits.with_columns(interval=interval_token(pl.col("start") - prev_end))
@@ -167,8 +203,13 @@ def build_sequences(
     def special(token, slot: int, time_col: str, ttype: TokenType) -> pl.DataFrame:
         token_expr = token if isinstance(token, pl.Expr) else pl.lit(token)
         return specials.select(
-            "subject_id", "visit_order", "visit_segment", pl.lit(slot, pl.Int8).alias("slot"),
-            pl.col(time_col).alias("time"), token_expr.alias("token"), pl.lit(int(ttype), pl.Int8).alias("type_id"),
+            "subject_id",
+            "visit_order",
+            "visit_segment",
+            pl.lit(slot, pl.Int8).alias("slot"),
+            pl.col(time_col).alias("time"),
+            token_expr.alias("token"),
+            pl.lit(int(ttype), pl.Int8).alias("type_id"),
         )
 
     parts = [
@@ -186,12 +227,18 @@ def build_sequences(
     # Only the layout above places special and task tokens: a code row (an event type, not a structural type)
     # whose string is a reserved token maps to [UNK]. Cleaning escapes such codes first (CODE//[PAD]), so this
     # is a safeguard for callers that skip cleaning.
-    reserved_ids = sorted({vocab.ids[t] for t in (*schema.SPECIAL_TOKENS, *vocab.task_tokens) if t in vocab.ids} - {vocab.unk_id})
-    token_ids = pl.when((pl.col("type_id") >= int(TokenType.DX)) & token_ids.is_in(reserved_ids)).then(
-        pl.lit(vocab.unk_id, pl.Int32)
-    ).otherwise(token_ids)
+    reserved_ids = sorted(
+        {vocab.ids[t] for t in (*schema.SPECIAL_TOKENS, *vocab.task_tokens) if t in vocab.ids} - {vocab.unk_id}
+    )
+    token_ids = (
+        pl.when((pl.col("type_id") >= int(TokenType.DX)) & token_ids.is_in(reserved_ids))
+        .then(pl.lit(vocab.unk_id, pl.Int32))
+        .otherwise(token_ids)
+    )
     epoch_us = pl.col("time").dt.epoch("us")
-    age_years = ((pl.col("time") - pl.col("birth")).dt.total_microseconds().cast(pl.Float64) / (US_PER_DAY * DAYS_PER_YEAR)).fill_null(0.0)
+    age_years = (
+        (pl.col("time") - pl.col("birth")).dt.total_microseconds().cast(pl.Float64) / (US_PER_DAY * DAYS_PER_YEAR)
+    ).fill_null(0.0)
     rows = rows.select(
         "subject_id",
         token_ids.alias("input_ids"),

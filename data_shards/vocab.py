@@ -12,6 +12,7 @@ Codes that occur fewer than ``min_frequency`` times in the pretraining split map
 Reserved strings (special and task tokens) are never code tokens: cleaning escapes input codes spelled like
 them (``CODE//[PAD]``), and only finite numeric values (cleaning sets NaN/inf to null) feed the bin edges.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,26 @@ NON_TOKEN_PREFIXES = ("ENCOUNTER_END/",)
 
 # MEDS input has no event_type column: infer it from the code's vocabulary prefix.
 PREFIX_TYPES = {
-    "ICD10CM": "DX", "ICD10": "DX", "ICD9CM": "DX", "ICD9": "DX", "DIAGNOSIS": "DX", "SNOMED": "DX",
-    "LOINC": "LAB", "LAB": "LAB",
-    "RXNORM": "MED", "ATC": "MED", "NDC": "MED", "MEDICATION": "MED",
-    "CPT": "PRO", "ICD10PCS": "PRO", "ICD9PROC": "PRO", "PROCEDURE": "PRO", "HCPCS": "PRO",
+    "ICD10CM": "DX",
+    "ICD10": "DX",
+    "ICD9CM": "DX",
+    "ICD9": "DX",
+    "DIAGNOSIS": "DX",
+    "SNOMED": "DX",
+    "LOINC": "LAB",
+    "LAB": "LAB",
+    "RXNORM": "MED",
+    "ATC": "MED",
+    "NDC": "MED",
+    "MEDICATION": "MED",
+    "CPT": "PRO",
+    "ICD10PCS": "PRO",
+    "ICD9PROC": "PRO",
+    "PROCEDURE": "PRO",
+    "HCPCS": "PRO",
     "CVX": "IMM",
-    "VITALS": "VIT", "VITAL": "VIT",
+    "VITALS": "VIT",
+    "VITAL": "VIT",
 }
 # LOINC vital-sign codes (used when a MEDS dataset labels vitals only by LOINC).
 VITAL_LOINC = frozenset(
@@ -77,16 +92,16 @@ def bin_tokens(frame: pl.DataFrame, edges: dict[str, list[float]]) -> pl.Series:
     has = joined.filter(pl.col("_edges").is_not_null() & pl.col("numeric_value").is_not_null())
     if has.height:
         exploded = has.select("_row", "numeric_value", "_edges").explode("_edges")
-        ranks = exploded.group_by("_row").agg(
-            k=(pl.col("numeric_value").cast(pl.Float64) > pl.col("_edges")).sum() + 1
-        )
+        ranks = exploded.group_by("_row").agg(k=(pl.col("numeric_value").cast(pl.Float64) > pl.col("_edges")).sum() + 1)
         joined = joined.join(ranks, on="_row", how="left")
     else:
         joined = joined.with_columns(k=pl.lit(None, dtype=pl.UInt32))
     joined = joined.sort("_row")
-    token = pl.when(pl.col("k").is_not_null()).then(
-        pl.col("code") + "//Q" + pl.col("k").cast(pl.String)
-    ).otherwise(pl.col("code"))
+    token = (
+        pl.when(pl.col("k").is_not_null())
+        .then(pl.col("code") + "//Q" + pl.col("k").cast(pl.String))
+        .otherwise(pl.col("code"))
+    )
     return joined.select(token.alias("token"))["token"]
 
 
@@ -152,7 +167,7 @@ class Vocabulary:
     @classmethod
     def build(
         cls, counts: dict[str, int], edges: dict[str, list[float]], *, min_frequency: int, task_tokens: list[str]
-    ) -> "Vocabulary":
+    ) -> Vocabulary:
         clash = [t for t in task_tokens if t in schema.SPECIAL_TOKENS]
         if clash:
             raise ValueError(f"task tokens {clash} clash with special tokens")
@@ -200,6 +215,6 @@ class Vocabulary:
         )
 
     @classmethod
-    def load(cls, folder: Path) -> "Vocabulary":
+    def load(cls, folder: Path) -> Vocabulary:
         data = json.loads((Path(folder) / "ehrfm_vocab.json").read_text())
         return cls(data["tokens"], data["task_tokens"], data["bin_edges"], data["token_counts"])

@@ -8,4 +8,5 @@ transformers' Auto classes when their package is imported::
 
 (an export also loads anywhere with ``trust_remote_code=True``: its modeling code is vendored).
 """
+
 __version__ = "0.1.0"

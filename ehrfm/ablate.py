@@ -21,6 +21,7 @@ finetuned models and evaluations (cells/<experiment>: the base setting, listed u
 experiment per model), ``results.jsonl`` (one line per finished cell: re-running skips them), ``ablation.md`` (003 supplementary-table layout: value (95% CI) per metric, task and axis
 value x model) and one PNG per axis and metric.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,19 +65,32 @@ class Grid:
 
 def full_grid(steps: int, epochs: int) -> Grid:
     return Grid(
-        backbones=BACKBONES, vocabulary=tuple(VOCABULARY),
+        backbones=BACKBONES,
+        vocabulary=tuple(VOCABULARY),
         context_size=tuple((c, s) for c in (128, 256, 512) for s in ("tiny", "small", "medium")),
-        history=tuple(HISTORY), concepts=("DX", "+VIT", "+LAB", "+MED", "+PRO"),
-        train_fraction=(0.25, 0.5, 0.75, 1.0), base_context=512, base_size="medium", steps=steps, epochs=epochs,
+        history=tuple(HISTORY),
+        concepts=("DX", "+VIT", "+LAB", "+MED", "+PRO"),
+        train_fraction=(0.25, 0.5, 0.75, 1.0),
+        base_context=512,
+        base_size="medium",
+        steps=steps,
+        epochs=epochs,
     )
 
 
 def quick_grid(steps: int, epochs: int) -> Grid:
     """Two values per axis, Tiny models at C=128: about 20 minutes on a 2-core laptop with 150 patients."""
     return Grid(
-        backbones=("llama", "mamba"), vocabulary=("b5-i3", "b10-i3"), context_size=((128, "tiny"), (256, "tiny")),
-        history=("cutoff", "trunc-1y"), concepts=("DX", "+PRO"), train_fraction=(0.5, 1.0),
-        base_context=128, base_size="tiny", steps=steps, epochs=epochs,
+        backbones=("llama", "mamba"),
+        vocabulary=("b5-i3", "b10-i3"),
+        context_size=((128, "tiny"), (256, "tiny")),
+        history=("cutoff", "trunc-1y"),
+        concepts=("DX", "+PRO"),
+        train_fraction=(0.5, 1.0),
+        base_context=128,
+        base_size="tiny",
+        steps=steps,
+        epochs=epochs,
     )
 
 
@@ -136,20 +150,35 @@ def cells(grid: Grid) -> list[Cell]:
     for vocab in grid.vocabulary:
         add("vocabulary", vocab, _variant(vocab=vocab), grid.base_context, grid.base_size, 1.0, models)
     for i, (context, size) in enumerate(grid.context_size):  # XGBoost has neither: shown once
-        add("context-size", f"C{context}-{size}", base_data, context, size, 1.0,
-            list(grid.backbones) + (["xgboost"] if i == 0 else []))
+        add(
+            "context-size",
+            f"C{context}-{size}",
+            base_data,
+            context,
+            size,
+            1.0,
+            list(grid.backbones) + (["xgboost"] if i == 0 else []),
+        )
     for history in grid.history:
         add("history", history, _variant(history=history), grid.base_context, grid.base_size, 1.0, models)
     for concepts in grid.concepts:
         add("concepts", concepts, _variant(concepts=concepts), grid.base_context, grid.base_size, 1.0, models)
     for fraction in grid.train_fraction:
-        add("train-fraction", f"{round(fraction * 100)}%", base_data, grid.base_context, grid.base_size, fraction,
-            list(grid.backbones) + (["xgboost"] if fraction == 1.0 else []))
+        add(
+            "train-fraction",
+            f"{round(fraction * 100)}%",
+            base_data,
+            grid.base_context,
+            grid.base_size,
+            fraction,
+            list(grid.backbones) + (["xgboost"] if fraction == 1.0 else []),
+        )
     return out
 
 
-def _prepare_variant(source: Path, fmt: str, folder: Path, overrides: tuple, tasks: list[str],
-                     user_options: list[str]) -> Path:
+def _prepare_variant(
+    source: Path, fmt: str, folder: Path, overrides: tuple, tasks: list[str], user_options: list[str]
+) -> Path:
     from .config import load_config
     from .data_shards.config import PrepareConfig
     from .data_shards.prepare import prepare
@@ -164,16 +193,34 @@ def _prepare_variant(source: Path, fmt: str, folder: Path, overrides: tuple, tas
     return folder
 
 
-def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[str], tasks: list[str] | None,
-             n_boot: int, jobs: int = 1, seed: int = 0, prepare_options: list[str] | None = None) -> list[dict]:
+def run_grid(
+    source: Path,
+    fmt: str,
+    out: Path,
+    grid: Grid,
+    *,
+    task_sets: list[str],
+    tasks: list[str] | None,
+    n_boot: int,
+    jobs: int = 1,
+    seed: int = 0,
+    prepare_options: list[str] | None = None,
+) -> list[dict]:
     """Run (or resume) every cell; returns one record per cell (also appended to ``out/results.jsonl``)."""
     from tqdm.auto import tqdm
 
     from .data_shards.shards import read_manifest
     from .outputs import claim_run_dir
     from .pipeline import (
-        PretrainSpec, append_cell_result, baseline_stage, dropping_one_class_tasks, evaluate_stage, export_stage,
-        finetune_stage, load_cell_results, pretrain_stage,
+        PretrainSpec,
+        append_cell_result,
+        baseline_stage,
+        dropping_one_class_tasks,
+        evaluate_stage,
+        export_stage,
+        finetune_stage,
+        load_cell_results,
+        pretrain_stage,
     )
 
     claim_run_dir(out, "ablate", inputs=[source])  # a new, empty or earlier ablation folder (resumes)
@@ -192,9 +239,16 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
     specs = {}
     for c in todo:
         if c.model != "xgboost":
-            specs[c.pretrain_key] = (c.data_variant, PretrainSpec(
-                architecture=c.model, size=c.size, steps=grid.steps, context_length=c.context,
-                overrides=[f"train.seed={seed}"]))
+            specs[c.pretrain_key] = (
+                c.data_variant,
+                PretrainSpec(
+                    architecture=c.model,
+                    size=c.size,
+                    steps=grid.steps,
+                    context_length=c.context,
+                    overrides=[f"train.seed={seed}"],
+                ),
+            )
     runs = out / "runs"
     exported = out / "exported"
 
@@ -218,14 +272,35 @@ def run_grid(source: Path, fmt: str, out: Path, grid: Grid, *, task_sets: list[s
             metrics = baseline_stage(data, cell_dir / "eval", tasks=tasks, n_boot=n_boot, seed=seed)
         else:  # a task a variant leaves without both classes (e.g. a small fraction) is dropped, not fatal
             ft, skipped = dropping_one_class_tasks(
-                lambda kept: finetune_stage(exported / c.pretrain_key, data, cell_dir / "finetune", method="mpf",
-                                            tasks=kept, epochs=grid.epochs, context_length=c.context,
-                                            train_fraction=c.train_fraction, seed=seed), tasks, c.name)
+                lambda kept: finetune_stage(
+                    exported / c.pretrain_key,
+                    data,
+                    cell_dir / "finetune",
+                    method="mpf",
+                    tasks=kept,
+                    epochs=grid.epochs,
+                    context_length=c.context,
+                    train_fraction=c.train_fraction,
+                    seed=seed,
+                ),
+                tasks,
+                c.name,
+            )
             metrics = evaluate_stage(ft, data, cell_dir / "eval", n_boot=n_boot, seed=seed)
-        record = {"cell": c.name, "axis": c.axis, "value": c.value, "model": c.model, "data_variant": c.data_variant,
-                  "context": c.context, "size": c.size, "train_fraction": c.train_fraction,
-                  "vocab_size": read_manifest(data)["vocab_size"], "seconds": round(time.time() - started, 1),
-                  "tasks": metrics["tasks"], "skipped_tasks": skipped}
+        record = {
+            "cell": c.name,
+            "axis": c.axis,
+            "value": c.value,
+            "model": c.model,
+            "data_variant": c.data_variant,
+            "context": c.context,
+            "size": c.size,
+            "train_fraction": c.train_fraction,
+            "vocab_size": read_manifest(data)["vocab_size"],
+            "seconds": round(time.time() - started, 1),
+            "tasks": metrics["tasks"],
+            "skipped_tasks": skipped,
+        }
         append_cell_result(results_path, record)
         records.append(record)
     return records
@@ -243,24 +318,34 @@ def ablation_tables(records: list[dict], grid: Grid) -> str:
     tasks = sorted({t for r in records for t in r["tasks"]})
     axes = ["vocabulary", "context-size", "history", "concepts", "train-fraction"]
     base = dict(BASE_VALUES, **{"context-size": f"C{grid.base_context}-{grid.base_size}"})
-    lines = ["# ehrfm ablation (003 protocol)", "",
-             "value (95% CI, patient-level bootstrap) on the test split; * marks the base setting shared by all axes "
-             "(003's gray rows); - = not applicable, or a task the variant left with one class in training "
-             "(listed under the tables).", ""]
+    lines = [
+        "# ehrfm ablation (003 protocol)",
+        "",
+        "value (95% CI, patient-level bootstrap) on the test split; * marks the base setting shared by all axes "
+        "(003's gray rows); - = not applicable, or a task the variant left with one class in training "
+        "(listed under the tables).",
+        "",
+    ]
     for axis in axes:
         rows = [r for r in records if r["axis"] == axis]
         if not rows:
             continue
         values = list(dict.fromkeys(r["value"] for r in rows))
         for metric in ("auprc", "auroc", "brier"):
-            lines += [f"## {axis}: {metric.upper()}", "",
-                      f"| task | {axis} | vocab | " + " | ".join(models) + " |", "|---|---|---|" + "---|" * len(models)]
+            lines += [
+                f"## {axis}: {metric.upper()}",
+                "",
+                f"| task | {axis} | vocab | " + " | ".join(models) + " |",
+                "|---|---|---|" + "---|" * len(models),
+            ]
             for task in tasks:
                 for value in values:
                     by_model = {r["model"]: r for r in rows if r["value"] == value}
                     vocab = next(iter(by_model.values()))["vocab_size"]
                     mark = "*" if value == base.get(axis) else ""
-                    cells_ = [_entry_text(by_model[m]["tasks"].get(task) if m in by_model else None, metric) for m in models]
+                    cells_ = [
+                        _entry_text(by_model[m]["tasks"].get(task) if m in by_model else None, metric) for m in models
+                    ]
                     lines.append(f"| {task} | {value}{mark} | {vocab} | " + " | ".join(cells_) + " |")
             lines.append("")
     dropped = [(r["cell"], task, reason) for r in records for task, reason in r.get("skipped_tasks", {}).items()]
@@ -318,8 +403,12 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("ablate", help="the 003 ablation study as one resumable command",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "ablate",
+        help="the 003 ablation study as one resumable command",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--input", type=Path, default=None, help="MEDS folder or FHIR bundles (default: a Synthea cohort)")
     p.add_argument("--format", choices=["meds", "fhir"], default="fhir")
     p.add_argument("--patients", type=int, default=150, help="Synthea cohort size when --input is not given")
@@ -334,8 +423,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=None, help="finetuning epochs (default 2 quick, 10 full)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=1, help="pretraining runs in parallel (one process each)")
-    p.add_argument("--prepare-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="PrepareConfig override shared by every data variant, repeatable (e.g. splits.test=0.3)")
+    p.add_argument(
+        "--prepare-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="PrepareConfig override shared by every data variant, repeatable (e.g. splits.test=0.3)",
+    )
     p.set_defaults(func=main)
 
 
@@ -361,12 +455,23 @@ def main(args: argparse.Namespace) -> int:
     else:
         source, fmt = args.input, args.format
     tasks = args.tasks.split(",") if args.tasks else None
-    records = run_grid(source, fmt, args.out, grid, task_sets=args.task_sets.split(","), tasks=tasks,
-                       n_boot=args.bootstrap, jobs=args.jobs, prepare_options=args.prepare_option)
+    records = run_grid(
+        source,
+        fmt,
+        args.out,
+        grid,
+        task_sets=args.task_sets.split(","),
+        tasks=tasks,
+        n_boot=args.bootstrap,
+        jobs=args.jobs,
+        prepare_options=args.prepare_option,
+    )
     table = ablation_tables(records, grid)
     write_text_atomic(args.out / "ablation.md", table)
     plots = ablation_plots(records, args.out)
     print(table)
-    print(f"{len(records)} cells, table {args.out / 'ablation.md'}, {len(plots)} plots in {args.out} "
-          f"({time.time() - started:.0f} s)")
+    print(
+        f"{len(records)} cells, table {args.out / 'ablation.md'}, {len(plots)} plots in {args.out} "
+        f"({time.time() - started:.0f} s)"
+    )
     return 0

@@ -3,6 +3,7 @@
 Each benchmark is a function ``run(argv: list[str]) -> dict`` in the module of the stage it measures; this
 module adds machine information and the command line, so every result can be compared across machines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     result = {
         "benchmark": args.name,
         "command": " ".join(["ehrfm", "bench", args.name] + rest),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "results": run(rest),
     }

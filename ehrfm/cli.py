@@ -8,6 +8,7 @@ folder, a checkpoint failing its integrity check, diverged training, ...) prints
 on stderr and exits 2; ``--log-level DEBUG`` shows its traceback as well. Other exceptions are bugs and keep
 their traceback.
 """
+
 from __future__ import annotations
 
 import argparse

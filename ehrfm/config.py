@@ -9,6 +9,7 @@ class may define ``validate(self) -> None`` for value ranges and cross-field rul
 :class:`ConfigError` whose message starts with the field name (``"num_bins: must be >= 1, got -3"``), and
 :func:`from_dict` runs it on every (nested) config it builds, prefixing the dotted path of nested sections.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,7 +107,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`ConfigError`."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
@@ -121,15 +122,26 @@ def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
     return cfg
 
 
-def check_range(cfg: Any, name: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-                lt: float | None = None) -> None:
+def check_range(
+    cfg: Any,
+    name: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> None:
     """Raise :class:`ConfigError` naming ``name`` unless ``getattr(cfg, name)`` lies in the stated bounds
     (None values pass: optional fields)."""
     value = getattr(cfg, name)
     if value is None:
         return
-    for bound, ok, text in ((ge, lambda v, b: v >= b, ">="), (gt, lambda v, b: v > b, ">"),
-                            (le, lambda v, b: v <= b, "<="), (lt, lambda v, b: v < b, "<")):
+    for bound, ok, text in (
+        (ge, lambda v, b: v >= b, ">="),
+        (gt, lambda v, b: v > b, ">"),
+        (le, lambda v, b: v <= b, "<="),
+        (lt, lambda v, b: v < b, "<"),
+    ):
         if bound is not None and not ok(value, bound):
             raise ConfigError(f"{name}: must be {text} {bound}, got {value!r}")
 
@@ -189,8 +201,12 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
     return loaded
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                defaults: list[str] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    defaults: list[str] | None = None,
+) -> T:
     """Defaults of ``cls`` <- ``defaults`` (``key=value``, e.g. a size's recipe) <- YAML file at ``path`` <-
     ``key=value`` overrides."""
     data = to_dict(cls())

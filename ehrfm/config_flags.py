@@ -14,6 +14,7 @@ error names the key). A field added to a config is therefore a flag and an overr
 command writes by hand (with a meaning of their own, such as ``--out``) win over generated spellings; mapping
 fields (``dict``) have no flag, only ``key.sub=value`` overrides.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,14 @@ def _describe(tp: Any) -> tuple[dict, str]:
     return {"metavar": getattr(tp, "__name__", "VALUE").upper()}, getattr(tp, "__name__", "value")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, aliases: dict[str, list[str]] | None = None,
-                         by_hand: tuple[str, ...] = (), title: str | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    aliases: dict[str, list[str]] | None = None,
+    by_hand: tuple[str, ...] = (),
+    title: str | None = None,
+) -> None:
     """One flag per leaf field of ``cls`` (see the module docstring); ``aliases`` maps a key to extra spellings;
     ``by_hand`` names keys whose flags the command writes itself (e.g. a repeatable one)."""
     aliases = aliases or {}
@@ -98,9 +105,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, aliases:
             continue
         kwargs, type_name = _describe(tp)
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        group.add_argument(*names, action=_RecordOverride, key=key, dest=f"_flag_{key}", default=argparse.SUPPRESS,
-                           help=f"{text + '; ' if text else ''}{type_name}; default {shown!r} (config key {key})",
-                           **kwargs)
+        group.add_argument(
+            *names,
+            action=_RecordOverride,
+            key=key,
+            dest=f"_flag_{key}",
+            default=argparse.SUPPRESS,
+            help=f"{text + '; ' if text else ''}{type_name}; default {shown!r} (config key {key})",
+            **kwargs,
+        )
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:

@@ -4,6 +4,7 @@
 * precision ``auto`` = bf16 autocast on GPU, fp32 on CPU; ``bf16`` / ``fp32`` force it (bf16 autocast also
   runs on CPU). Parameters stay fp32 (masters); only autocast regions compute in bf16.
 """
+
 from __future__ import annotations
 
 import contextlib

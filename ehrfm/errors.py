@@ -6,6 +6,7 @@ diverged. Each subclass names the file / row / field at fault. The `ehrfm` comma
 line ``error: <message>`` and exits with :data:`EXPECTED_ERROR_EXIT_CODE`; the traceback is shown only with
 ``--log-level DEBUG``. Anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 EXPECTED_ERROR_EXIT_CODE = 2

@@ -19,6 +19,7 @@ interpreter, gloo instead of NCCL): a rehearsal of the script, not a measurement
 
     python -m ehrfm.gpu_check --out gpu-check.json [--device cuda|cpu] [--work DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,7 @@ class Context:
             from .data_shards.prepare import prepare
             from .data_shards.synthea import generate_cohort
 
-            source = generate_cohort(40, seed=7, age="60-90", threads=max(1, os.cpu_count() or 1),
-                                     progress=False)
+            source = generate_cohort(40, seed=7, age="60-90", threads=max(1, os.cpu_count() or 1), progress=False)
             cfg = PrepareConfig(format="fhir", tasks=["demo"])
             cfg.splits.pretrain, cfg.splits.finetune, cfg.splits.test = 0.45, 0.30, 0.25
             cfg.splits.val_fraction = 0.3  # of the finetune patients: both classes in finetune_val at 40 patients
@@ -77,8 +77,9 @@ class Context:
 
 def _ehrfm(*args: str, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "ehrfm.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ehrfm.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"ehrfm {' '.join(args[:2])} exited {proc.returncode}: {proc.stderr.strip()[-1500:]}")
     return proc
@@ -88,11 +89,19 @@ def _ehrfm(*args: str, timeout: int) -> subprocess.CompletedProcess:
 def check_environment(ctx: Context) -> dict:
     import torch
 
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(ctx.device),
-           "gpu_extra_install": os.environ.get("EHRFM_GPU_EXTRA", "not attempted")}
+    out = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(ctx.device),
+        "gpu_extra_install": os.environ.get("EHRFM_GPU_EXTRA", "not attempted"),
+    }
     if ctx.gpu:
-        out.update(name=torch.cuda.get_device_name(ctx.device), capability=list(torch.cuda.get_device_capability(ctx.device)),
-                   gpus=torch.cuda.device_count(), memory_gb=round(torch.cuda.get_device_properties(ctx.device).total_memory / 2**30, 1))
+        out.update(
+            name=torch.cuda.get_device_name(ctx.device),
+            capability=list(torch.cuda.get_device_capability(ctx.device)),
+            gpus=torch.cuda.device_count(),
+            memory_gb=round(torch.cuda.get_device_properties(ctx.device).total_memory / 2**30, 1),
+        )
     for name in ("triton", "mamba_ssm", "causal_conv1d", "flash_attn", "deepspeed"):
         out[name] = _optional_version(name)
     from .devices import preferred_attn_implementation
@@ -107,8 +116,8 @@ def check_triton_kernels(ctx: Context) -> dict:
     import torch
 
     from .kernels import anaa_attention
-    from .kernels.dense.reference import orthogonality_loss, spectral_loss
     from .kernels.anaa.triton_kernel import tuned_tiles
+    from .kernels.dense.reference import orthogonality_loss, spectral_loss
     from .kernels.dense.triton_kernel import spec_orth_triton
     from .kernels.dense.triton_kernel import tuned_tiles as dense_tuned_tiles
 
@@ -124,8 +133,8 @@ def check_triton_kernels(ctx: Context) -> dict:
             q, k, v, w = (torch.randn(batch, heads, n, d, generator=g) for _ in range(4))
             noise = torch.randn(batch, heads, n, n, generator=g).to(ctx.device)
             docs = torch.ones(batch, n, dtype=torch.long)
-            docs[:, n // 3:] = 2
-            docs[-1, -n // 5:] = 0  # padding
+            docs[:, n // 3 :] = 2
+            docs[-1, -n // 5 :] = 0  # padding
             # training with explicit noise: the softmax and the noise kernels, compared with the reference
             kw = dict(sigma_eh=1.0, variant="causal", training=True, noise=noise, document_ids=docs.to(ctx.device))
 
@@ -141,7 +150,9 @@ def check_triton_kernels(ctx: Context) -> dict:
 
         def dense(fn, cast):
             leaf = z.to(cast).detach().requires_grad_()
-            spec, orth = fn(leaf) if fn is spec_orth_triton else (spectral_loss(leaf.float()), orthogonality_loss(leaf.float()))
+            spec, orth = (
+                fn(leaf) if fn is spec_orth_triton else (spectral_loss(leaf.float()), orthogonality_loss(leaf.float()))
+            )
             (1.3 * spec + 0.7 * orth).backward()
             return spec, orth, leaf.grad
 
@@ -150,8 +161,14 @@ def check_triton_kernels(ctx: Context) -> dict:
         results[name] = errs
         worst[name] = max(errs.values())
     ok = all(worst[k] < TOL[k] for k in worst)
-    return {"status": "ok" if ok else "failed", "shape": [batch, heads, n, list(head_dims)], "relative_error": results,
-            "tolerance": {k: TOL[k] for k in worst}, "anaa_tiles_chosen": tuned_tiles(), "dense_tiles_chosen": dense_tuned_tiles()}
+    return {
+        "status": "ok" if ok else "failed",
+        "shape": [batch, heads, n, list(head_dims)],
+        "relative_error": results,
+        "tolerance": {k: TOL[k] for k in worst},
+        "anaa_tiles_chosen": tuned_tiles(),
+        "dense_tiles_chosen": dense_tuned_tiles(),
+    }
 
 
 def check_mamba_scan_packed(ctx: Context) -> dict:
@@ -162,10 +179,16 @@ def check_mamba_scan_packed(ctx: Context) -> dict:
 
     batch, channels, length, state = (4, 256, 512, 16) if ctx.gpu else (2, 16, 48, 4)
     g = torch.Generator().manual_seed(1)
-    inputs = {"u": torch.randn(batch, channels, length, generator=g), "delta": torch.randn(batch, channels, length, generator=g),
-              "A": -torch.rand(channels, state, generator=g) - 0.1, "B": torch.randn(batch, state, length, generator=g),
-              "C": torch.randn(batch, state, length, generator=g), "D": torch.randn(channels, generator=g),
-              "z": torch.randn(batch, channels, length, generator=g), "delta_bias": torch.randn(channels, generator=g) * 0.5}
+    inputs = {
+        "u": torch.randn(batch, channels, length, generator=g),
+        "delta": torch.randn(batch, channels, length, generator=g),
+        "A": -torch.rand(channels, state, generator=g) - 0.1,
+        "B": torch.randn(batch, state, length, generator=g),
+        "C": torch.randn(batch, state, length, generator=g),
+        "D": torch.randn(channels, generator=g),
+        "z": torch.randn(batch, channels, length, generator=g),
+        "delta_bias": torch.randn(channels, generator=g) * 0.5,
+    }
     resets = torch.zeros(batch, length, dtype=torch.bool)
     for row in range(batch):
         resets[row, torch.randperm(length - 1, generator=g)[: 3 + row][1:] + 1] = True
@@ -194,10 +217,15 @@ def check_mamba_scan_packed(ctx: Context) -> dict:
     finally:
         scan_mod._mamba_ssm_scan = saved
     ok = max(errs.values()) < TOL["fp32"]
-    return {"status": "ok" if ok else "failed", "path": "mamba-ssm kernel, one document per row" if kernel else
-            "fallback scan (mamba-ssm not importable on this device)", "relative_error": errs,
-            "fwd_bwd_seconds": {"selective_scan": round(fast_s, 5), "fallback": round(fallback_s, 5)},
-            "shape": [batch, channels, length, state]}
+    return {
+        "status": "ok" if ok else "failed",
+        "path": "mamba-ssm kernel, one document per row"
+        if kernel
+        else "fallback scan (mamba-ssm not importable on this device)",
+        "relative_error": errs,
+        "fwd_bwd_seconds": {"selective_scan": round(fast_s, 5), "fallback": round(fallback_s, 5)},
+        "shape": [batch, channels, length, state],
+    }
 
 
 def check_flash_varlen(ctx: Context) -> dict:
@@ -209,8 +237,20 @@ def check_flash_varlen(ctx: Context) -> dict:
     if preferred_attn_implementation(ctx.device) != "flash_attention_2":
         return {"status": "skipped", "reason": "flash-attn not importable or the device is older than sm_80"}
     torch.manual_seed(0)
-    model = build_model("llama", "tiny", head=True, vocab_size=200, hidden_size=256, num_hidden_layers=4,
-                        num_attention_heads=4, intermediate_size=512).to(ctx.device, torch.bfloat16).eval()
+    model = (
+        build_model(
+            "llama",
+            "tiny",
+            head=True,
+            vocab_size=200,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+        )
+        .to(ctx.device, torch.bfloat16)
+        .eval()
+    )
     length, batch = 512, 4
     ids = torch.randint(5, 200, (batch, length), device=ctx.device)
     docs = torch.ones(batch, length, dtype=torch.long, device=ctx.device)
@@ -241,16 +281,38 @@ def check_pretrain(ctx: Context) -> dict:
         for strategy in ("ddp", "fsdp"):
             out = ctx.work / f"pretrain_{arch}_{strategy}"
             start = time.perf_counter()
-            _ehrfm("pretrain", "--data", str(data), "--model", arch, "--size", "tiny", "--out", str(out),
-                   "--strategy", strategy, f"train.max_steps={steps}", f"train.val_every={steps}",
-                   f"checkpoint.every={steps}", "train.precision=bf16", "train.progress_bar=false", timeout=600)
+            _ehrfm(
+                "pretrain",
+                "--data",
+                str(data),
+                "--model",
+                arch,
+                "--size",
+                "tiny",
+                "--out",
+                str(out),
+                "--strategy",
+                strategy,
+                f"train.max_steps={steps}",
+                f"train.val_every={steps}",
+                f"checkpoint.every={steps}",
+                "train.precision=bf16",
+                "train.progress_bar=false",
+                timeout=600,
+            )
             last, val = _last(out, None), _last(out, "val")
             engine = json.loads((out / "engine.json").read_text())
             runs[f"{arch}/{strategy}"] = {
-                "seconds": round(time.perf_counter() - start, 1), "loss": last.get("loss"), "val_ppl": val.get("val_ppl"),
-                "ref_bigram_ppl": val.get("ref_bigram_ppl"), "tokens_per_s": last.get("tokens_per_s"),
-                "mfu": last.get("mfu"), "peak_memory_mb": last.get("peak_memory_mb"),
-                "backend": engine.get("backend"), "attn_implementation": engine.get("attn_implementation")}
+                "seconds": round(time.perf_counter() - start, 1),
+                "loss": last.get("loss"),
+                "val_ppl": val.get("val_ppl"),
+                "ref_bigram_ppl": val.get("ref_bigram_ppl"),
+                "tokens_per_s": last.get("tokens_per_s"),
+                "mfu": last.get("mfu"),
+                "peak_memory_mb": last.get("peak_memory_mb"),
+                "backend": engine.get("backend"),
+                "attn_implementation": engine.get("attn_implementation"),
+            }
     return {"status": "ok", "steps": steps, "runs": runs}
 
 
@@ -261,16 +323,46 @@ def check_finetune_evaluate(ctx: Context) -> dict:
     hf, ft, ev = ctx.work / "hf_llama", ctx.work / "ft_llama", ctx.work / "eval_llama"
     _ehrfm("export", "--run", str(run), "--out", str(hf), "--overwrite", timeout=300)
     start = time.perf_counter()
-    _ehrfm("finetune", "--model", str(hf), "--data", str(ctx.data()), "--out", str(ft), "--method", "per-task",
-           "--epochs", "2", "--context-length", "256", "--overwrite", timeout=600)
-    _ehrfm("evaluate", "--model", str(ft), "--data", str(ctx.data()), "--out", str(ev), "--bootstrap", "100",
-           "--overwrite", timeout=300)
+    _ehrfm(
+        "finetune",
+        "--model",
+        str(hf),
+        "--data",
+        str(ctx.data()),
+        "--out",
+        str(ft),
+        "--method",
+        "per-task",
+        "--epochs",
+        "2",
+        "--context-length",
+        "256",
+        "--overwrite",
+        timeout=600,
+    )
+    _ehrfm(
+        "evaluate",
+        "--model",
+        str(ft),
+        "--data",
+        str(ctx.data()),
+        "--out",
+        str(ev),
+        "--bootstrap",
+        "100",
+        "--overwrite",
+        timeout=300,
+    )
     meta = json.loads((ft / "finetune.json").read_text())
     metrics = json.loads((ev / "metrics.json").read_text())
     auroc = {t: m.get("auroc", {}).get("value") for t, m in metrics.get("tasks", {}).items()}
     ok = str(meta.get("device", "")).startswith(ctx.device.type)
-    return {"status": "ok" if ok else "failed", "device": meta.get("device"), "seconds": round(time.perf_counter() - start, 1),
-            "auroc": auroc}
+    return {
+        "status": "ok" if ok else "failed",
+        "device": meta.get("device"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "auroc": auroc,
+    }
 
 
 def check_benches(ctx: Context) -> dict:
@@ -306,8 +398,11 @@ def run_checks(device: str, work: Path, only: list[str] | None = None) -> dict:
             result = check(ctx)
             result.setdefault("status", "ok")
         except Exception as err:  # noqa: BLE001 - one failing check must not hide the others
-            result = {"status": "failed", "error": f"{type(err).__name__}: {err}"[-3000:],
-                      "traceback": traceback.format_exc()[-3000:]}
+            result = {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}"[-3000:],
+                "traceback": traceback.format_exc()[-3000:],
+            }
         result["seconds"] = result.get("seconds", round(time.perf_counter() - start, 1))
         report["checks"][name] = result
         print(f"[gpu-check] {name}: {result['status']} ({result['seconds']} s)", file=sys.stderr, flush=True)
@@ -324,10 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if device == "cuda" and not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda})", file=sys.stderr)
+        print(
+            f"gpu-check: no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda})",
+            file=sys.stderr,
+        )
         return 2
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported

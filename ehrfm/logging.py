@@ -1,4 +1,5 @@
 """Readable logs: one format for every stage, rank-aware under torch.distributed."""
+
 from __future__ import annotations
 
 import logging

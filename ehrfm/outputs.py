@@ -16,6 +16,7 @@ place. Leftover temp folders of killed runs are removed only if their owner file
 process that made them is gone. Run folders of `ehrfm pretrain` are written in place (they resume), so they
 are only claimed (:func:`claim_run_dir`), never replaced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,8 +101,14 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_dir(out: Path, command: str, *, inputs: Sequence[str | os.PathLike | None] = (),
-                     overwrite: bool = False, has_overwrite_flag: bool = True) -> None:
+def check_output_dir(
+    out: Path,
+    command: str,
+    *,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    has_overwrite_flag: bool = True,
+) -> None:
     """Raise :class:`OutputDirError` unless ``ehrfm <command>`` may (re)place ``out`` (module docstring);
     ``has_overwrite_flag`` says whether the error may suggest ``--overwrite`` (run folders have none)."""
     out = Path(out)
@@ -131,8 +138,9 @@ def check_output_dir(out: Path, command: str, *, inputs: Sequence[str | os.PathL
     )
 
 
-def owner_record(command: str, inputs: Sequence[str | os.PathLike | None], *, fingerprint: str | None = None,
-                 complete: bool) -> dict:
+def owner_record(
+    command: str, inputs: Sequence[str | os.PathLike | None], *, fingerprint: str | None = None, complete: bool
+) -> dict:
     from . import __version__
 
     return {
@@ -180,8 +188,15 @@ def new_temp_dir(out: Path, command: str, inputs: Sequence[str | os.PathLike | N
     return tmp
 
 
-def commit_output_dir(tmp: Path, out: Path, command: str, inputs: Sequence[str | os.PathLike | None] = (), *,
-                      fingerprint: str | None = None, overwrite: bool = False) -> None:
+def commit_output_dir(
+    tmp: Path,
+    out: Path,
+    command: str,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    *,
+    fingerprint: str | None = None,
+    overwrite: bool = False,
+) -> None:
     """Mark ``tmp`` complete and rename it to ``out``, replacing an older ``out`` that the rules allow."""
     tmp, out = Path(tmp), Path(out)
     write_json_atomic(tmp / OWNER_FILE, owner_record(command, inputs, fingerprint=fingerprint, complete=True))
@@ -196,8 +211,14 @@ def commit_output_dir(tmp: Path, out: Path, command: str, inputs: Sequence[str |
 
 
 @contextmanager
-def atomic_output(out: Path, command: str, *, inputs: Sequence[str | os.PathLike | None] = (),
-                  overwrite: bool = False, fingerprint: str | None = None) -> Iterator[Path]:
+def atomic_output(
+    out: Path,
+    command: str,
+    *,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    fingerprint: str | None = None,
+) -> Iterator[Path]:
     """Check ``out`` (:func:`check_output_dir`), yield a temp folder to fill, and rename it into place when the
     block finishes; on any error the temp folder is removed and ``out`` is left as it was.
 
@@ -208,8 +229,9 @@ def atomic_output(out: Path, command: str, *, inputs: Sequence[str | os.PathLike
     try:
         yield tmp
         recorded = read_owner(tmp) or {}
-        commit_output_dir(tmp, out, command, inputs, fingerprint=recorded.get("fingerprint") or fingerprint,
-                          overwrite=overwrite)
+        commit_output_dir(
+            tmp, out, command, inputs, fingerprint=recorded.get("fingerprint") or fingerprint, overwrite=overwrite
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -224,13 +246,16 @@ def set_fingerprint(tmp: Path, fingerprint: str) -> None:
 
 def add_overwrite_argument(parser) -> None:
     """The ``--overwrite`` flag of a command that replaces its ``--out`` (see the module docstring)."""
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out that this command did not write (never one that is or holds "
-                             "an input)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out that this command did not write (never one that is or holds an input)",
+    )
 
 
-def claim_run_dir(run_dir: Path, command: str, *, inputs: Sequence[str | os.PathLike | None] = (),
-                  write: bool = True) -> None:
+def claim_run_dir(
+    run_dir: Path, command: str, *, inputs: Sequence[str | os.PathLike | None] = (), write: bool = True
+) -> None:
     """Check (:func:`check_output_dir`, no overwrite) that ``run_dir`` is new, empty, or a run folder of
     ``command``; with ``write``, create it and its owner file when missing. Run folders are appended to and
     resumed, never replaced."""

@@ -5,6 +5,7 @@ stage writes last), so an interrupted demo or ablation picks up where it stopped
 own `ehrfm pretrain` process: it resumes from its latest checkpoint by itself, and a fresh process keeps
 Accelerate/DeepSpeed global state out of the caller.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .errors import EhrfmError
 from .logging import get_logger
@@ -40,11 +42,27 @@ class PretrainSpec:
 
     def command(self, data: Path, run: Path) -> list[str]:
         return [
-            sys.executable, "-m", "ehrfm.cli", "pretrain", "--data", str(data), "--out", str(run),
-            "--model", self.architecture, "--size", self.size, "--strategy", "ddp",
-            f"train.max_steps={self.steps}", f"data.context_length={self.context_length}",
-            f"data.batch_size={self.batch_size}", f"train.val_every={max(self.steps // 4, 1)}",
-            f"checkpoint.every={max(self.steps // 2, 1)}", "checkpoint.keep=1", *self.overrides,
+            sys.executable,
+            "-m",
+            "ehrfm.cli",
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--model",
+            self.architecture,
+            "--size",
+            self.size,
+            "--strategy",
+            "ddp",
+            f"train.max_steps={self.steps}",
+            f"data.context_length={self.context_length}",
+            f"data.batch_size={self.batch_size}",
+            f"train.val_every={max(self.steps // 4, 1)}",
+            f"checkpoint.every={max(self.steps // 2, 1)}",
+            "checkpoint.keep=1",
+            *self.overrides,
         ]
 
 
@@ -72,7 +90,9 @@ def pretrain_stage(data: Path, run: Path, spec: PretrainSpec, *, quiet: bool = F
         proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:  # its own error line is above (or in the log's tail); one line here
         tail = log_path.read_text()[-3000:] if quiet else ""
-        raise EhrfmError(f"`ehrfm pretrain` failed with exit code {proc.returncode} (run {run}){chr(10) + tail if tail else ''}")
+        raise EhrfmError(
+            f"`ehrfm pretrain` failed with exit code {proc.returncode} (run {run}){chr(10) + tail if tail else ''}"
+        )
     (run / "PRETRAIN_COMPLETE").write_text(" ".join(cmd[1:]) + "\n")
     return run
 
@@ -85,16 +105,37 @@ def export_stage(run: Path, hf_dir: Path) -> Path:
     return hf_dir
 
 
-def finetune_stage(hf_dir: Path, data: Path, ft_dir: Path, *, method: str = "mpf", tasks: list[str] | None = None,
-                   epochs: int = 3, context_length: int = 256, learning_rate: float = 1e-4, batch_size: int = 32,
-                   train_fraction: float = 1.0, seed: int = 42, init: str = "pretrained") -> Path:
+def finetune_stage(
+    hf_dir: Path,
+    data: Path,
+    ft_dir: Path,
+    *,
+    method: str = "mpf",
+    tasks: list[str] | None = None,
+    epochs: int = 3,
+    context_length: int = 256,
+    learning_rate: float = 1e-4,
+    batch_size: int = 32,
+    train_fraction: float = 1.0,
+    seed: int = 42,
+    init: str = "pretrained",
+) -> Path:
     from .finetune.config import FinetuneConfig
     from .finetune.train import finetune
 
     if not _done(ft_dir, "finetune.json"):
-        cfg = FinetuneConfig(method=method, tasks=list(tasks or []), epochs=epochs, context_length=context_length,
-                             learning_rate=learning_rate, batch_size=batch_size, train_fraction=train_fraction,
-                             seed=seed, pos_weight="auto", init=init)
+        cfg = FinetuneConfig(
+            method=method,
+            tasks=list(tasks or []),
+            epochs=epochs,
+            context_length=context_length,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            train_fraction=train_fraction,
+            seed=seed,
+            pos_weight="auto",
+            init=init,
+        )
         finetune(hf_dir, data, ft_dir, cfg)
     return ft_dir
 
@@ -125,8 +166,16 @@ def evaluate_stage(ft_dir: Path, data: Path, out: Path, *, n_boot: int = 1000, s
     return evaluate(ft_dir, data, "test", out, n_boot=n_boot, seed=seed)
 
 
-def baseline_stage(data: Path, out: Path, *, tasks: list[str] | None = None, n_boot: int = 1000, seed: int = 0,
-                   name: str = "xgboost", train_fraction: float = 1.0) -> dict:
+def baseline_stage(
+    data: Path,
+    out: Path,
+    *,
+    tasks: list[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    name: str = "xgboost",
+    train_fraction: float = 1.0,
+) -> dict:
     from .finetune.baselines import run_baseline
     from .finetune.evaluate import load_metrics
 
@@ -174,7 +223,9 @@ def results_table(results: dict[str, dict], tasks: list[str]) -> str:
             n = entry.get("n", {}).get("value")
             prevalence = entry.get("prevalence", {}).get("value")
             count = "n/a" if n is None else f"{int(n)} ({round(n * prevalence) if prevalence is not None else '?'})"
-            lines.append(f"| {task} | {model} | {count} | " + " | ".join(cell(metrics, task, m) for m in METRICS) + " |")
+            lines.append(
+                f"| {task} | {model} | {count} | " + " | ".join(cell(metrics, task, m) for m in METRICS) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 """Seeded determinism: one seed flows from the config into every random source."""
+
 from __future__ import annotations
 
 import hashlib

@@ -19,6 +19,7 @@ same epochs, learning rate and seed) for the pretrained and the from-scratch mod
 patients is drawn once per fraction (seeded) and shared by the three models; a task that a fraction leaves
 with one class in training is dropped from that cell and listed under the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,15 +53,26 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, *, steps: int) -> None:
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="pretraining peak learning rate (default 3e-3)")
-    p.add_argument("--pretrain-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="PretrainConfig override for every pretraining run, repeatable (e.g. optim.warmup_fraction=0.05)")
+    p.add_argument(
+        "--pretrain-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="PretrainConfig override for every pretraining run, repeatable (e.g. optim.warmup_fraction=0.05)",
+    )
 
 
 def _spec(args: argparse.Namespace, architecture: str):
     from .pipeline import PretrainSpec
 
-    return PretrainSpec(architecture=architecture, size=args.size, steps=args.steps, context_length=args.context_length,
-                        batch_size=args.batch_size, overrides=[f"optim.lr={args.lr}", *args.pretrain_option])
+    return PretrainSpec(
+        architecture=architecture,
+        size=args.size,
+        steps=args.steps,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        overrides=[f"optim.lr={args.lr}", *args.pretrain_option],
+    )
 
 
 # -- convergence ------------------------------------------------------------------------------------------
@@ -74,14 +86,21 @@ def convergence_rows(runs: dict[str, Path]) -> list[dict]:
         if not records:
             continue
         last = records[-1]
-        rows.append({
-            "run": label, "steps": last["step"], "val_ppl": last["val_ppl"],
-            "best_val_ppl": min(r["val_ppl"] for r in records), "val_code_ppl": last.get("val_code_ppl"),
-            "ref_unigram_ppl": last.get("ref_unigram_ppl"), "ref_bigram_ppl": last.get("ref_bigram_ppl"),
-            "ref_code_unigram_ppl": last.get("ref_code_unigram_ppl"), "ref_code_bigram_ppl": last.get("ref_code_bigram_ppl"),
-            "first_step_below_bigram": crossing_step(records),
-            "seconds": _run_seconds(run),
-        })
+        rows.append(
+            {
+                "run": label,
+                "steps": last["step"],
+                "val_ppl": last["val_ppl"],
+                "best_val_ppl": min(r["val_ppl"] for r in records),
+                "val_code_ppl": last.get("val_code_ppl"),
+                "ref_unigram_ppl": last.get("ref_unigram_ppl"),
+                "ref_bigram_ppl": last.get("ref_bigram_ppl"),
+                "ref_code_unigram_ppl": last.get("ref_code_unigram_ppl"),
+                "ref_code_bigram_ppl": last.get("ref_code_bigram_ppl"),
+                "first_step_below_bigram": crossing_step(records),
+                "seconds": _run_seconds(run),
+            }
+        )
     return rows
 
 
@@ -97,15 +116,19 @@ def _num(value, digits: int = 2) -> str:
 
 
 def convergence_table(rows: list[dict]) -> str:
-    lines = ["| run | steps | val ppl (last) | best | codes: val ppl | unigram | bigram | codes: unigram | codes: bigram "
-             "| first step below bigram | train s |", "|---|" + "---|" * 10]
+    lines = [
+        "| run | steps | val ppl (last) | best | codes: val ppl | unigram | bigram | codes: unigram | codes: bigram "
+        "| first step below bigram | train s |",
+        "|---|" + "---|" * 10,
+    ]
     for r in rows:
         crossed = r["first_step_below_bigram"]
         crossed = crossed if crossed is not None else ("never" if r["ref_bigram_ppl"] is not None else "-")
         lines.append(
             f"| {r['run']} | {r['steps']} | {_num(r['val_ppl'])} | {_num(r['best_val_ppl'])} | {_num(r['val_code_ppl'])} "
             f"| {_num(r['ref_unigram_ppl'])} | {_num(r['ref_bigram_ppl'])} | {_num(r['ref_code_unigram_ppl'])} "
-            f"| {_num(r['ref_code_bigram_ppl'])} | {crossed} | {_num(r['seconds'], 0)} |")
+            f"| {_num(r['ref_code_bigram_ppl'])} | {crossed} | {_num(r['seconds'], 0)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -128,8 +151,9 @@ def run_convergence(args: argparse.Namespace) -> int:
         pretrain_stage(args.data, run, _spec(args, arch), quiet=True)
         runs[f"{arch}-{args.size}"] = run
     rows = convergence_rows(runs)
-    recipe = (f"{args.size}, {args.steps} steps of {args.batch_size} x {args.context_length} tokens, lr {args.lr}"
-              + (", " + ", ".join(args.pretrain_option) if args.pretrain_option else ""))
+    recipe = f"{args.size}, {args.steps} steps of {args.batch_size} x {args.context_length} tokens, lr {args.lr}" + (
+        ", " + ", ".join(args.pretrain_option) if args.pretrain_option else ""
+    )
     table = f"# ehrfm convergence study\n\ndata {args.data}; recipe: {recipe}\n\n" + convergence_table(rows)
     write_text_atomic(out / "convergence.md", table)
     write_json_atomic(out / "convergence.json", {"recipe": recipe, "rows": rows})
@@ -151,19 +175,27 @@ def benefit_table(records: list[dict], tasks: list[str]) -> str:
     fractions = sorted({r["fraction"] for r in records})
     lines = []
     for metric in METRICS:
-        lines += [f"## {metric.upper()}", "", "| task | fraction | train patients | " + " | ".join(MODELS) + " |",
-                  "|---|---|---|" + "---|" * len(MODELS)]
+        lines += [
+            f"## {metric.upper()}",
+            "",
+            "| task | fraction | train patients | " + " | ".join(MODELS) + " |",
+            "|---|---|---|" + "---|" * len(MODELS),
+        ]
         for task in tasks:
             for fraction in fractions:
                 by_model = {r["model"]: r for r in records if r["fraction"] == fraction}
                 patients = next((r.get("train_patients") for r in by_model.values() if r.get("train_patients")), None)
-                cells = [format_metric(by_model[m]["tasks"].get(task, {}).get(metric)) if m in by_model else "-"
-                         for m in MODELS]
+                cells = [
+                    format_metric(by_model[m]["tasks"].get(task, {}).get(metric)) if m in by_model else "-"
+                    for m in MODELS
+                ]
                 lines.append(f"| {task} | {round(fraction * 100)}% | {patients or '-'} | " + " | ".join(cells) + " |")
         lines.append("")
     dropped = [(r["cell"], reason) for r in records for reason in r.get("skipped_tasks", {}).values()]
     if dropped:
-        lines += ["tasks dropped from a cell (one class in training):", ""] + [f"- {c}: {why}" for c, why in dropped] + [""]
+        lines += (
+            ["tasks dropped from a cell (one class in training):", ""] + [f"- {c}: {why}" for c, why in dropped] + [""]
+        )
     return "\n".join(lines)
 
 
@@ -192,7 +224,9 @@ def benefit_plots(records: list[dict], tasks: list[str], folder: Path) -> list[P
                 xs, ys = [p[0] for p in points], [p[1] for p in points]
                 line = ax.plot(xs, ys, marker="o", label=model)[0]
                 if all(p[2] is not None and p[3] is not None for p in points):
-                    ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.15)
+                    ax.fill_between(
+                        xs, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.15
+                    )
             if metric == "auroc":
                 ax.axhline(0.5, color="0.5", linewidth=0.8, linestyle=":")
             ax.set_xscale("log")
@@ -226,8 +260,15 @@ def run_benefit(args: argparse.Namespace) -> int:
     from .data_shards.synthea import generate_cohort
     from .outputs import claim_run_dir, write_text_atomic
     from .pipeline import (
-        StageTimer, append_cell_result, baseline_stage, dropping_one_class_tasks, evaluate_stage, export_stage,
-        finetune_stage, load_cell_results, pretrain_stage,
+        StageTimer,
+        append_cell_result,
+        baseline_stage,
+        dropping_one_class_tasks,
+        evaluate_stage,
+        export_stage,
+        finetune_stage,
+        load_cell_results,
+        pretrain_stage,
     )
 
     started = time.time()
@@ -268,35 +309,66 @@ def run_benefit(args: argparse.Namespace) -> int:
         cell, skipped = out / "cells" / key, {}
         if model == "xgboost":
             metrics, skipped = dropping_one_class_tasks(
-                lambda kept: baseline_stage(data, cell / "eval", tasks=kept, n_boot=args.bootstrap,
-                                            seed=args.finetune_seed, train_fraction=fraction), tasks, key)
+                lambda kept: baseline_stage(
+                    data,
+                    cell / "eval",
+                    tasks=kept,
+                    n_boot=args.bootstrap,
+                    seed=args.finetune_seed,
+                    train_fraction=fraction,
+                ),
+                tasks,
+                key,
+            )
         else:
             ft, skipped = dropping_one_class_tasks(
                 lambda kept: finetune_stage(
-                    hf, data, cell / "finetune", method="mpf", tasks=kept, epochs=args.epochs,
-                    context_length=args.context_length, learning_rate=args.finetune_lr, train_fraction=fraction,
-                    seed=args.finetune_seed, init="pretrained" if model == "pretrained" else "random"), tasks, key)
+                    hf,
+                    data,
+                    cell / "finetune",
+                    method="mpf",
+                    tasks=kept,
+                    epochs=args.epochs,
+                    context_length=args.context_length,
+                    learning_rate=args.finetune_lr,
+                    train_fraction=fraction,
+                    seed=args.finetune_seed,
+                    init="pretrained" if model == "pretrained" else "random",
+                ),
+                tasks,
+                key,
+            )
             metrics = evaluate_stage(ft, data, cell / "eval", n_boot=args.bootstrap)
-        record = {"cell": key, "model": model, "fraction": fraction, "tasks": metrics["tasks"], "skipped_tasks": skipped,
-                  "train_patients": _train_patients(data, tasks, fraction, args.finetune_seed)}
+        record = {
+            "cell": key,
+            "model": model,
+            "fraction": fraction,
+            "tasks": metrics["tasks"],
+            "skipped_tasks": skipped,
+            "train_patients": _train_patients(data, tasks, fraction, args.finetune_seed),
+        }
         append_cell_result(results_path, record)
         done[key] = record
     timer.stop()
 
     records = [done[cell_key(m, f)] for m, f in cells]
     pretraining = _pretraining_line(run)
-    header = (f"# ehrfm study: pretraining benefit\n\n{manifest['counts']['patients_total']} patients "
-              f"({manifest['counts']['patients'].get('finetune', '?')} in the finetune split, "
-              f"{manifest['counts']['patients'].get('test', '?')} in test); {args.model}-{args.size} pretrained "
-              f"{args.steps} steps ({pretraining}; count models in brackets); MPF finetuning {args.epochs} epochs at lr {args.finetune_lr}; "
-              f"95% CIs from {args.bootstrap} patient-level bootstrap resamples of the test split\n\n")
+    header = (
+        f"# ehrfm study: pretraining benefit\n\n{manifest['counts']['patients_total']} patients "
+        f"({manifest['counts']['patients'].get('finetune', '?')} in the finetune split, "
+        f"{manifest['counts']['patients'].get('test', '?')} in test); {args.model}-{args.size} pretrained "
+        f"{args.steps} steps ({pretraining}; count models in brackets); MPF finetuning {args.epochs} epochs at lr {args.finetune_lr}; "
+        f"95% CIs from {args.bootstrap} patient-level bootstrap resamples of the test split\n\n"
+    )
     table = header + benefit_table(records, tasks)
     write_text_atomic(out / "pretraining_benefit.md", table)
     plots = benefit_plots(records, tasks, out)
     print()
     print(table)
-    print(f"table {out / 'pretraining_benefit.md'}; plots {', '.join(str(p) for p in plots)} "
-          f"({time.time() - started:.0f} s; stages {json.dumps(timer.seconds)})")
+    print(
+        f"table {out / 'pretraining_benefit.md'}; plots {', '.join(str(p) for p in plots)} "
+        f"({time.time() - started:.0f} s; stages {json.dumps(timer.seconds)})"
+    )
     return 0
 
 
@@ -309,8 +381,12 @@ def _pretraining_line(run: Path) -> str:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("study", help="measured studies: convergence of the backbones, pretraining benefit",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "study",
+        help="measured studies: convergence of the backbones, pretraining benefit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     studies = p.add_subparsers(dest="study", required=True)
 
     c = studies.add_parser("convergence", help="pretrain several backbones with one recipe; curves vs references")
@@ -320,7 +396,9 @@ def add_parser(subparsers) -> None:
     _add_recipe_arguments(c, steps=400)
     c.set_defaults(func=run_convergence)
 
-    b = studies.add_parser("pretraining-benefit", help="pretrained vs from scratch vs XGBoost at 10-100%% of the patients")
+    b = studies.add_parser(
+        "pretraining-benefit", help="pretrained vs from scratch vs XGBoost at 10-100%% of the patients"
+    )
     b.add_argument("--input", type=Path, default=None, help="MEDS folder or FHIR bundles (default: a Synthea cohort)")
     b.add_argument("--format", choices=["meds", "fhir"], default="fhir")
     b.add_argument("--task-sets", default="demo", help="task configs for prepare with --input (default: demo)")
@@ -332,7 +410,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--tasks", default=",".join(STUDY_TASKS))
     b.add_argument("--fractions", type=_floats, default=FRACTIONS, help="comma-separated (default 0.1,0.25,0.5,1)")
     b.add_argument("--epochs", type=int, default=3, help="finetuning epochs (default 3)")
-    b.add_argument("--finetune-lr", type=float, default=1e-3, help="finetuning learning rate (default 1e-3, as the demo)")
+    b.add_argument(
+        "--finetune-lr", type=float, default=1e-3, help="finetuning learning rate (default 1e-3, as the demo)"
+    )
     b.add_argument("--finetune-seed", type=int, default=42, help="seed of finetuning and of the patient subsample")
     b.add_argument("--bootstrap", type=int, default=1000)
     b.add_argument("--prepare-option", action="append", default=[], metavar="KEY=VALUE")

@@ -19,6 +19,7 @@ position ever sees the future) and "symmetric" -- the paper's operator -- for bi
 ``sigma_norm="paper"``; ``detach_sigma=True``; ``mode="rna"`` gives the paper's noise-only ablation. Attention
 dropout is not applied on top of ANAA. Mamba / Mamba2 backbones have no attention and are refused.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,9 +51,14 @@ def _is_mamba(model) -> bool:
 
 
 def _attention_modules(model):
-    return [m for m in model.modules()
-            if type(m).__name__.endswith("Attention") and hasattr(m, "is_causal") and hasattr(m, "config")
-            and not getattr(m, "is_cross_attention", False)]
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention")
+        and hasattr(m, "is_causal")
+        and hasattr(m, "config")
+        and not getattr(m, "is_cross_attention", False)
+    ]
 
 
 def _docs_from_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -61,8 +67,9 @@ def _docs_from_4d(mask: torch.Tensor) -> torch.Tensor:
     if allowed.shape[-1] != allowed.shape[-2]:
         raise ValueError("ANAA needs square self-attention masks (no KV cache)")
     valid = torch.diagonal(allowed, dim1=-2, dim2=-1)
-    prev_link = torch.diagonal(allowed, offset=-1, dim1=-2, dim2=-1) | torch.diagonal(allowed, offset=1, dim1=-2,
-                                                                                        dim2=-1)
+    prev_link = torch.diagonal(allowed, offset=-1, dim1=-2, dim2=-1) | torch.diagonal(
+        allowed, offset=1, dim1=-2, dim2=-1
+    )
     start = valid.clone()
     start[:, 1:] = valid[:, 1:] & ~(prev_link & valid[:, :-1])
     return torch.cumsum(start.long(), dim=1) * valid
@@ -73,8 +80,10 @@ def anaa_attention_forward(module, query, key, value, attention_mask, scaling=No
     state: _State | None = getattr(module, "_ehrfm_anaa", None)
     if state is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     from transformers.integrations.sdpa_attention import repeat_kv
 
     from ehrfm.kernels import anaa_attention
@@ -90,10 +99,21 @@ def anaa_attention_forward(module, query, key, value, attention_mask, scaling=No
     cfg = state.cfg
     variant = cfg.variant or ("causal" if getattr(module, "is_causal", False) else "symmetric")
     if scaling is not None:
-        query = query * (scaling * d ** 0.5)  # anaa_attention scales scores by 1/sqrt(d)
-    out = anaa_attention(query, key, value, sigma_eh=cfg.sigma_eh, variant=variant, training=module.training,
-                         document_ids=doc, sigma_norm=cfg.sigma_norm, detach_sigma=cfg.detach_sigma,
-                         impl=cfg.impl, mode=cfg.mode, kernel_size=cfg.kernel_size)
+        query = query * (scaling * d**0.5)  # anaa_attention scales scores by 1/sqrt(d)
+    out = anaa_attention(
+        query,
+        key,
+        value,
+        sigma_eh=cfg.sigma_eh,
+        variant=variant,
+        training=module.training,
+        document_ids=doc,
+        sigma_norm=cfg.sigma_norm,
+        detach_sigma=cfg.detach_sigma,
+        impl=cfg.impl,
+        mode=cfg.mode,
+        kernel_size=cfg.kernel_size,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -130,8 +150,10 @@ def enable_anaa(model, cfg: ANAAConfig | None = None) -> ANAAHandle:
     if _is_mamba(model):
         from .data import FinetuneInputError
 
-        raise FinetuneInputError("ANAA (--anaa) perturbs self-attention weights, but this is a Mamba/Mamba2 backbone "
-                         "which has no attention; finetune it without --anaa (use a Llama or BERT backbone for ANAA).")
+        raise FinetuneInputError(
+            "ANAA (--anaa) perturbs self-attention weights, but this is a Mamba/Mamba2 backbone "
+            "which has no attention; finetune it without --anaa (use a Llama or BERT backbone for ANAA)."
+        )
     modules = _attention_modules(model)
     if any(hasattr(m, "_ehrfm_anaa") for m in modules):
         raise ValueError("ANAA is already enabled on this model (call handle.remove() first)")
@@ -155,8 +177,10 @@ def enable_anaa(model, cfg: ANAAConfig | None = None) -> ANAAHandle:
     def release(_mod, args, kwargs, output):
         state.doc = None
 
-    hooks = [model.register_forward_pre_hook(capture, with_kwargs=True),
-             model.register_forward_hook(release, with_kwargs=True)]
+    hooks = [
+        model.register_forward_pre_hook(capture, with_kwargs=True),
+        model.register_forward_hook(release, with_kwargs=True),
+    ]
     model.set_attn_implementation(ATTN_NAME)
     _log.info("ANAA enabled on %d attention modules: %s", len(modules), asdict(cfg))
     return ANAAHandle(model, previous, modules, hooks)
@@ -170,5 +194,3 @@ def anaa_finetuning(model, cfg: ANAAConfig | None = None):
         yield handle
     finally:
         handle.remove()
-
-

@@ -11,6 +11,7 @@ so any model built on ``AttentionInterface`` (HF Llama/BERT, the ehrfm backbones
 swapped in (the model's previous attention implementation is restored afterwards). Only entries a query may
 attend (same document, non-pad, causal where applicable) are counted.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ def _capture_forward(module, query, key, value, attention_mask, scaling=None, dr
     B, H, n, d = query.shape
     n_rep = H // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    s = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)
+    s = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else d**-0.5)
     if attention_mask is None:
         allowed = torch.ones(B, 1, n, key.shape[2], dtype=torch.bool, device=query.device)
         if getattr(module, "is_causal", False):
@@ -108,8 +109,8 @@ def collect(model, batches, num_layers: int | None = None) -> dict:
                     by_dist.setdefault(layer, {}).setdefault(int(delta), []).append(flat[dd == delta])
     model.train(was_training)
     return {
-        "scores": [[np.concatenate(scores[l][h]) for h in sorted(scores[l])] for l in sorted(scores)],
-        "by_distance": [{d: np.concatenate(v) for d, v in sorted(by_dist[l].items())} for l in sorted(by_dist)],
+        "scores": [[np.concatenate(scores[layer][h]) for h in sorted(scores[layer])] for layer in sorted(scores)],
+        "by_distance": [{d: np.concatenate(v) for d, v in sorted(by_dist[layer].items())} for layer in sorted(by_dist)],
     }
 
 
@@ -153,12 +154,12 @@ def save_diagnostics(model, batches, out_dir, *, label: str = "model", bins: int
     L, H = counts.shape[:2]
     fig, axes = plt.subplots(L, H, figsize=(2.2 * H, 1.8 * L), squeeze=False, sharex=True)
     centers = 0.5 * (edges[1:] + edges[:-1])
-    for l in range(L):
+    for layer in range(L):
         for h in range(H):
-            ax = axes[l][h]
-            ax.bar(centers, counts[l, h] / max(1, counts[l, h].sum()), width=edges[1] - edges[0])
+            ax = axes[layer][h]
+            ax.bar(centers, counts[layer, h] / max(1, counts[layer, h].sum()), width=edges[1] - edges[0])
             ax.set_yscale("log")
-            ax.set_title(f"layer {l} head {h}", fontsize=7)
+            ax.set_title(f"layer {layer} head {h}", fontsize=7)
             ax.tick_params(labelsize=6)
     fig.suptitle(f"{label}: attention scores, min-max scaled per head")
     fig.tight_layout()
@@ -167,8 +168,8 @@ def save_diagnostics(model, batches, out_dir, *, label: str = "model", bins: int
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for l, (ds, med) in enumerate(medians):
-        ax.plot(ds, med, label=f"layer {l}", lw=1)
+    for layer, (ds, med) in enumerate(medians):
+        ax.plot(ds, med, label=f"layer {layer}", lw=1)
     ax.set_xlabel("distance i - j (positive: earlier events)")
     ax.set_ylabel("median attention A_ij")
     ax.set_title(f"{label}: median attention vs distance")
@@ -177,12 +178,18 @@ def save_diagnostics(model, batches, out_dir, *, label: str = "model", bins: int
     dist_path = out / f"{label}_median_attention_vs_distance.png"
     fig.savefig(dist_path, dpi=110)
     plt.close(fig)
-    return {"histograms_png": str(hist_path), "distance_png": str(dist_path), "counts": counts, "edges": edges,
-            "medians": medians}
+    return {
+        "histograms_png": str(hist_path),
+        "distance_png": str(dist_path),
+        "counts": counts,
+        "edges": edges,
+        "medians": medians,
+    }
 
 
-def save_finetuned_diagnostics(ft_dir, data_dir, split: str, out_dir, *, examples: int = 32,
-                               tasks: list[str] | None = None, batch_size: int = 8) -> dict:
+def save_finetuned_diagnostics(
+    ft_dir, data_dir, split: str, out_dir, *, examples: int = 32, tasks: list[str] | None = None, batch_size: int = 8
+) -> dict:
     """Diagnostics of a finetuned model folder over the first ``examples`` task examples of ``split`` (inputs
     cut at their prediction times, as the model saw them). Mamba backbones have no attention: refused."""
     from ehrfm.data_shards.collate import assemble_rows

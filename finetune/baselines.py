@@ -11,9 +11,8 @@ Training uses the ``finetune`` split; scoring the requested split (default ``tes
 the format of ``ehrfm evaluate`` plus ``models/<task>.*``. Defaults: XGBoost as in 003 (100 trees, depth 6,
 learning rate 0.3), LightGBM's defaults, logistic regression on log1p counts scaled to [0, 1] (L2, C = 1).
 """
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import logging
 from pathlib import Path
@@ -50,8 +49,12 @@ def count_features(data_dir: Path, task: str, split: str, vocab_size: int) -> tu
             ages[i] = sample["ages"][visit][[0, -1]]
     shape = (len(examples), vocab_size)
     counts = sp.csr_matrix(
-        (np.concatenate(vals) if vals else [], (np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])),
-        shape=shape, dtype=np.float64,
+        (
+            np.concatenate(vals) if vals else [],
+            (np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else []),
+        ),
+        shape=shape,
+        dtype=np.float64,
     )
     return sp.hstack([counts, sp.csr_matrix(ages)]).tocsr(), examples.labels
 
@@ -62,10 +65,15 @@ def embedding_features(emb_dir: Path, task: str, split: str, labels: pl.DataFram
     if not path.exists():
         raise FileNotFoundError(f"{path}: no embeddings for task {task!r}, split {split!r}; run `ehrfm embed` first")
     frame = pl.read_parquet(path)
-    same = frame.height == labels.height and (frame["subject_id"] == labels["subject_id"]).all() and (
-        frame["prediction_time"] == labels["prediction_time"]).all()
+    same = (
+        frame.height == labels.height
+        and (frame["subject_id"] == labels["subject_id"]).all()
+        and (frame["prediction_time"] == labels["prediction_time"]).all()
+    )
     if not same:
-        raise FinetuneInputError(f"{path}: rows do not match the label file of task {task!r} ({split}); re-run `ehrfm embed`")
+        raise FinetuneInputError(
+            f"{path}: rows do not match the label file of task {task!r} ({split}); re-run `ehrfm embed`"
+        )
     return np.stack(frame["embedding"].to_list()).astype(np.float64)
 
 
@@ -82,7 +90,9 @@ def make_model(name: str, seed: int):
     if name == "xgboost":
         from xgboost import XGBClassifier
 
-        return XGBClassifier(n_estimators=100, max_depth=6, learning_rate=0.3, random_state=seed, n_jobs=1, tree_method="hist")
+        return XGBClassifier(
+            n_estimators=100, max_depth=6, learning_rate=0.3, random_state=seed, n_jobs=1, tree_method="hist"
+        )
     if name == "lightgbm":
         from lightgbm import LGBMClassifier
 
@@ -91,8 +101,12 @@ def make_model(name: str, seed: int):
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import FunctionTransformer, MaxAbsScaler
-        return make_pipeline(FunctionTransformer(log1p_no_nan, accept_sparse=True), MaxAbsScaler(),
-                             LogisticRegression(max_iter=2000, random_state=seed))
+
+        return make_pipeline(
+            FunctionTransformer(log1p_no_nan, accept_sparse=True),
+            MaxAbsScaler(),
+            LogisticRegression(max_iter=2000, random_state=seed),
+        )
     raise ValueError(f"unknown baseline model {name!r}; choose from {list(BASELINE_MODELS)}")
 
 
@@ -103,9 +117,19 @@ def _features(data_dir, task, split, vocab_size, emb_dir):
     return x, labels
 
 
-def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | None = None, split: str = "test",
-                 embeddings: Path | None = None, n_boot: int = 1000, seed: int = 0, overwrite: bool = False,
-                 train_fraction: float = 1.0) -> dict:
+def run_baseline(
+    name: str,
+    data_dir: Path,
+    out: Path,
+    *,
+    tasks: list[str] | None = None,
+    split: str = "test",
+    embeddings: Path | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+    train_fraction: float = 1.0,
+) -> dict:
     """Fit one model per task on the finetune split, score ``split``, write the evaluation folder ``out``
     (with ``models/<task>``), atomically and under the output rules of :mod:`ehrfm.outputs`.
 
@@ -127,8 +151,10 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
     check_label_counts(data_dir, tasks, (TRAIN_SPLIT,))
     keep = None
     if train_fraction < 1.0:
-        subjects = [TaskExamples(Path(data_dir), t, TRAIN_SPLIT, context_length=None).labels["subject_id"].to_numpy()
-                    for t in tasks]
+        subjects = [
+            TaskExamples(Path(data_dir), t, TRAIN_SPLIT, context_length=None).labels["subject_id"].to_numpy()
+            for t in tasks
+        ]
         keep = sample_subjects(subjects, train_fraction, derive_seed(seed, "train_fraction"))
     frames, fitted = [], {}
     for task in tasks:
@@ -137,14 +163,18 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
             rows = np.isin(y_train["subject_id"].to_numpy(), list(keep))
             x_train, y_train = x_train[np.nonzero(rows)[0]], y_train.filter(pl.Series(rows))
             if y_train["boolean_value"].n_unique() < 2:
-                raise FinetuneInputError(f"task {task!r}: train_fraction {train_fraction} leaves only one class in "
-                                         f"split {TRAIN_SPLIT!r}", task=task)
+                raise FinetuneInputError(
+                    f"task {task!r}: train_fraction {train_fraction} leaves only one class in split {TRAIN_SPLIT!r}",
+                    task=task,
+                )
         x_eval, labels = _features(data_dir, task, split, manifest["vocab_size"], embeddings)
         model = make_model(name, seed)
         model.fit(x_train, y_train["boolean_value"].to_numpy().astype(int))
         prob = model.predict_proba(x_eval)[:, 1] if labels.height else np.zeros(0)
         fitted[task] = model
-        frames.append(labels.with_columns(task=pl.lit(task), predicted_boolean_probability=pl.Series(prob, dtype=pl.Float64)))
+        frames.append(
+            labels.with_columns(task=pl.lit(task), predicted_boolean_probability=pl.Series(prob, dtype=pl.Float64))
+        )
         log.info("baseline %s, task %s: %d train rows, %d features", name, task, x_train.shape[0], x_train.shape[1])
     label = f"{name}{' + embeddings' if embeddings else ''} (counts + ages)"
 
@@ -153,10 +183,23 @@ def run_baseline(name: str, data_dir: Path, out: Path, *, tasks: list[str] | Non
             (folder / "models").mkdir(exist_ok=True)
             save_baseline_model(model, name, folder / "models" / task)
 
-    return write_evaluation(pl.concat(frames), out, model=label, split=split, n_boot=n_boot, seed=seed,
-                            extra={"method": f"baseline:{name}", "embeddings": str(embeddings) if embeddings else None,
-                                   "train_fraction": train_fraction},
-                            command="baseline", inputs=inputs, overwrite=overwrite, also=save_models)
+    return write_evaluation(
+        pl.concat(frames),
+        out,
+        model=label,
+        split=split,
+        n_boot=n_boot,
+        seed=seed,
+        extra={
+            "method": f"baseline:{name}",
+            "embeddings": str(embeddings) if embeddings else None,
+            "train_fraction": train_fraction,
+        },
+        command="baseline",
+        inputs=inputs,
+        overwrite=overwrite,
+        also=save_models,
+    )
 
 
 def save_baseline_model(model, name: str, stem: Path) -> Path:
@@ -175,15 +218,27 @@ def save_baseline_model(model, name: str, stem: Path) -> Path:
     else:
         scaler, clf = model[-2], model[-1]
         path = stem.with_suffix(".logreg.json")
-        write_json_atomic(path, {
-            "features": "log1p(counts) then divided by max_abs", "max_abs": scaler.max_abs_.tolist(),
-            "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist(),
-        })
+        write_json_atomic(
+            path,
+            {
+                "features": "log1p(counts) then divided by max_abs",
+                "max_abs": scaler.max_abs_.tolist(),
+                "coef": clf.coef_.tolist(),
+                "intercept": clf.intercept_.tolist(),
+            },
+        )
     return path
 
 
-def export_embeddings(ft_dir: Path, data_dir: Path, out: Path, splits: tuple[str, ...] = ("finetune", "finetune_val", "test"),
-                      batch_size: int = 64, *, overwrite: bool = False) -> list[Path]:
+def export_embeddings(
+    ft_dir: Path,
+    data_dir: Path,
+    out: Path,
+    splits: tuple[str, ...] = ("finetune", "finetune_val", "test"),
+    batch_size: int = 64,
+    *,
+    overwrite: bool = False,
+) -> list[Path]:
     """Write ``out/<task>/<split>.parquet`` (subject_id, prediction_time, boolean_value, embedding, layer_weights):
     the ALF output (ALFIA models) or the pooled last hidden state (per-task / MPF), L2-normalised (002 Alg. 2)."""
     from ehrfm.devices import compute_device
@@ -197,13 +252,16 @@ def export_embeddings(ft_dir: Path, data_dir: Path, out: Path, splits: tuple[str
     model, meta = load_finetuned(ft_dir)
     model.to(compute_device())
     check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
-    with atomic_output(Path(out), "embed", inputs=[ft_dir, data_dir, meta.get("base_model")],
-                       overwrite=overwrite) as tmp:
+    with atomic_output(
+        Path(out), "embed", inputs=[ft_dir, data_dir, meta.get("base_model")], overwrite=overwrite
+    ) as tmp:
         written = _write_embeddings(tmp, model, meta, data_dir, splits, batch_size)
     return [Path(out) / path.relative_to(tmp) for path in written]
 
 
-def _write_embeddings(tmp: Path, model, meta: dict, data_dir: Path, splits: tuple[str, ...], batch_size: int) -> list[Path]:
+def _write_embeddings(
+    tmp: Path, model, meta: dict, data_dir: Path, splits: tuple[str, ...], batch_size: int
+) -> list[Path]:
     from .data import FinetuneDataset
     from .train import predict
 
@@ -217,8 +275,9 @@ def _write_embeddings(tmp: Path, model, meta: dict, data_dir: Path, splits: tupl
         emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
         frame = frame.with_columns(embedding=pl.Series(emb.astype(np.float32).tolist(), dtype=pl.List(pl.Float32)))
         if pred["layer_weights"] is not None:
-            frame = frame.with_columns(layer_weights=pl.Series(pred["layer_weights"].astype(np.float32).tolist(),
-                                                               dtype=pl.List(pl.Float32)))
+            frame = frame.with_columns(
+                layer_weights=pl.Series(pred["layer_weights"].astype(np.float32).tolist(), dtype=pl.List(pl.Float32))
+            )
         for task in meta["tasks"]:
             path = tmp / task / f"{split}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)

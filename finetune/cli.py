@@ -1,22 +1,27 @@
 """`ehrfm finetune`, `ehrfm evaluate`, `ehrfm baseline`, `ehrfm embed`.
 
-    ehrfm finetune --model HFDIR --data DIR --out FT --method per-task|mpf|alfia [--lora] [--freeze]
-                   [--tasks a,b] [--train-fraction 0.1] [--anaa] [--neftune-alpha 5] [key=value ...]
-    ehrfm evaluate --model FT --data DIR --split test --out EVAL
-    ehrfm baseline --model xgboost|lightgbm|logreg --data DIR --out EVAL [--embeddings EMB]
-    ehrfm embed    --model FT --data DIR --out EMB
+ehrfm finetune --model HFDIR --data DIR --out FT --method per-task|mpf|alfia [--lora] [--freeze]
+               [--tasks a,b] [--train-fraction 0.1] [--anaa] [--neftune-alpha 5] [key=value ...]
+ehrfm evaluate --model FT --data DIR --split test --out EVAL
+ehrfm baseline --model xgboost|lightgbm|logreg --data DIR --out EVAL [--embeddings EMB]
+ehrfm embed    --model FT --data DIR --out EMB
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-
 # earlier spellings kept beside the generated ``--section.field`` flags
 FINETUNE_FLAG_ALIASES = {
-    "learning_rate": ["--lr"], "lora.enabled": ["--lora"], "lora.save": ["--lora-save"], "anaa.enabled": ["--anaa"],
-    "anaa.sigma_eh": ["--anaa-sigma-eh"], "anaa.variant": ["--anaa-variant"], "anaa.mode": ["--anaa-mode"],
+    "learning_rate": ["--lr"],
+    "lora.enabled": ["--lora"],
+    "lora.save": ["--lora-save"],
+    "anaa.enabled": ["--anaa"],
+    "anaa.sigma_eh": ["--anaa-sigma-eh"],
+    "anaa.variant": ["--anaa-variant"],
+    "anaa.mode": ["--anaa-mode"],
     "anaa.sigma_norm": ["--anaa-sigma-norm"],
 }
 
@@ -31,15 +36,21 @@ def add_parser(subparsers) -> None:
 
     from .config import FinetuneConfig
 
-    p = subparsers.add_parser("finetune", help="finetune an exported model on prepared tasks",
-                              description="Finetune an `ehrfm export` folder on the tasks of a prepared data folder.")
+    p = subparsers.add_parser(
+        "finetune",
+        help="finetune an exported model on prepared tasks",
+        description="Finetune an `ehrfm export` folder on the tasks of a prepared data folder.",
+    )
     p.add_argument("--model", required=True, type=Path, help="exported model folder (ehrfm_export.json)")
     p.add_argument("--data", required=True, type=Path, help="prepared data folder (manifest.json)")
     p.add_argument("--out", required=True, type=Path, help="finetuned model folder to write")
     p.add_argument("--config", type=Path, help="YAML FinetuneConfig (flags and key=value override it)")
     add_overwrite_argument(p)
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. alfia.gating=false); they win "
-                                                "over flags, which win over --config")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides key=value (e.g. alfia.gating=false); they win over flags, which win over --config",
+    )
     add_config_arguments(p, FinetuneConfig, aliases=FINETUNE_FLAG_ALIASES)
     p.set_defaults(func=run_finetune)
 
@@ -51,8 +62,13 @@ def add_parser(subparsers) -> None:
     e.add_argument("--tasks", help="comma-separated subset of the model's tasks")
     e.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples (default 1000)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--attention-plots", type=int, default=0, metavar="N",
-                   help="also save 000 5.8 attention diagnostics (PNG) over N examples (attention backbones)")
+    e.add_argument(
+        "--attention-plots",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also save 000 5.8 attention diagnostics (PNG) over N examples (attention backbones)",
+    )
     add_overwrite_argument(e)
     e.set_defaults(func=run_evaluate)
 
@@ -65,9 +81,13 @@ def add_parser(subparsers) -> None:
     b.add_argument("--embeddings", type=Path, help="ehrfm embed output: ALFIA-boost features [embeddings + counts]")
     b.add_argument("--bootstrap", type=int, default=1000)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--train-fraction", type=float, default=1.0,
-                   help="train on this fraction of the finetune split's patients: the same patients as "
-                        "`ehrfm finetune --train-fraction F --seed S` with the same --tasks and --seed")
+    b.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="train on this fraction of the finetune split's patients: the same patients as "
+        "`ehrfm finetune --train-fraction F --seed S` with the same --tasks and --seed",
+    )
     add_overwrite_argument(b)
     b.set_defaults(func=run_baseline)
 
@@ -96,22 +116,39 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .train import finetune
 
     cfg = build_config(args)
-    meta = finetune(args.model, args.data, args.out, cfg, anaa=cfg.anaa if cfg.anaa.enabled else None,
-                    overwrite=args.overwrite)
-    print(json.dumps({"out": str(args.out), "best_epoch": meta["best_epoch"], "best_val_auprc": meta["best_val_auprc"]}))
+    meta = finetune(
+        args.model, args.data, args.out, cfg, anaa=cfg.anaa if cfg.anaa.enabled else None, overwrite=args.overwrite
+    )
+    print(
+        json.dumps({"out": str(args.out), "best_epoch": meta["best_epoch"], "best_val_auprc": meta["best_val_auprc"]})
+    )
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    evaluate(args.model, args.data, args.split, args.out, tasks=_tasks(args.tasks), n_boot=args.bootstrap, seed=args.seed,
-             overwrite=args.overwrite)
+    evaluate(
+        args.model,
+        args.data,
+        args.split,
+        args.out,
+        tasks=_tasks(args.tasks),
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     if args.attention_plots:
         from .attention_diagnostics import save_finetuned_diagnostics
 
-        paths = save_finetuned_diagnostics(args.model, args.data, args.split, Path(args.out) / "attention",
-                                           examples=args.attention_plots, tasks=_tasks(args.tasks))
+        paths = save_finetuned_diagnostics(
+            args.model,
+            args.data,
+            args.split,
+            Path(args.out) / "attention",
+            examples=args.attention_plots,
+            tasks=_tasks(args.tasks),
+        )
         print(f"attention diagnostics: {paths['histograms_png']}, {paths['distance_png']}")
     print((Path(args.out) / "report.md").read_text())
     return 0
@@ -120,8 +157,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_baseline(args: argparse.Namespace) -> int:
     from .baselines import run_baseline as run
 
-    run(args.model, args.data, args.out, tasks=_tasks(args.tasks), split=args.split, embeddings=args.embeddings,
-        n_boot=args.bootstrap, seed=args.seed, overwrite=args.overwrite, train_fraction=args.train_fraction)
+    run(
+        args.model,
+        args.data,
+        args.out,
+        tasks=_tasks(args.tasks),
+        split=args.split,
+        embeddings=args.embeddings,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        train_fraction=args.train_fraction,
+    )
     print((Path(args.out) / "report.md").read_text())
     return 0
 

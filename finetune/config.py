@@ -4,6 +4,7 @@ Defaults follow 003 3.4 (AdamW, lr 5e-5, batch 32, 10 epochs, patience 2, dropou
 ALFIA / LoRA (N_f = 4 fused layers, LoRA r = 16, alpha = 16, dropout 0.05). The resolved config is written
 into every finetuned model folder (``finetune.yaml``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ class ANAAConfig:
     enabled: bool = False
     sigma_eh: float = 0.33  # event-horizon std of the smoothing kernel
     variant: Literal["causal", "symmetric"] | None = None  # None: causal for causal attention, symmetric otherwise
-    mode: Literal["anaa", "rna", "smooth"] = "anaa"  # rna: noise only (the paper's RNA ablation); smooth: smoothing only
+    mode: Literal["anaa", "rna", "smooth"] = (
+        "anaa"  # rna: noise only (the paper's RNA ablation); smooth: smoothing only
+    )
     sigma_norm: Literal["paper", "entries"] = "paper"
     detach_sigma: bool = True  # false: differentiate through sigma
     impl: Literal["auto", "reference", "factorized", "triton"] = "auto"
@@ -96,8 +99,10 @@ class FinetuneConfig:
             except ValueError:
                 raise ConfigError(f"pos_weight: 'none', 'auto' or a positive number, got {self.pos_weight!r}") from None
         if self.init == "random" and self.lora.enabled and self.lora.save == "adapter":
-            raise ConfigError("init=random with lora.save=adapter: an adapter is reloaded onto the pretrained weights; "
-                              "use lora.save=merged")
+            raise ConfigError(
+                "init=random with lora.save=adapter: an adapter is reloaded onto the pretrained weights; "
+                "use lora.save=merged"
+            )
         if self.lora.enabled and self.freeze:
             raise ConfigError("lora.enabled and freeze exclude each other (LoRA already freezes the base weights)")
         if self.neftune_alpha < 0:

@@ -18,6 +18,7 @@ The classifier reads the last task token (last non-pad position) for causal back
 for BERT. Task tokens come from the data manifest (``tasks.<name>.token``) and the vocabulary; a new task
 needs only a task config with a token when the data is prepared.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,16 @@ log = logging.getLogger("ehrfm.finetune")
 
 EXPORT_FILE = "ehrfm_export.json"
 TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT = "finetune", "finetune_val", "test"
-MODEL_KEYS = ("input_ids", "type_ids", "ages", "times", "visit_segments", "visit_orders", "position_ids", "attention_mask")
+MODEL_KEYS = (
+    "input_ids",
+    "type_ids",
+    "ages",
+    "times",
+    "visit_segments",
+    "visit_orders",
+    "position_ids",
+    "attention_mask",
+)
 
 
 class FinetuneInputError(EhrfmError, ValueError):
@@ -95,7 +105,9 @@ def resolve_tasks(manifest: dict, data_dir: Path, requested: list[str]) -> list[
     return tasks
 
 
-def check_label_counts(data_dir: Path, tasks: list[str], splits: tuple[str, ...]) -> dict[tuple[str, str], tuple[int, int]]:
+def check_label_counts(
+    data_dir: Path, tasks: list[str], splits: tuple[str, ...]
+) -> dict[tuple[str, str], tuple[int, int]]:
     """(rows, positives) per (task, split) from the label files; zero positives or negatives is an error."""
     counts = {}
     for task in tasks:
@@ -106,11 +118,13 @@ def check_label_counts(data_dir: Path, tasks: list[str], splits: tuple[str, ...]
             y = pl.read_parquet(path, columns=["boolean_value"])["boolean_value"]
             rows, pos = y.len(), int(y.sum() or 0)
             if pos == 0:
-                raise FinetuneInputError(f"task {task!r}: zero positive labels in split {split!r} ({path}, {rows} rows)",
-                                         task=task)
+                raise FinetuneInputError(
+                    f"task {task!r}: zero positive labels in split {split!r} ({path}, {rows} rows)", task=task
+                )
             if pos == rows:
-                raise FinetuneInputError(f"task {task!r}: zero negative labels in split {split!r} ({path}, {rows} rows)",
-                                         task=task)
+                raise FinetuneInputError(
+                    f"task {task!r}: zero negative labels in split {split!r} ({path}, {rows} rows)", task=task
+                )
             counts[(task, split)] = (rows, pos)
     return counts
 
@@ -122,7 +136,9 @@ def task_token_ids(data_dir: Path, manifest: dict, tasks: list[str]) -> dict[str
     for task in tasks:
         token = manifest["tasks"][task].get("token")
         if not token:
-            raise FinetuneInputError(f"task {task!r} has no task token in {Path(data_dir) / 'manifest.json'}; MPF needs one")
+            raise FinetuneInputError(
+                f"task {task!r} has no task token in {Path(data_dir) / 'manifest.json'}; MPF needs one"
+            )
         if token not in vocab.ids:
             raise FinetuneInputError(f"task token {token!r} of task {task!r} is not in {Path(data_dir) / 'tokenizer'}")
         ids[task] = vocab.ids[token]
@@ -131,9 +147,12 @@ def task_token_ids(data_dir: Path, manifest: dict, tasks: list[str]) -> dict[str
 
 def _empty_sample() -> dict:
     return {
-        "input_ids": np.array([PAD_ID], dtype=np.int64), "type_ids": np.array([int(TokenType.CLS)], dtype=np.int64),
-        "ages": np.zeros(1, np.float32), "times": np.zeros(1, np.float32),
-        "visit_segments": np.zeros(1, np.int64), "visit_orders": np.zeros(1, np.int64),
+        "input_ids": np.array([PAD_ID], dtype=np.int64),
+        "type_ids": np.array([int(TokenType.CLS)], dtype=np.int64),
+        "ages": np.zeros(1, np.float32),
+        "times": np.zeros(1, np.float32),
+        "visit_segments": np.zeros(1, np.int64),
+        "visit_orders": np.zeros(1, np.int64),
         "event_time_s": np.zeros(1, np.int64),
     }
 
@@ -189,8 +208,14 @@ class FinetuneDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, data_dir: Path, tasks: list[str], split: str, context_length: int,
-        mpf_token_ids: dict[str, int] | None = None, train_fraction: float = 1.0, seed: int = 0,
+        self,
+        data_dir: Path,
+        tasks: list[str],
+        split: str,
+        context_length: int,
+        mpf_token_ids: dict[str, int] | None = None,
+        train_fraction: float = 1.0,
+        seed: int = 0,
     ) -> None:
         self.tasks = list(tasks)
         self.split = split
@@ -201,7 +226,9 @@ class FinetuneDataset(torch.utils.data.Dataset):
         self.sources = [TaskExamples(Path(data_dir), t, split, cut_length) for t in self.tasks]
         keep_subjects = None
         if train_fraction < 1.0:
-            keep_subjects = sample_subjects([s.labels["subject_id"].to_numpy() for s in self.sources], train_fraction, seed)
+            keep_subjects = sample_subjects(
+                [s.labels["subject_id"].to_numpy() for s in self.sources], train_fraction, seed
+            )
         self.items: list[Example] = []
         for t, source in enumerate(self.sources):
             sids = source.labels["subject_id"].to_numpy()
@@ -224,8 +251,12 @@ class FinetuneDataset(torch.utils.data.Dataset):
         parts = []
         for t, source in enumerate(self.sources):
             rows = [e.row for e in self.items if e.task_index == t]
-            parts.append(source.labels[rows].with_columns(task=pl.lit(self.tasks[t]), _item=pl.Series(
-                [i for i, e in enumerate(self.items) if e.task_index == t], dtype=pl.Int64)))
+            parts.append(
+                source.labels[rows].with_columns(
+                    task=pl.lit(self.tasks[t]),
+                    _item=pl.Series([i for i, e in enumerate(self.items) if e.task_index == t], dtype=pl.Int64),
+                )
+            )
         return pl.concat(parts).sort("_item").drop("_item")
 
     def __getitem__(self, i: int) -> tuple[dict, bool, int]:

@@ -9,6 +9,7 @@ Output folder (shared with `ehrfm baseline`):
                                   0.5 when undefined), predicted_boolean_probability
     <task>/roc.png, pr.png, calibration.png
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,17 @@ from .data import FinetuneDataset, FinetuneInputError, check_vocabulary, resolve
 from .metrics import bootstrap_metrics
 
 log = logging.getLogger("ehrfm.finetune")
-REPORT_METRICS = ("auprc", "auroc", "brier", "best_f1", "best_f1_threshold", "best_f2", "best_f2_threshold", "prevalence", "n")
+REPORT_METRICS = (
+    "auprc",
+    "auroc",
+    "brier",
+    "best_f1",
+    "best_f1_threshold",
+    "best_f2",
+    "best_f2_threshold",
+    "prevalence",
+    "n",
+)
 
 
 def _plots(y: np.ndarray, p: np.ndarray, folder: Path, title: str) -> None:
@@ -49,7 +60,9 @@ def _plots(y: np.ndarray, p: np.ndarray, folder: Path, title: str) -> None:
         "calibration": (mean_pred, frac_pos, "mean predicted probability", "observed frequency", ([0, 1], [0, 1])),
     }.items():
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot(xs, ys, marker="o" if name == "calibration" else None, drawstyle="steps-post" if name == "pr" else "default")
+        ax.plot(
+            xs, ys, marker="o" if name == "calibration" else None, drawstyle="steps-post" if name == "pr" else "default"
+        )
         ax.plot(*ref, linestyle="--", color="grey")
         ax.set(xlabel=xl, ylabel=yl, title=f"{title} {name}", xlim=(0, 1), ylim=(0, 1.02))
         fig.tight_layout()
@@ -83,9 +96,20 @@ def _clean(obj):
     return obj
 
 
-def write_evaluation(frame: pl.DataFrame, out: Path, *, model: str, split: str, n_boot: int = 1000, seed: int = 0,
-                     extra: dict | None = None, command: str = "evaluate", inputs: list | None = None,
-                     overwrite: bool = False, also=None) -> dict:
+def write_evaluation(
+    frame: pl.DataFrame,
+    out: Path,
+    *,
+    model: str,
+    split: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    extra: dict | None = None,
+    command: str = "evaluate",
+    inputs: list | None = None,
+    overwrite: bool = False,
+    also=None,
+) -> dict:
     """Score ``frame`` (subject_id, prediction_time, boolean_value, predicted_boolean_probability, task) into
     ``out`` (see the module docstring), atomically (temp folder renamed at the end; an existing ``out`` is
     replaced only under the rules of :mod:`ehrfm.outputs`, as an output of ``command``; ``also(folder)`` may
@@ -99,8 +123,9 @@ def write_evaluation(frame: pl.DataFrame, out: Path, *, model: str, split: str, 
     return metrics
 
 
-def _write_evaluation_into(tmp: Path, frame: pl.DataFrame, *, model: str, split: str, n_boot: int, seed: int,
-                           extra: dict | None) -> dict:
+def _write_evaluation_into(
+    tmp: Path, frame: pl.DataFrame, *, model: str, split: str, n_boot: int, seed: int, extra: dict | None
+) -> dict:
     results = {}
     for task in frame["task"].unique(maintain_order=True).to_list():
         part = frame.filter(pl.col("task") == task)
@@ -113,21 +138,34 @@ def _write_evaluation_into(tmp: Path, frame: pl.DataFrame, *, model: str, split:
         folder = tmp / task
         folder.mkdir()
         preds = part.select(
-            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
+            pl.col("subject_id").cast(pl.Int64),
+            pl.col("prediction_time").cast(pl.Datetime("us")),
             pl.col("boolean_value").cast(pl.Boolean),
             (pl.col("predicted_boolean_probability") >= threshold).alias("predicted_boolean_value"),
             pl.col("predicted_boolean_probability").cast(pl.Float64),
         )
         preds.write_parquet(folder / "predictions.parquet")
         _plots(y.astype(int), p, folder, task)
-    metrics = _clean({"model": model, "split": split, "n_bootstrap": n_boot, "seed": seed, **(extra or {}), "tasks": results})
+    metrics = _clean(
+        {"model": model, "split": split, "n_bootstrap": n_boot, "seed": seed, **(extra or {}), "tasks": results}
+    )
     write_json_atomic(tmp / "metrics.json", metrics)
     (tmp / "report.md").write_text(markdown_table(results, f"{model} on {split}"))
     return metrics
 
 
-def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list[str] | None = None,
-             n_boot: int = 1000, seed: int = 0, batch_size: int = 64, overwrite: bool = False) -> dict:
+def evaluate(
+    ft_dir: Path,
+    data_dir: Path,
+    split: str,
+    out: Path,
+    *,
+    tasks: list[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 64,
+    overwrite: bool = False,
+) -> dict:
     """Predict every label row of ``split`` with a finetuned model and write the evaluation folder."""
     from ehrfm.devices import compute_device, use_fast_attention
     from ehrfm.outputs import check_output_dir
@@ -162,8 +200,17 @@ def evaluate(ft_dir: Path, data_dir: Path, split: str, out: Path, *, tasks: list
             handle.remove()
     frame = dataset.label_frame().with_columns(predicted_boolean_probability=pl.Series(pred["probability"]))
     frame = frame.filter(pl.col("task").is_in(tasks))
-    metrics = write_evaluation(frame, out, model=str(ft_dir), split=split, n_boot=n_boot, seed=seed,
-                               extra={"method": meta["method"]}, inputs=inputs, overwrite=overwrite)
+    metrics = write_evaluation(
+        frame,
+        out,
+        model=str(ft_dir),
+        split=split,
+        n_boot=n_boot,
+        seed=seed,
+        extra={"method": meta["method"]},
+        inputs=inputs,
+        overwrite=overwrite,
+    )
     log.info("evaluated %s on %s/%s -> %s", ft_dir, data_dir, split, out)
     return metrics
 

@@ -4,6 +4,7 @@ Layer Fusion module (eqs. 2-14) and the Attentional Classifier Head (eqs. 15-19)
 Shapes: B batch, T tokens, H hidden size, N_f fused layers. Masks are (B, T) with 1 = real token.
 Every head returns one logit per row (binary tasks, BCE-with-logits).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ class AdaptiveLayerFusion(nn.Module):
     each with gating (eq. 7). Padding never influences any output (masked pooling, masked softmax).
     """
 
-    def __init__(self, hidden_size: int, num_layers: int, num_heads: int = 4, gating: bool = True, dropout: float = 0.1):
+    def __init__(
+        self, hidden_size: int, num_layers: int, num_heads: int = 4, gating: bool = True, dropout: float = 0.1
+    ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"ALF: hidden size {hidden_size} is not divisible by {num_heads} layer-attention heads")
@@ -104,7 +107,9 @@ class AttentionalClassifierHead(nn.Module):
         self.attn = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(hidden_size), nn.LayerNorm(hidden_size)
         self.ffn = nn.Sequential(
-            nn.Linear(hidden_size, ffn_mult * hidden_size), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden_size, ffn_mult * hidden_size),
+            nn.GELU(),
+            nn.Dropout(dropout),
             nn.Linear(ffn_mult * hidden_size, hidden_size),
         )
         self.dropout = nn.Dropout(dropout)
@@ -121,8 +126,15 @@ class AttentionalClassifierHead(nn.Module):
 class AlfiaHead(nn.Module):
     """ALF + ACH: (layers (B, N_f, T, H), mask (B, T)) -> (logits (B,), layer weights (B, N_f), ALF output (B, H))."""
 
-    def __init__(self, hidden_size: int, num_layers: int, layer_heads: int = 4, gating: bool = True,
-                 classifier_heads: int = 4, dropout: float = 0.1):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_layers: int,
+        layer_heads: int = 4,
+        gating: bool = True,
+        classifier_heads: int = 4,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.alf = AdaptiveLayerFusion(hidden_size, num_layers, layer_heads, gating, dropout)
         self.ach = AttentionalClassifierHead(hidden_size, classifier_heads, dropout)
@@ -130,4 +142,3 @@ class AlfiaHead(nn.Module):
     def forward(self, layers: torch.Tensor, mask: torch.Tensor):
         z, lam, _ = self.alf(layers, mask)
         return self.ach(z), lam, z
-

@@ -9,6 +9,7 @@ replicates where the metric is defined (both classes present). Seeded: same inpu
 The replicates use ``fast_binary_metrics``, the same definitions in plain numpy over one sort (scikit-learn's
 input validation made 1000 resamples take seconds per task); its tests hold it equal to scikit-learn.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,8 +55,11 @@ def fast_binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     as ``best_fbeta`` does on scikit-learn's ascending thresholds.
     """
     n = len(y)
-    out = {"n": float(n), "prevalence": float(y.mean()) if n else float("nan"),
-           "brier": float(np.mean((p - y) ** 2)) if n else float("nan")}
+    out = {
+        "n": float(n),
+        "prevalence": float(y.mean()) if n else float("nan"),
+        "brier": float(np.mean((p - y) ** 2)) if n else float("nan"),
+    }
     positives = int(y.sum())
     if positives == 0 or positives == n:
         for key in ("auroc", "auprc", "best_f1", "best_f1_threshold", "best_f2", "best_f2_threshold"):
@@ -104,6 +108,6 @@ def bootstrap_metrics(y, p, groups, n_boot: int = 1000, seed: int = 0, alpha: fl
     for k in METRICS:
         arr = np.asarray(reps[k], dtype=float)
         valid = arr[~np.isnan(arr)]
-        lo, hi = (np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (np.nan, np.nan))
+        lo, hi = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (np.nan, np.nan)
         out[k] = {"value": point[k], "ci_low": float(lo), "ci_high": float(hi), "n_valid": int(len(valid))}
     return out

@@ -9,6 +9,7 @@ Finetuned folder (``ehrfm finetune --out FT``):
     adapter/             the peft LoRA adapter only (``lora.save=adapter``; the base is the export folder)
     tokenizer files      copied from the export folder
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,13 @@ def apply_lora(backbone, cfg: FinetuneConfig):
     model_type = backbone.config.model_type
     if model_type not in LORA_TARGETS:
         raise FinetuneInputError(f"LoRA: no target modules known for model type {model_type!r}")
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=LORA_TARGETS[model_type], bias="none")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=LORA_TARGETS[model_type],
+        bias="none",
+    )
     return get_peft_model(backbone, lora)
 
 
@@ -122,12 +128,19 @@ class FinetuneModel(nn.Module):
             if self.num_fuse > available:
                 raise FinetuneInputError(f"ALFIA: {self.num_fuse} fused layers requested, the backbone has {available}")
             if self.num_fuse < cfg.alfia.num_fuse_layers:
-                log.warning("ALFIA: backbone has %d layers + embeddings; fusing %d instead of %d",
-                            available - 1, self.num_fuse, cfg.alfia.num_fuse_layers)
+                log.warning(
+                    "ALFIA: backbone has %d layers + embeddings; fusing %d instead of %d",
+                    available - 1,
+                    self.num_fuse,
+                    cfg.alfia.num_fuse_layers,
+                )
             a = cfg.alfia
-            self.heads = nn.ModuleList([
-                AlfiaHead(hidden, self.num_fuse, a.layer_heads, a.gating, a.classifier_heads, a.dropout) for _ in tasks
-            ])
+            self.heads = nn.ModuleList(
+                [
+                    AlfiaHead(hidden, self.num_fuse, a.layer_heads, a.gating, a.classifier_heads, a.dropout)
+                    for _ in tasks
+                ]
+            )
         else:
             raise ValueError(f"unknown method {method!r}")
         if method != "alfia":
@@ -155,7 +168,7 @@ class FinetuneModel(nn.Module):
                 h.remove()
         shape = last.shape
         states = [c.reshape(shape) for c in captured[:-1]] + [last]  # top layer: after the final norm
-        return last, states[-self.num_fuse:]
+        return last, states[-self.num_fuse :]
 
     def pool(self, last: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, H): last non-pad token, or the first token for BERT-style backbones."""
@@ -185,14 +198,27 @@ class FinetuneModel(nn.Module):
         return {"logits": logits, "layer_weights": None, "embedding": pooled}
 
 
-def save_finetuned(model: FinetuneModel, out: Path, meta: dict, cfg: FinetuneConfig, export_dir: Path, *,
-                   inputs: list | None = None, overwrite: bool = False) -> None:
+def save_finetuned(
+    model: FinetuneModel,
+    out: Path,
+    meta: dict,
+    cfg: FinetuneConfig,
+    export_dir: Path,
+    *,
+    inputs: list | None = None,
+    overwrite: bool = False,
+) -> None:
     """Write the finetuned folder (see the module docstring) into ``out`` atomically (temp dir, rename); an
     existing ``out`` is replaced only under the rules of :mod:`ehrfm.outputs`."""
     from ehrfm.outputs import atomic_output
 
-    with atomic_output(Path(out), "finetune", inputs=inputs or [export_dir], overwrite=overwrite,
-                       fingerprint=meta.get("vocab_fingerprint")) as tmp:
+    with atomic_output(
+        Path(out),
+        "finetune",
+        inputs=inputs or [export_dir],
+        overwrite=overwrite,
+        fingerprint=meta.get("vocab_fingerprint"),
+    ) as tmp:
         _write_finetuned(tmp, model, meta, cfg, export_dir)
 
 

@@ -13,6 +13,7 @@
 
 Writes ``probe.json`` into ``--out`` (atomically) and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,16 @@ def _tail(sample: dict, context_length: int) -> dict:
     return {k: (v[start:] if isinstance(v, np.ndarray) and v.ndim == 1 else v) for k, v in sample.items()}
 
 
-def probe(model_dir: Path, data_dir: Path, *, split: str = "test", tasks: list[str] | None = None, k: int = 20,
-          context_length: int = 512, batch_size: int = 16) -> dict:
+def probe(
+    model_dir: Path,
+    data_dir: Path,
+    *,
+    split: str = "test",
+    tasks: list[str] | None = None,
+    k: int = 20,
+    context_length: int = 512,
+    batch_size: int = 16,
+) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
@@ -118,11 +127,17 @@ def probe(model_dir: Path, data_dir: Path, *, split: str = "test", tasks: list[s
     after = torch.cat([r[1:] for r in regs if len(r) >= 2])
     kk = min(k, before.shape[0], after.shape[0], z.shape[1])
     result = {
-        "model": str(model_dir), "data": str(data_dir), "split": split, "patients": int(z.shape[0]),
-        "effective_rank": float(effective_rank(z)), "condition_number": float(condition_number(z)),
-        "visit_states": int(visits.shape[0]), "effective_rank_visits": float(effective_rank(visits)),
+        "model": str(model_dir),
+        "data": str(data_dir),
+        "split": split,
+        "patients": int(z.shape[0]),
+        "effective_rank": float(effective_rank(z)),
+        "condition_number": float(condition_number(z)),
+        "visit_states": int(visits.shape[0]),
+        "effective_rank_visits": float(effective_rank(visits)),
         "condition_number_visits": float(condition_number(visits)),
-        "adjacent_visit_pairs": int(before.shape[0]), "k": kk,
+        "adjacent_visit_pairs": int(before.shape[0]),
+        "k": kk,
         "adjacent_visit_subspace_distance": float(subspace_distance(before, after, kk)),
         "linear_probe_auroc": {},
     }
@@ -142,15 +157,26 @@ def probe(model_dir: Path, data_dir: Path, *, split: str = "test", tasks: list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    result = probe(args.model, args.data, split=args.split, tasks=args.tasks, k=args.k,
-                   context_length=args.context_length, batch_size=args.batch_size)
+    result = probe(
+        args.model,
+        args.data,
+        split=args.split,
+        tasks=args.tasks,
+        k=args.k,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+    )
     out = args.out or args.model / "probe"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "probe.json", result)
-    print(f"patients ({result['patients']}): effective rank {result['effective_rank']:.2f}, "
-          f"condition number {result['condition_number']:.3g}")
-    print(f"visit [REG] states ({result['visit_states']}): effective rank {result['effective_rank_visits']:.2f}, "
-          f"condition number {result['condition_number_visits']:.3g}")
+    print(
+        f"patients ({result['patients']}): effective rank {result['effective_rank']:.2f}, "
+        f"condition number {result['condition_number']:.3g}"
+    )
+    print(
+        f"visit [REG] states ({result['visit_states']}): effective rank {result['effective_rank_visits']:.2f}, "
+        f"condition number {result['condition_number_visits']:.3g}"
+    )
     print(f"adjacent-visit subspace distance (k={result['k']}) {result['adjacent_visit_subspace_distance']:.4f}")
     for task, auroc in result["linear_probe_auroc"].items():
         print(f"  linear probe {task:24s} AUROC {'n/a (one class)' if auroc is None else f'{auroc:.3f}'}")

@@ -8,6 +8,7 @@ baseline of 000 Table 3, alpha 5 / 10) and ANAA (:mod:`ehrfm.finetune.anaa`; pap
 NEFTune adds uniform(-1, 1) * alpha / sqrt(L * d) noise to the concept embeddings of real tokens, L = the
 row's number of real tokens (padding, id 0, gets none), d = hidden size.
 """
+
 from __future__ import annotations
 
 import logging

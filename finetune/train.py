@@ -6,6 +6,7 @@ pos_weight per task), shuffled batches that mix tasks, one validation pass per e
 validation AUPRC over tasks; early stopping after ``patience`` epochs without improvement; the best state is
 restored and saved.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,16 @@ from ehrfm.seeding import derive_seed, seed_everything
 
 from .config import FinetuneConfig
 from .data import (
-    TRAIN_SPLIT, VAL_SPLIT, FinetuneDataset, FinetuneInputError, check_label_counts, check_vocabulary, collate,
-    read_export_metadata, resolve_tasks, task_token_ids,
+    TRAIN_SPLIT,
+    VAL_SPLIT,
+    FinetuneDataset,
+    FinetuneInputError,
+    check_label_counts,
+    check_vocabulary,
+    collate,
+    read_export_metadata,
+    resolve_tasks,
+    task_token_ids,
 )
 from .metrics import binary_metrics
 from .model import FinetuneModel, apply_lora, load_backbone, random_backbone, save_finetuned
@@ -38,21 +47,25 @@ def pos_weights(cfg: FinetuneConfig, counts: dict, tasks: list[str]) -> torch.Te
     if cfg.pos_weight == "none":
         return None
     if cfg.pos_weight == "auto":
-        return torch.tensor([(counts[(t, TRAIN_SPLIT)][0] - counts[(t, TRAIN_SPLIT)][1]) / counts[(t, TRAIN_SPLIT)][1] for t in tasks])
+        return torch.tensor(
+            [(counts[(t, TRAIN_SPLIT)][0] - counts[(t, TRAIN_SPLIT)][1]) / counts[(t, TRAIN_SPLIT)][1] for t in tasks]
+        )
     return torch.full((len(tasks),), float(cfg.pos_weight))
 
 
 @torch.no_grad()
-def predict(model: FinetuneModel, dataset: FinetuneDataset, batch_size: int = 64,
-            precision: str = "auto") -> dict[str, np.ndarray]:
+def predict(
+    model: FinetuneModel, dataset: FinetuneDataset, batch_size: int = 64, precision: str = "auto"
+) -> dict[str, np.ndarray]:
     """Probabilities (N,), labels (N,), task indices (N,), ALF/pooled embeddings (N, H), layer weights (N, N_f).
 
     Runs on the model's device under ``precision``'s autocast (``ehrfm.devices``); results come back to the
     host as float32 numpy arrays."""
     model.eval()
     device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, pin_memory=device.type == "cuda"
+    )
     probs, labels, tasks, embs, lams = [], [], [], [], []
     for batch in loader:
         with autocast(precision, device):
@@ -122,8 +135,9 @@ def trainable_tasks(data_dir: Path, tasks: list[str]) -> tuple[list[str], list[s
     return kept, dropped
 
 
-def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, anaa=None, *,
-             overwrite: bool = False) -> dict:
+def finetune(
+    model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, anaa=None, *, overwrite: bool = False
+) -> dict:
     """Run one finetuning; returns the metadata written to ``out/finetune.json``."""
     started = time.time()
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
@@ -142,8 +156,15 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
     elif cfg.freeze:
         backbone.requires_grad_(False)
     model = FinetuneModel(backbone, cfg.method, tasks, cfg)
-    train_set = FinetuneDataset(data_dir, tasks, TRAIN_SPLIT, cfg.context_length, run["token_ids"],
-                                cfg.train_fraction, derive_seed(cfg.seed, "train_fraction"))
+    train_set = FinetuneDataset(
+        data_dir,
+        tasks,
+        TRAIN_SPLIT,
+        cfg.context_length,
+        run["token_ids"],
+        cfg.train_fraction,
+        derive_seed(cfg.seed, "train_fraction"),
+    )
     val_set = FinetuneDataset(data_dir, tasks, VAL_SPLIT, cfg.context_length, run["token_ids"])
     for t, name in enumerate(tasks):
         y = train_set.labels()[train_set.task_indices() == t]
@@ -164,13 +185,28 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
         groups.append({"params": backbone_params, "lr": cfg.learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle"))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                                         generator=generator, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+    )
     regs = attach_regularizers(model.backbone, cfg.neftune_alpha, anaa)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("finetune %s on %s: method %s, tasks %s, %d train / %d val examples, %d trainable parameters, %s%s",
-             model_dir, data_dir, cfg.method, tasks, len(train_set), len(val_set), n_trainable, device,
-             " (ANAA)" if regs.anaa_active else "")
+    log.info(
+        "finetune %s on %s: method %s, tasks %s, %d train / %d val examples, %d trainable parameters, %s%s",
+        model_dir,
+        data_dir,
+        cfg.method,
+        tasks,
+        len(train_set),
+        len(val_set),
+        n_trainable,
+        device,
+        " (ANAA)" if regs.anaa_active else "",
+    )
     best_score, best_state, best_epoch, bad, history = -np.inf, None, -1, 0, []
     try:
         for epoch in range(cfg.epochs):
@@ -185,7 +221,9 @@ def finetune(model_dir: Path, data_dir: Path, out: Path, cfg: FinetuneConfig, an
                 weight = None
                 if pw is not None:
                     weight = torch.where(batch["label"] > 0, pw[batch["task"]], torch.ones_like(batch["label"]))
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(out_["logits"].float(), batch["label"], weight=weight)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    out_["logits"].float(), batch["label"], weight=weight
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)

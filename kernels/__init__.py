@@ -11,6 +11,7 @@ Public API (imported lazily so `import ehrfm` never pulls in Triton):
 This folder is only ever importable as ``ehrfm.kernels``: a top-level ``kernels`` package would be mistaken by
 transformers for HF's own ``kernels`` hub package.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -9,6 +9,7 @@ requires every compile to succeed without spills.
 Must run with ``TRITON_INTERPRET`` unset: under the interpreter ``@triton.jit`` returns interpreted functions
 that cannot be compiled. ``python -m ehrfm.kernels.aot [--json OUT]`` prints the register/spill table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,14 +64,20 @@ def anaa_case(kernel: str, dtype: str, head_dim: int, tile: tuple[int, int, int,
 
     torch_dtype = getattr(torch, _TORCH_DTYPE[dtype])
     operand = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-        tiles.operand_dtype(torch_dtype, on_gpu=True)]
+        tiles.operand_dtype(torch_dtype, on_gpu=True)
+    ]
     operands, others, scalars = _ANAA_SIGNATURES[kernel]
     types = {name: f"*{operand}" for name in operands}
     types |= {name: "*fp32" for name in others} | {"DOC": "*i32", "DSTART": "*i32", "DEND": "*i32"}
     types |= {name: "fp32" if name == "scale" else "i32" for name in scalars}
     bm, bn, warps, stages = tile
-    constexprs = {"CAUSAL": True, "BM": bm, "BN": bn, "BD": max(16, 1 << (head_dim - 1).bit_length()),
-                  "PREC": dot_precision(torch_dtype, on_gpu=True)}
+    constexprs = {
+        "CAUSAL": True,
+        "BM": bm,
+        "BN": bn,
+        "BD": max(16, 1 << (head_dim - 1).bit_length()),
+        "PREC": dot_precision(torch_dtype, on_gpu=True),
+    }
     if "noise" in kernel:
         constexprs["NOISE"] = 1
     variant = f"{dtype} inputs, head dim {head_dim}, {bm}x{bn} tile, {warps} warps, {stages} stages"
@@ -90,8 +97,14 @@ def _anaa_cases() -> list[KernelCase]:
             for dtype in INPUT_DTYPES:
                 for tile in tiles.gpu_candidates(kernel, getattr(torch, _TORCH_DTYPE[dtype]), d):
                     cases.append(anaa_case(kernel, dtype, d, tile))
-    cases.append(KernelCase("ehrfm.kernels.anaa.triton_kernel:_philox_noise_kernel", "tests' noise",
-                            {"Z": "*fp32", "seed": "i32", "n": "i32"}, {"BM": 16, "BN": 16}))
+    cases.append(
+        KernelCase(
+            "ehrfm.kernels.anaa.triton_kernel:_philox_noise_kernel",
+            "tests' noise",
+            {"Z": "*fp32", "seed": "i32", "n": "i32"},
+            {"BM": 16, "BN": 16},
+        )
+    )
     return cases
 
 
@@ -101,8 +114,13 @@ def sweep_cases(dtypes=("bf16", "fp32"), sizes=(16, 32, 64, 128), warps=(4, 8), 
 
     from .anaa import tiles
 
-    return [anaa_case(kernel, dtype, d, (bm, bn, w, st)) for kernel in tiles.GPU_TILES for dtype in dtypes
-            for d in HEAD_DIMS for bm, bn, w, st in itertools.product(sizes, sizes, warps, stages)]
+    return [
+        anaa_case(kernel, dtype, d, (bm, bn, w, st))
+        for kernel in tiles.GPU_TILES
+        for dtype in dtypes
+        for d in HEAD_DIMS
+        for bm, bn, w, st in itertools.product(sizes, sizes, warps, stages)
+    ]
 
 
 def _dense_cases() -> list[KernelCase]:
@@ -119,30 +137,86 @@ def _dense_cases() -> list[KernelCase]:
         z = f"*{dtype}"
         kind = "fp32" if dtype == "fp32" else "half"
         ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
-        cases.append(KernelCase(f"{mod}:_col_stats_kernel", f"{dtype} embeddings",
-                                {"Z": z, "ZS": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "PART": "*fp32",
-                                 **ints("N", "D", "stride_zn", "stride_zd"), "eps": "fp32"},
-                                {"BLOCK_N": block, "BLOCK_D": block}))
+        cases.append(
+            KernelCase(
+                f"{mod}:_col_stats_kernel",
+                f"{dtype} embeddings",
+                {
+                    "Z": z,
+                    "ZS": "*fp32",
+                    "MEAN": "*fp32",
+                    "RSTD": "*fp32",
+                    "PART": "*fp32",
+                    **ints("N", "D", "stride_zn", "stride_zd"),
+                    "eps": "fp32",
+                },
+                {"BLOCK_N": block, "BLOCK_D": block},
+            )
+        )
         for warps, stages in GRAM_TILES:
-            cases.append(KernelCase(f"{mod}:_dual_gram_kernel",
-                                    f"{dtype} embeddings, {block}x{block} tile, {warps} warps, {stages} stages",
-                                    {"A": z, "B": "*fp32", "PA": "*fp32", "PB": "*fp32", "PART": "*fp32",
-                                     **ints("M", "R", "stride_am", "stride_ar", "stride_bm", "stride_br")},
-                                    {"BLOCK_M": block, "BLOCK_R": block, "PREC": gpu_prec, "HALF_GRAM": kind == "half"},
-                                    warps, stages))
+            cases.append(
+                KernelCase(
+                    f"{mod}:_dual_gram_kernel",
+                    f"{dtype} embeddings, {block}x{block} tile, {warps} warps, {stages} stages",
+                    {
+                        "A": z,
+                        "B": "*fp32",
+                        "PA": "*fp32",
+                        "PB": "*fp32",
+                        "PART": "*fp32",
+                        **ints("M", "R", "stride_am", "stride_ar", "stride_bm", "stride_br"),
+                    },
+                    {"BLOCK_M": block, "BLOCK_R": block, "PREC": gpu_prec, "HALF_GRAM": kind == "half"},
+                    warps,
+                    stages,
+                )
+            )
         # n >= d branch: dZ = Z P, G = Zs Ps (L1 = Z in the input dtype)
         for block_d, warps, stages in MATMUL_TILES[kind]:
-            cases.append(KernelCase(f"{mod}:_dual_matmul_kernel",
-                                    f"{dtype} embeddings, {block}x{block_d} tile, {warps} warps, {stages} stages",
-                                    {"L1": z, "R1": "*fp32", "L2": "*fp32", "R2": "*fp32", "Z": z, "ZS": "*fp32",
-                                     "COEF": "*fp32", "DZ": "*fp32", "G": "*fp32", "COLPART": "*fp32",
-                                     **ints("N", "D", "K", "s_l1n", "s_l1k", "s_r1k", "s_r1d", "s_l2n", "s_l2k",
-                                            "s_r2k", "s_r2d", "stride_zn", "stride_zd")},
-                                    {"BLOCK_N": block, "BLOCK_D": block_d, "BLOCK_K": block, "PREC": gpu_prec},
-                                    warps, stages))
-    cases.append(KernelCase(f"{mod}:_orth_finish_kernel", "fp32 buffers",
-                            {"DZ": "*fp32", "G": "*fp32", "ZS": "*fp32", "RSTD": "*fp32", "COLSUM": "*fp32",
-                             "N": "i32", "D": "i32"}, {"BLOCK_N": block, "BLOCK_D": block}))
+            cases.append(
+                KernelCase(
+                    f"{mod}:_dual_matmul_kernel",
+                    f"{dtype} embeddings, {block}x{block_d} tile, {warps} warps, {stages} stages",
+                    {
+                        "L1": z,
+                        "R1": "*fp32",
+                        "L2": "*fp32",
+                        "R2": "*fp32",
+                        "Z": z,
+                        "ZS": "*fp32",
+                        "COEF": "*fp32",
+                        "DZ": "*fp32",
+                        "G": "*fp32",
+                        "COLPART": "*fp32",
+                        **ints(
+                            "N",
+                            "D",
+                            "K",
+                            "s_l1n",
+                            "s_l1k",
+                            "s_r1k",
+                            "s_r1d",
+                            "s_l2n",
+                            "s_l2k",
+                            "s_r2k",
+                            "s_r2d",
+                            "stride_zn",
+                            "stride_zd",
+                        ),
+                    },
+                    {"BLOCK_N": block, "BLOCK_D": block_d, "BLOCK_K": block, "PREC": gpu_prec},
+                    warps,
+                    stages,
+                )
+            )
+    cases.append(
+        KernelCase(
+            f"{mod}:_orth_finish_kernel",
+            "fp32 buffers",
+            {"DZ": "*fp32", "G": "*fp32", "ZS": "*fp32", "RSTD": "*fp32", "COLSUM": "*fp32", "N": "i32", "D": "i32"},
+            {"BLOCK_N": block, "BLOCK_D": block},
+        )
+    )
     return cases
 
 
@@ -175,22 +249,37 @@ def compile_case(case: KernelCase, arch: int) -> dict:
     if missing:
         raise ValueError(f"{case.kernel}: no type or constexpr for {missing}")
     constexprs = {(params.index(k),): v for k, v in case.constexprs.items()}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
         arch_name = f"sm_{arch}a" if arch == 90 and "sm_90a" in compiled.asm["ptx"] else f"sm_{arch}"
-        out = subprocess.run([_ptxas(arch), "-v", "--gpu-name", arch_name, str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [_ptxas(arch), "-v", "--gpu-name", arch_name, str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
-            raise RuntimeError(f"ptxas {arch_name} failed on {case.kernel} ({case.variant}): {out.stderr.strip()[-2000:]}")
+            raise RuntimeError(
+                f"ptxas {arch_name} failed on {case.kernel} ({case.variant}): {out.stderr.strip()[-2000:]}"
+            )
     info = out.stderr
     registers = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    return {"kernel": fn_name, "variant": case.variant, "arch": f"sm_{arch}", "registers": registers,
-            "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
-            "shared_bytes": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
+    return {
+        "kernel": fn_name,
+        "variant": case.variant,
+        "arch": f"sm_{arch}",
+        "registers": registers,
+        "spill_stores": int(spills.group(1)),
+        "spill_loads": int(spills.group(2)),
+        "shared_bytes": int(compiled.metadata.shared),
+        "num_warps": int(compiled.metadata.num_warps),
+    }
 
 
 def _try_compile(case: KernelCase, arch: int) -> dict:
@@ -199,8 +288,16 @@ def _try_compile(case: KernelCase, arch: int) -> dict:
     except Exception as error:  # a sweep records tiles that do not compile and goes on
         name = case.kernel.split(":")[1]
         print(f"{name} ({case.variant}) sm_{arch}: {str(error).splitlines()[0][:200]}", file=sys.stderr)
-        return {"kernel": name, "variant": case.variant, "arch": f"sm_{arch}", "registers": -1, "spill_stores": -1,
-                "spill_loads": -1, "shared_bytes": -1, "num_warps": case.num_warps}
+        return {
+            "kernel": name,
+            "variant": case.variant,
+            "arch": f"sm_{arch}",
+            "registers": -1,
+            "spill_stores": -1,
+            "spill_loads": -1,
+            "shared_bytes": -1,
+            "num_warps": case.num_warps,
+        }
 
 
 def compile_all(archs=ARCHS, cases: list[KernelCase] | None = None, tolerate_errors: bool = False) -> list[dict]:
@@ -214,18 +311,26 @@ def compile_all(archs=ARCHS, cases: list[KernelCase] | None = None, tolerate_err
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| kernel | variant | arch | registers | spill stores / loads (bytes) | shared (bytes) |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {r['variant']} | {r['arch']} | {r['registers']} | {r['spill_stores']} / "
-              f"{r['spill_loads']} | {r['shared_bytes']} |" for r in rows]
+    lines = [
+        "| kernel | variant | arch | registers | spill stores / loads (bytes) | shared (bytes) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['kernel']} | {r['variant']} | {r['arch']} | {r['registers']} | {r['spill_stores']} / "
+        f"{r['spill_loads']} | {r['shared_bytes']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    parser.add_argument("--sweep", action="store_true",
-                        help="compile a grid of ANAA tiles instead of the shipped candidates (to choose them)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="compile a grid of ANAA tiles instead of the shipped candidates (to choose them)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)

@@ -1,4 +1,5 @@
 """`ehrfm launch slurm|local`: run `ehrfm pretrain` on a SLURM cluster or on this machine via torchrun."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,10 @@ def _pretrain_args(rest: list[str]) -> list[str]:
         args = args[1:]
     if not args or not args[0].startswith("-"):
         found = f" (found {args[0]!r})" if args else ""
-        raise SystemExit("ehrfm launch: give the pretraining arguments after --, e.g. "
-                         f"-- --data D --model llama --out RUN, or -- pretrain --data D ...{found}")
+        raise SystemExit(
+            "ehrfm launch: give the pretraining arguments after --, e.g. "
+            f"-- --data D --model llama --out RUN, or -- pretrain --data D ...{found}"
+        )
     return args
 
 
@@ -48,8 +51,11 @@ def run_slurm(args: argparse.Namespace) -> int:
     from ..config_flags import config_overrides
     from .slurm import SlurmJob, render, submit, write_script
 
-    job = dataclasses.replace(load_config(SlurmJob, None, config_overrides(args)),
-                              pretrain_args=_pretrain_args(args.rest), extra_sbatch=list(args.sbatch))
+    job = dataclasses.replace(
+        load_config(SlurmJob, None, config_overrides(args)),
+        pretrain_args=_pretrain_args(args.rest),
+        extra_sbatch=list(args.sbatch),
+    )
     if args.dry_run:
         print(render(job), end="")
         return 0

@@ -3,6 +3,7 @@
 torchrun forwards SIGTERM to the workers, which checkpoint and exit with code 75; re-running the same command
 resumes. ``--no-python`` runs the `ehrfm` executable directly, so the checkout never lands on sys.path.
 """
+
 from __future__ import annotations
 
 import shutil

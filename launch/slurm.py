@@ -4,6 +4,7 @@ The template (templates/pretrain.sbatch) holds no user names, hosts or paths: ev
 from the command line. Rendering is deterministic (no timestamps), so a dry run can be reviewed and
 snapshot-tested.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,9 @@ class SlurmJob:
     time: str | None = dataclasses.field(default=None, metadata={"help": "time limit, e.g. 2-00:00:00"})
     job_name: str = "ehrfm-pretrain"
     signal_seconds: int = dataclasses.field(
-        default=DEFAULT_SIGNAL_SECONDS, metadata={"help": "SIGUSR1 this long before the time limit (checkpoint, requeue)"})
+        default=DEFAULT_SIGNAL_SECONDS,
+        metadata={"help": "SIGUSR1 this long before the time limit (checkpoint, requeue)"},
+    )
     max_restarts: int = dataclasses.field(default=3, metadata={"help": "requeues allowed after preemption"})
     master_port: int | None = None  # default: derived from the job id on the cluster
     setup: str | None = None  # shell line(s) that make `ehrfm` available, e.g. "source .venv/bin/activate"

@@ -16,6 +16,7 @@ dropped silently.
 * everything else, and any fixed setting asking for something else, is a :class:`ConfigError` that names the
   file and the fields.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,40 @@ from ehrfm.config import ConfigError, read_yaml_mapping
 
 log = logging.getLogger("ehrfm.pretrain")
 
-LAUNCHER_FIELDS = frozenset({
-    "compute_environment", "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
-    "main_training_function", "rdzv_backend", "same_network", "use_cpu", "gpu_ids", "debug", "enable_cpu_affinity",
-    "tpu_env", "tpu_use_cluster", "tpu_use_sudo", "downcast_bf16",
-})
-TOP_FIELDS = frozenset({"distributed_type", "mixed_precision", "gradient_accumulation_steps", "dynamo_config",
-                        "fsdp_config", "deepspeed_config"}) | LAUNCHER_FIELDS
+LAUNCHER_FIELDS = frozenset(
+    {
+        "compute_environment",
+        "num_processes",
+        "num_machines",
+        "machine_rank",
+        "main_process_ip",
+        "main_process_port",
+        "main_training_function",
+        "rdzv_backend",
+        "same_network",
+        "use_cpu",
+        "gpu_ids",
+        "debug",
+        "enable_cpu_affinity",
+        "tpu_env",
+        "tpu_use_cluster",
+        "tpu_use_sudo",
+        "downcast_bf16",
+    }
+)
+TOP_FIELDS = (
+    frozenset(
+        {
+            "distributed_type",
+            "mixed_precision",
+            "gradient_accumulation_steps",
+            "dynamo_config",
+            "fsdp_config",
+            "deepspeed_config",
+        }
+    )
+    | LAUNCHER_FIELDS
+)
 
 # fsdp_config field -> the values that describe what ehrfm does (None: any value; ehrfm decides itself)
 FSDP_FIXED = {
@@ -58,17 +86,27 @@ DEEPSPEED_FIXED = {
     "deepspeed_multinode_launcher": None,  # the launcher's business
     "deepspeed_hostfile": None,
 }
-DEEPSPEED_MAPPED = {"deepspeed_config_file", "zero_stage", "gradient_accumulation_steps", "gradient_clipping",
-                    "offload_optimizer_device"}
+DEEPSPEED_MAPPED = {
+    "deepspeed_config_file",
+    "zero_stage",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "offload_optimizer_device",
+}
 
 
 def _check_section(path, section: str, values: dict, mapped: set, fixed: dict) -> None:
     unknown = sorted(set(values) - mapped - set(fixed))
     if unknown:
-        raise ConfigError(f"{path}: {section} field(s) {', '.join(unknown)} are not used by ehrfm; remove them "
-                          f"(mapped: {', '.join(sorted(mapped)) or 'none'}; see pretrain/accelerate_config.py)")
-    wrong = [f"{key}={values[key]!r} (ehrfm supports {sorted(map(str, fixed[key]))})" for key in sorted(values)
-             if key in fixed and fixed[key] is not None and values[key] not in fixed[key]]
+        raise ConfigError(
+            f"{path}: {section} field(s) {', '.join(unknown)} are not used by ehrfm; remove them "
+            f"(mapped: {', '.join(sorted(mapped)) or 'none'}; see pretrain/accelerate_config.py)"
+        )
+    wrong = [
+        f"{key}={values[key]!r} (ehrfm supports {sorted(map(str, fixed[key]))})"
+        for key in sorted(values)
+        if key in fixed and fixed[key] is not None and values[key] not in fixed[key]
+    ]
     if wrong:
         raise ConfigError(f"{path}: {section} asks for what ehrfm does not do: {'; '.join(wrong)}")
 
@@ -86,8 +124,9 @@ def apply_accelerate_config(cfg, path: str | os.PathLike) -> None:
     elif kind in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU"):
         cfg.train.strategy = "ddp"
     else:
-        raise ConfigError(f"{path}: distributed_type {kind} is not supported (use NO, MULTI_GPU, MULTI_CPU, FSDP, "
-                          "DEEPSPEED)")
+        raise ConfigError(
+            f"{path}: distributed_type {kind} is not supported (use NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED)"
+        )
     fsdp = data.get("fsdp_config") or {}
     _check_section(path, "fsdp_config", fsdp, {"fsdp_activation_checkpointing"}, FSDP_FIXED)
     if "fsdp_activation_checkpointing" in fsdp:
@@ -117,8 +156,10 @@ def _apply_deepspeed(cfg, path, ds: dict) -> int:
     if ds.get("deepspeed_config_file"):
         beside = sorted(set(ds) & (DEEPSPEED_MAPPED - {"deepspeed_config_file"}))
         if beside:
-            raise ConfigError(f"{path}: deepspeed_config sets {', '.join(beside)} beside deepspeed_config_file; "
-                              "set them in the DeepSpeed JSON")
+            raise ConfigError(
+                f"{path}: deepspeed_config sets {', '.join(beside)} beside deepspeed_config_file; "
+                "set them in the DeepSpeed JSON"
+            )
         cfg.deepspeed.config_file = str(ds["deepspeed_config_file"])
         stage = json.loads(Path(ds["deepspeed_config_file"]).read_text()).get("zero_optimization", {}).get("stage", 2)
     else:

@@ -14,6 +14,7 @@ data loader alone.
 
 Targets: packed / padded >= 2.5x real tokens/s; loader / training >= 10x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ from pathlib import Path
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ehrfm bench train-throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ehrfm bench train-throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, default=None, help="prepared folder (default: prepare a Synthea cohort)")
     p.add_argument("--patients", type=int, default=60, help="Synthea cohort size when --data is not given")
     p.add_argument("--seed", type=int, default=7, help="Synthea cohort seed")
@@ -73,8 +75,14 @@ def _interleaved_training(loops: dict, build, steps: int, warmup: int) -> dict:
         torch.manual_seed(0)
         model = build()
         model.train()
-        runs[name] = {"model": model, "opt": torch.optim.AdamW(model.parameters(), lr=1e-4), "batches": batches,
-                      "times": [], "real": 0, "slots": 0}
+        runs[name] = {
+            "model": model,
+            "opt": torch.optim.AdamW(model.parameters(), lr=1e-4),
+            "batches": batches,
+            "times": [],
+            "real": 0,
+            "slots": 0,
+        }
     for i in range(warmup + steps):
         for r in runs.values():
             batch = next(r["batches"])
@@ -90,9 +98,13 @@ def _interleaved_training(loops: dict, build, steps: int, warmup: int) -> dict:
     out = {}
     for name, r in runs.items():
         total = sum(r["times"])
-        out[name] = {"real_tokens_per_s": r["real"] / total, "slot_tokens_per_s": r["slots"] / total,
-                     "pad_fraction": 1 - r["real"] / r["slots"], "step_time_s_median": statistics.median(r["times"]),
-                     "steps": steps}
+        out[name] = {
+            "real_tokens_per_s": r["real"] / total,
+            "slot_tokens_per_s": r["slots"] / total,
+            "pad_fraction": 1 - r["real"] / r["slots"],
+            "step_time_s_median": statistics.median(r["times"]),
+            "steps": steps,
+        }
     return out
 
 
@@ -115,8 +127,16 @@ def run(argv: list[str]) -> dict:
     split = "pretrain"
 
     def stream(mode: str, pack_window: int):
-        cfg = StreamConfig(context_length=args.context, batch_size=args.batch_size, mode=mode, long_sequences="split",
-                           shuffle_buffer=1024, pack_window=pack_window, seed=0, infinite=True)
+        cfg = StreamConfig(
+            context_length=args.context,
+            batch_size=args.batch_size,
+            mode=mode,
+            long_sequences="split",
+            shuffle_buffer=1024,
+            pack_window=pack_window,
+            seed=0,
+            infinite=True,
+        )
         return iter(EhrDataLoader(PatientStream(data, split, cfg)))
 
     # loader alone

@@ -34,6 +34,7 @@ Every checkpoint also records the identity of the data it was trained on (:func:
 fingerprint and size, the shard list with checksums, the manifest's hash); a resume or export against a data
 folder that differs is refused, naming what changed.
 """
+
 from __future__ import annotations
 
 import base64
@@ -159,7 +160,9 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
         path = path if is_complete(path) else None
     if path is None:
         have = [p.name for p in complete_checkpoints(run_dir)]
-        raise CheckpointError(f"{run_dir}: no complete checkpoint{'' if step is None else f' for step {step}'}; have {have}")
+        raise CheckpointError(
+            f"{run_dir}: no complete checkpoint{'' if step is None else f' for step {step}'}; have {have}"
+        )
     return path
 
 
@@ -171,8 +174,10 @@ def read_state(path: Path) -> TrainerState:
         raise CheckpointError(f"{file}: unreadable trainer state ({err})") from None
     version = data.pop("version", None)
     if version != STATE_VERSION:
-        raise CheckpointError(f"{file}: trainer state version {version} is not {STATE_VERSION} (written by another "
-                              "ehrfm version); start a new run, or export it with the ehrfm version that wrote it")
+        raise CheckpointError(
+            f"{file}: trainer state version {version} is not {STATE_VERSION} (written by another "
+            "ehrfm version); start a new run, or export it with the ehrfm version that wrote it"
+        )
     return TrainerState(**data)
 
 
@@ -180,7 +185,9 @@ def read_state(path: Path) -> TrainerState:
 def _checkpoint_files(path: Path) -> list[str]:
     """Relative paths of every file of a checkpoint folder except the manifest and the marker."""
     return sorted(
-        str(f.relative_to(path)) for f in Path(path).rglob("*") if (f.is_file() or f.is_symlink()) and f.name not in (MANIFEST_FILE, MARKER)
+        str(f.relative_to(path))
+        for f in Path(path).rglob("*")
+        if (f.is_file() or f.is_symlink()) and f.name not in (MANIFEST_FILE, MARKER)
     )
 
 
@@ -205,22 +212,30 @@ def verify_checkpoint(path: Path) -> None:
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except FileNotFoundError:
-        raise CheckpointError(f"{manifest_path}: missing: the checkpoint has no integrity manifest (written by an older "
-                              "ehrfm, or not by ehrfm); refusing to load it") from None
+        raise CheckpointError(
+            f"{manifest_path}: missing: the checkpoint has no integrity manifest (written by an older "
+            "ehrfm, or not by ehrfm); refusing to load it"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable integrity manifest ({err}); refusing to load the checkpoint") from None
+        raise CheckpointError(
+            f"{manifest_path}: unreadable integrity manifest ({err}); refusing to load the checkpoint"
+        ) from None
     present = _checkpoint_files(path)
     unexpected = sorted(set(present) - set(files))
     if unexpected:
-        raise CheckpointError(f"{path / unexpected[0]}: file not recorded in {MANIFEST_FILE} (planted or left by another "
-                              "program); refusing to load the checkpoint")
+        raise CheckpointError(
+            f"{path / unexpected[0]}: file not recorded in {MANIFEST_FILE} (planted or left by another "
+            "program); refusing to load the checkpoint"
+        )
     for rel, expected in files.items():
         file = path / rel
         if not file.is_file() or file.is_symlink():
             raise CheckpointError(f"{file}: missing from the checkpoint (recorded in {MANIFEST_FILE})")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"{file}: {size} bytes, {expected['bytes']} recorded at save time (truncated or modified)")
+            raise CheckpointError(
+                f"{file}: {size} bytes, {expected['bytes']} recorded at save time (truncated or modified)"
+            )
         if file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from the one recorded at save time (corrupted or modified)")
 
@@ -260,8 +275,10 @@ def select_resume_checkpoint(run_dir: Path) -> Path | None:
             continue
         return path
     if failures:
-        raise CheckpointError(f"{run_dir}: no checkpoint passes its integrity check ({'; '.join(failures)}); the failing "
-                              f"ones were moved to {QUARANTINE_PREFIX}step_*. Start a new run with another --out")
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint passes its integrity check ({'; '.join(failures)}); the failing "
+            f"ones were moved to {QUARANTINE_PREFIX}step_*. Start a new run with another --out"
+        )
     return None
 
 
@@ -308,7 +325,11 @@ IDENTITY_KEYS = ("vocab_fingerprint", "vocab_size", "shards_sha256")  # must mat
 def check_data_identity(path: Path, state: TrainerState, current: dict) -> None:
     """Refuse (CheckpointError naming what changed) a checkpoint trained on other data than ``current``."""
     saved = state.data or {}
-    changed = [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in IDENTITY_KEYS if saved.get(key) != current.get(key)]
+    changed = [
+        f"{key} {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in IDENTITY_KEYS
+        if saved.get(key) != current.get(key)
+    ]
     if changed:
         raise CheckpointError(
             f"{path} was trained on data folder {saved.get('path')} and the data folder {current.get('path')} differs: "

@@ -1,4 +1,5 @@
 """`ehrfm models`: the backbone presets and their parameter counts next to 003 Table 5."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,7 @@ WHY_COUNTS_DIFFER = (
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "models", help="list backbone presets and parameter counts", description=__doc__
-    )
+    p = subparsers.add_parser("models", help="list backbone presets and parameter counts", description=__doc__)
     p.add_argument("--params", action="store_true", help="count parameters of every preset (vs 003 Table 5)")
     p.add_argument("--vocab-size", type=int, default=4470, help="vocabulary size for the counts (003: 4470)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -42,7 +41,7 @@ def parameter_table(vocab_size: int = 4470) -> list[dict]:
     from ehrfm.pretrain.models.embeddings import EhrEmbeddings
 
     rows = []
-    for arch, (config_cls, base_cls, head_cls) in ARCHITECTURES.items():
+    for arch, (config_cls, _base_cls, head_cls) in ARCHITECTURES.items():
         for size in SIZE_NAMES:
             config = config_cls.from_preset(size, vocab_size=vocab_size)
             with torch.device("meta"):
@@ -79,7 +78,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(f"parameters (M) at vocab_size={args.vocab_size}; ehr-emb = EHR attribute embeddings (without the")
     print("concept table) included in 'ours'; tied = LM head shares the concept table; 003 = its Table 5")
-    print(f"{'model':8s} {'size':7s} {'d_m':>4s} {'layers':>6s} {'ours':>7s} {'(ehr-emb)':>9s} {'tied':>5s} {'003':>6s}")
+    print(
+        f"{'model':8s} {'size':7s} {'d_m':>4s} {'layers':>6s} {'ours':>7s} {'(ehr-emb)':>9s} {'tied':>5s} {'003':>6s}"
+    )
     for r in rows:
         print(
             f"{r['architecture']:8s} {r['size']:7s} {r['hidden_size']:4d} {r['layers']:6d} {r['params_m']:7.2f} "

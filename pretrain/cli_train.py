@@ -8,6 +8,7 @@
 Re-running the same pretrain command with the same --out resumes from the latest complete checkpoint.
 Exit code 75 = preempted (SIGTERM/SIGUSR1): a checkpoint was written, requeue the same command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,25 +22,39 @@ def add_parser(subparsers) -> None:
     from ..outputs import add_overwrite_argument
     from .config import PretrainConfig
 
-    p = subparsers.add_parser("pretrain", help="pretrain a backbone (resumes automatically)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a backbone (resumes automatically)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", required=True, help="prepared data folder (ehrfm prepare)")
     p.add_argument("--model", choices=ARCHITECTURE_NAMES, default=None)
     p.add_argument("--size", choices=SIZE_NAMES, default=None)
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, config)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None)
     p.add_argument("--config", default=None, help="YAML of PretrainConfig (ehrfm.pretrain.config)")
-    p.add_argument("--accelerate-config", default=None,
-                   help="an `accelerate config` YAML: each field mapped, accepted or refused (accelerate_config.py)")
+    p.add_argument(
+        "--accelerate-config",
+        default=None,
+        help="an `accelerate config` YAML: each field mapped, accepted or refused (accelerate_config.py)",
+    )
     p.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON, used as-is ('auto' keys filled)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4 train.max_steps=100; "
-                                                "they win over flags, which win over --config")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value config overrides, e.g. optim.lr=3e-4 train.max_steps=100; "
+        "they win over flags, which win over --config",
+    )
     add_config_arguments(p, PretrainConfig)
     p.set_defaults(func=main_pretrain)
 
-    e = subparsers.add_parser("export", help="consolidate a checkpoint into a HuggingFace folder",
-                              description="Export a (sharded) checkpoint of RUN to an HF folder: config.json, "
-                              "model.safetensors, tokenizer, model card and remote code.")
+    e = subparsers.add_parser(
+        "export",
+        help="consolidate a checkpoint into a HuggingFace folder",
+        description="Export a (sharded) checkpoint of RUN to an HF folder: config.json, "
+        "model.safetensors, tokenizer, model card and remote code.",
+    )
     e.add_argument("--run", required=True, help="run folder of `ehrfm pretrain`")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--best", action="store_true", help="export the best-validation checkpoint")
@@ -66,12 +81,21 @@ def build_config(args: argparse.Namespace):
     from ..config_flags import config_overrides
     from .accelerate_config import apply_accelerate_config
 
-    shorthand = [f"{key}={flag}" for flag, key in (
-        (args.model, "model.architecture"), (args.size, "model.size"), (args.data, "data.path"), (args.out, "out"),
-        (args.deepspeed_config, "deepspeed.config_file")) if flag is not None]
+    shorthand = [
+        f"{key}={flag}"
+        for flag, key in (
+            (args.model, "model.architecture"),
+            (args.size, "model.size"),
+            (args.data, "data.path"),
+            (args.out, "out"),
+            (args.deepspeed_config, "deepspeed.config_file"),
+        )
+        if flag is not None
+    ]
     # `lambda` is a Python keyword, so the fields are `lam*`; the spelling `dense.lambda=` works too
-    overrides = [re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item)
-                 for item in shorthand + config_overrides(args)]
+    overrides = [
+        re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item) for item in shorthand + config_overrides(args)
+    ]
     cfg = load_pretrain_config(args.config, overrides)
     if args.accelerate_config:
         cfg.accelerate_config = args.accelerate_config

@@ -4,6 +4,7 @@
 
 The resolved config is written into every checkpoint and into the run folder (``config.yaml``).
 """
+
 from __future__ import annotations
 
 import dataclasses

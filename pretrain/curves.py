@@ -9,6 +9,7 @@ different references) into one figure. Per panel, on a log y axis:
 * horizontal lines at the references of the same validation split (``data_shards.reference_ppl``): unigram
   (grey) and bigram (black) over all targets, dashed the same over code targets.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,9 +102,16 @@ def perplexity_report(argv: list[str]) -> dict:
             runs.append({"run": str(run), "validation": None})
             continue
         best = min(records, key=lambda r: r["val_ppl"])
-        runs.append({"run": str(run), "last_step": records[-1]["step"],
-                     "all": {"last": records[-1]["val_ppl"], "best": best["val_ppl"], "best_step": best["step"]},
-                     "codes": {"last": records[-1].get("val_code_ppl"),
-                               "best": min((r.get("val_code_ppl", math.inf) for r in records), default=None)},
-                     "first_step_below_bigram": crossing_step(records)})
+        runs.append(
+            {
+                "run": str(run),
+                "last_step": records[-1]["step"],
+                "all": {"last": records[-1]["val_ppl"], "best": best["val_ppl"], "best_step": best["step"]},
+                "codes": {
+                    "last": records[-1].get("val_code_ppl"),
+                    "best": min((r.get("val_code_ppl", math.inf) for r in records), default=None),
+                },
+                "first_step_below_bigram": crossing_step(records),
+            }
+        )
     return {"data": str(args.data), "reference_perplexity": reference, "runs": runs}

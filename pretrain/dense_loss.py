@@ -13,6 +13,7 @@ Scales (choose the lambdas with them in mind): L_spec in [0, 1); L_sub in [0, 2k
 has a constant floor d^2/(N-1) - d when N <= d (see ehrfm.kernels.dense.reference), hence the small default
 lam_orth.
 """
+
 from __future__ import annotations
 
 import dataclasses

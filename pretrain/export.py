@@ -15,6 +15,7 @@ Loading: ``import ehrfm.pretrain.models; AutoModelForCausalLM.from_pretrained(HF
 AutoModel gives the backbone), or ``AutoModel*.from_pretrained(HFDIR, trust_remote_code=True)`` anywhere.
 Weights are read from safetensors only; no pickle is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,20 @@ _IMPORT_MAP = {
     "...data_shards.schema": "ehrfm_schema",
     "...kernels.mamba_scan": "ehrfm_scan",
     ".reference": "ehrfm_scan_reference",
-    **{f".{name}": f"ehrfm_{name}" for name in ("configuration", "masking", "hf_cache_compat", "embeddings", "common", "llama", "mamba", "mamba2", "bert")},
+    **{
+        f".{name}": f"ehrfm_{name}"
+        for name in (
+            "configuration",
+            "masking",
+            "hf_cache_compat",
+            "embeddings",
+            "common",
+            "llama",
+            "mamba",
+            "mamba2",
+            "bert",
+        )
+    },
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ehrfm_vocab.json")
 
@@ -100,7 +114,9 @@ def load_checkpoint_model(path: Path):
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     if unexpected or set(missing) - tied:
-        raise ckpt.CheckpointError(f"{path}: weights do not fit {head_cls.__name__}: missing {missing}, unexpected {unexpected}")
+        raise ckpt.CheckpointError(
+            f"{path}: weights do not fit {head_cls.__name__}: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
     return model.eval(), run_cfg
 
@@ -128,8 +144,9 @@ def export(run_dir, out, *, step: int | None = None, best: bool = False, overwri
     data_dir = Path(run_cfg["data"]["path"])
     manifest = read_manifest(data_dir)
     ckpt.check_data_identity(path, state, ckpt.data_identity(data_dir, manifest))
-    with atomic_output(out, "export", inputs=[run_dir, data_dir], overwrite=overwrite,
-                       fingerprint=manifest.get("vocab_fingerprint")) as tmp:
+    with atomic_output(
+        out, "export", inputs=[run_dir, data_dir], overwrite=overwrite, fingerprint=manifest.get("vocab_fingerprint")
+    ) as tmp:
         _write_export(tmp, path, state, data_dir, manifest)
     log.info("exported %s (step %d) to %s", path, state.step, out)
     return out
@@ -144,8 +161,12 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
     for name in TOKENIZER_FILES:
         if (data_dir / "tokenizer" / name).is_file():
             shutil.copy2(data_dir / "tokenizer" / name, tmp / name)
-    final_metrics = {"val_history": state.val_history[-1:], "best_val_loss": state.best_val_loss,
-                     "best_step": state.best_step, "tokens_seen": state.tokens_seen}
+    final_metrics = {
+        "val_history": state.val_history[-1:],
+        "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step,
+        "tokens_seen": state.tokens_seen,
+    }
     meta = {
         "architecture": architecture,
         "size": run_cfg["model"]["size"],
@@ -163,9 +184,12 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
 
 def _reference_rows(reference: dict) -> str:
     """Model-card rows of the count-model references (``data_shards.reference_ppl``), same validation split."""
-    names = {"ref_unigram_ppl": "unigram count model", "ref_bigram_ppl": "bigram count model",
-             "ref_code_unigram_ppl": "unigram count model, clinical-code targets",
-             "ref_code_bigram_ppl": "bigram count model, clinical-code targets"}
+    names = {
+        "ref_unigram_ppl": "unigram count model",
+        "ref_bigram_ppl": "bigram count model",
+        "ref_code_unigram_ppl": "unigram count model, clinical-code targets",
+        "ref_code_bigram_ppl": "bigram count model, clinical-code targets",
+    }
     rows = [f"| reference perplexity, {names[k]} (add-k, pretrain_val) | {v:.3f} |" for k, v in reference.items()]
     return "\n".join(rows) if rows else "| reference perplexities | n/a |"
 
@@ -176,24 +200,24 @@ def model_card(meta: dict, model) -> str:
     last = (meta["final_metrics"]["val_history"] or [{}])[-1]
     return f"""---
 library_name: transformers
-tags: [ehr, ehrfm, {meta['architecture']}]
+tags: [ehr, ehrfm, {meta["architecture"]}]
 ---
-# ehrfm {meta['architecture']} ({meta['size']})
+# ehrfm {meta["architecture"]} ({meta["size"]})
 
-EHR foundation model pretrained with `ehrfm pretrain` ({"masked" if meta['architecture'] == 'bert' else "next-token"} prediction).
+EHR foundation model pretrained with `ehrfm pretrain` ({"masked" if meta["architecture"] == "bert" else "next-token"} prediction).
 
 | | |
 |---|---|
 | parameters | {params / 1e6:.2f} M |
-| steps | {meta['step']} |
-| strategy | {meta['strategy']} |
-| validation loss (last) | {last.get('val_loss', 'n/a')} |
-| validation perplexity (last) | {last.get('val_ppl', 'n/a')} |
-| validation perplexity on clinical-code targets (last) | {last.get('val_code_ppl', 'n/a')} |
-| best validation loss | {meta['final_metrics']['best_val_loss']} (step {meta['final_metrics']['best_step']}) |
-{_reference_rows(meta.get('reference_perplexity') or {})}
-| data fingerprint | `{meta['data_fingerprint']}` |
-| vocabulary fingerprint | `{meta['vocab_fingerprint']}` |
+| steps | {meta["step"]} |
+| strategy | {meta["strategy"]} |
+| validation loss (last) | {last.get("val_loss", "n/a")} |
+| validation perplexity (last) | {last.get("val_ppl", "n/a")} |
+| validation perplexity on clinical-code targets (last) | {last.get("val_code_ppl", "n/a")} |
+| best validation loss | {meta["final_metrics"]["best_val_loss"]} (step {meta["final_metrics"]["best_step"]}) |
+{_reference_rows(meta.get("reference_perplexity") or {})}
+| data fingerprint | `{meta["data_fingerprint"]}` |
+| vocabulary fingerprint | `{meta["vocab_fingerprint"]}` |
 
 ## Use
 
@@ -211,6 +235,6 @@ attention_mask` / `document_ids`). Finetuning refuses data whose vocabulary fing
 ## Training config
 
 ```yaml
-{yaml.safe_dump(meta['config'], sort_keys=False).strip()}
+{yaml.safe_dump(meta["config"], sort_keys=False).strip()}
 ```
 """

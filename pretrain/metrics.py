@@ -6,6 +6,7 @@ real_tokens and padded_tokens (summed over ranks and micro-steps of this step), 
 step_time_s, peak_memory_mb (CUDA max allocated, else the process's max RSS), mfu (GPU only), plus
 auxiliary-loss terms. Validation records carry ``"split": "val"``, val_loss and val_ppl.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,17 @@ import torch
 # dense bf16 peak FLOP/s per device (the tensor-core number vendors quote, without sparsity), matched as whole
 # words of torch.cuda.get_device_name() in this order ("L40" is not "L4", "GH200" is not "H200")
 PEAK_FLOPS = {
-    "B200": 2250e12, "GH200": 989e12, "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "V100": 125e12,
+    "B200": 2250e12,
+    "GH200": 989e12,
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
 }
 
 
@@ -34,8 +44,11 @@ def flops_per_token(model: torch.nn.Module, context_length: int) -> float:
     config = model.config
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_weight = head.weight if head is not None else None
-    n = sum(p.numel() for name, p in model.named_parameters()
-            if "embeddings" not in name and "embed_tokens" not in name and p is not head_weight)
+    n = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "embeddings" not in name and "embed_tokens" not in name and p is not head_weight
+    )
     if head_weight is not None:
         n += head_weight.numel()
     flops = 6.0 * n
@@ -107,7 +120,9 @@ class MetricsLogger:
                 self.bar.write(f"step {step}: val_loss {clean['val_loss']:.4f} " + validation_summary(clean))
             else:
                 self.bar.n = step
-                self.bar.set_postfix(loss=f"{clean['loss']:.4f}", lr=f"{clean['lr']:.2e}", tok_s=f"{clean['tokens_per_s']:.0f}")
+                self.bar.set_postfix(
+                    loss=f"{clean['loss']:.4f}", lr=f"{clean['lr']:.2e}", tok_s=f"{clean['tokens_per_s']:.0f}"
+                )
 
     def close(self) -> None:
         if self.file:

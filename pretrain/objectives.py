@@ -9,9 +9,10 @@ Auxiliary losses are callables ``(hidden_states (B, L, H), batch) -> (loss scala
 to the objective's loss; the last hidden states come from a forward hook on the base model, so no second
 forward runs and the hook works inside any parallel wrapper.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

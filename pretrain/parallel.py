@@ -12,6 +12,7 @@ the same everywhere). ``build_engine`` wraps the HF model for a strategy and own
 Accelerate's own wrappers are not used for the engines: with ``cpu=True`` it silently falls back to DDP for
 FSDP/DeepSpeed plugins, so the real engine is applied here and the tests assert which wrapper the model got.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -224,9 +225,10 @@ def deepspeed_config(cfg, world_size: int, device: torch.device) -> dict:
         return merged
 
     merged = fill(user, ours)
-    if merged["train_micro_batch_size_per_gpu"] != cfg.data.batch_size or merged[
-        "gradient_accumulation_steps"
-    ] != cfg.train.grad_accum:
+    if (
+        merged["train_micro_batch_size_per_gpu"] != cfg.data.batch_size
+        or merged["gradient_accumulation_steps"] != cfg.train.grad_accum
+    ):
         raise ValueError(
             f"DeepSpeed config {cfg.deepspeed.config_file}: micro batch {merged['train_micro_batch_size_per_gpu']} / "
             f"accumulation {merged['gradient_accumulation_steps']} disagree with data.batch_size="
@@ -270,8 +272,12 @@ def build_engine(cfg, module: nn.Module, info: DistInfo) -> Engine:
 
         ds_config = deepspeed_config(cfg, info.world_size, info.device)
         optimizer = None if "optimizer" in ds_config else adamw(param_groups(module, o.weight_decay))
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                                          model_parameters=None if optimizer else module.parameters())
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            config=ds_config,
+            model_parameters=None if optimizer else module.parameters(),
+        )
         return DeepSpeedEngine(module, engine, ds_optimizer, cfg, owns_lr="scheduler" not in ds_config)
     raise ValueError(f"unknown strategy {strategy!r}")
 

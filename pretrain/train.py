@@ -15,6 +15,7 @@ stops the run at once with :class:`TrainingDivergedError`; nothing of that step 
 checkpoint written stays ``latest``). There is no skip budget: on EHR corpora a non-finite loss has meant bad
 input or a broken checkpoint, never a transient overflow worth stepping over (bf16 needs no loss scaling).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,8 @@ import torch.distributed as dist
 import yaml
 
 from ..config import ConfigError, save_config, to_dict
-from ..data_shards.schema import SPECIAL_TOKENS
 from ..data_shards.reference_ppl import for_data_dir, reference_for
+from ..data_shards.schema import SPECIAL_TOKENS
 from ..data_shards.shards import read_manifest
 from ..data_shards.stream import EhrDataLoader, PatientStream, StreamConfig
 from ..errors import EhrfmError
@@ -56,8 +57,7 @@ def build_model_for(cfg: PretrainConfig, vocab_size: int) -> torch.nn.Module:
     from .models import build_model
 
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model.architecture, cfg.model.size, head=True, vocab_size=vocab_size,
-                       **model_overrides(cfg))
+    return build_model(cfg.model.architecture, cfg.model.size, head=True, vocab_size=vocab_size, **model_overrides(cfg))
 
 
 def model_overrides(cfg: PretrainConfig) -> dict:
@@ -153,7 +153,13 @@ class Trainer:
             aux_losses=aux,
         )
         self.loader = EhrDataLoader(
-            PatientStream(self.data_dir, cfg.data.train_split, stream_config(cfg, True), rank=info.rank, world_size=info.world_size),
+            PatientStream(
+                self.data_dir,
+                cfg.data.train_split,
+                stream_config(cfg, True),
+                rank=info.rank,
+                world_size=info.world_size,
+            ),
             num_workers=cfg.data.num_workers,
             generator=_private_generator(),
         )
@@ -162,8 +168,13 @@ class Trainer:
             data=self.data_identity,
             strategy=cfg.train.strategy,
             world_size=info.world_size,
-            schedule={"lr": cfg.optim.lr, "warmup_fraction": cfg.optim.warmup_fraction, "schedule": cfg.optim.schedule,
-                      "total_steps": cfg.train.max_steps, "min_lr_ratio": cfg.optim.min_lr_ratio},
+            schedule={
+                "lr": cfg.optim.lr,
+                "warmup_fraction": cfg.optim.warmup_fraction,
+                "schedule": cfg.optim.schedule,
+                "total_steps": cfg.train.max_steps,
+                "min_lr_ratio": cfg.optim.min_lr_ratio,
+            },
         )
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         # count-model perplexities on the validation split, logged beside val_ppl (data_shards.reference_ppl)
@@ -218,7 +229,8 @@ class Trainer:
         vector = torch.tensor(
             [totals["loss"], totals["real"], totals["slots"], float(self.preemption.requested), float(not finite)]
             + [aux_logs[k] for k in keys],
-            dtype=torch.float64, device=self.info.device,  # collectives run on the rank's device (NCCL: CUDA only)
+            dtype=torch.float64,
+            device=self.info.device,  # collectives run on the rank's device (NCCL: CUDA only)
         )
         flags = _all_reduce(vector[3:5].clone(), dist.ReduceOp.MAX)
         if flags[1].item():
@@ -249,8 +261,13 @@ class Trainer:
         the perplexity on clinical-code targets alone (``val_code_ppl``, read against the ``codes`` references
         of ``data_shards.reference_ppl``)."""
         cfg, engine = self.cfg, self.engine
-        stream = PatientStream(self.data_dir, cfg.data.val_split, stream_config(cfg, False),
-                               rank=self.info.rank, world_size=self.info.world_size)
+        stream = PatientStream(
+            self.data_dir,
+            cfg.data.val_split,
+            stream_config(cfg, False),
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
         it = iter(EhrDataLoader(stream, num_workers=0, generator=_private_generator()))
         engine.train(False)
         device = self.info.device
@@ -276,21 +293,34 @@ class Trainer:
         val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
         code_loss = (total[2] / total[3]).item() if total[3] > 0 else float("nan")
         if total[1] > 0 and not math.isfinite(val_loss):
-            raise TrainingDivergedError(f"step {self.state.step}: validation loss is {val_loss}; stopped without checkpointing")
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_targets": int(total[1].item()),
-                "val_code_ppl": math.exp(min(code_loss, 50.0)) if math.isfinite(code_loss) else float("nan"),
-                **self.reference}
+            raise TrainingDivergedError(
+                f"step {self.state.step}: validation loss is {val_loss}; stopped without checkpointing"
+            )
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_targets": int(total[1].item()),
+            "val_code_ppl": math.exp(min(code_loss, 50.0)) if math.isfinite(code_loss) else float("nan"),
+            **self.reference,
+        }
 
     def _stand_in_val_batch(self) -> dict:
         """A validation batch for a rank whose shard of the split is empty (more ranks than validation
         patients or shards): its forward keeps the collectives of sharded engines in step, its loss weighs 0."""
-        stream = PatientStream(self.data_dir, self.cfg.data.val_split, stream_config(self.cfg, False), rank=0, world_size=1)
+        stream = PatientStream(
+            self.data_dir, self.cfg.data.val_split, stream_config(self.cfg, False), rank=0, world_size=1
+        )
         return next(iter(EhrDataLoader(stream, num_workers=0, generator=_private_generator())))
 
     def save(self, best: bool = False) -> None:
         ckpt.save_checkpoint(
-            self.run_dir, self.engine, self.state, loader_state=self.loader.state_dict(),
-            config_yaml=self.config_yaml, keep=self.cfg.checkpoint.keep, best=best,
+            self.run_dir,
+            self.engine,
+            self.state,
+            loader_state=self.loader.state_dict(),
+            config_yaml=self.config_yaml,
+            keep=self.cfg.checkpoint.keep,
+            best=best,
         )
 
     @torch.no_grad()
@@ -299,8 +329,13 @@ class Trainer:
         export can be checked against the model that was trained."""
         from safetensors.torch import save_file
 
-        stream = PatientStream(self.data_dir, self.cfg.data.val_split, stream_config(self.cfg, False),
-                               rank=self.info.rank, world_size=self.info.world_size)
+        stream = PatientStream(
+            self.data_dir,
+            self.cfg.data.val_split,
+            stream_config(self.cfg, False),
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
         raw = next(iter(EhrDataLoader(stream, generator=_private_generator())))
         batch = self.objective.prepare(raw, 0, 0, self.info.device, split="probe")
         self.engine.train(False)
@@ -322,8 +357,13 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "engine.json").write_text(json.dumps(engine_info, indent=2))
             log.info("engine: %s", engine_info)
-        metrics = MetricsLogger(self.run_dir, enabled=info.rank == 0, total_steps=cfg.train.max_steps,
-                                start_step=self.state.step, progress=cfg.train.progress_bar)
+        metrics = MetricsLogger(
+            self.run_dir,
+            enabled=info.rank == 0,
+            total_steps=cfg.train.max_steps,
+            start_step=self.state.step,
+            progress=cfg.train.progress_bar,
+        )
         peak = peak_flops(cfg.train.peak_flops)
         batches = iter(self.loader)
         exit_code = 0
@@ -336,8 +376,12 @@ class Trainer:
                 self.state.tokens_seen += record["real_tokens"]
                 dt = time.perf_counter() - t0
                 preempt = record.pop("_preempt")
-                record.update(step=self.state.step, step_time_s=dt, tokens_per_s=record["real_tokens"] / dt,
-                              peak_memory_mb=peak_memory_mb())
+                record.update(
+                    step=self.state.step,
+                    step_time_s=dt,
+                    tokens_per_s=record["real_tokens"] / dt,
+                    peak_memory_mb=peak_memory_mb(),
+                )
                 if peak > 0:
                     record["mfu"] = self.flops_per_token * record["padded_tokens"] / dt / (peak * info.world_size)
                 if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.max_steps:
@@ -351,14 +395,22 @@ class Trainer:
                     self.state.val_history.append({"step": self.state.step, **val})
                     metrics.log({"split": "val", "step": self.state.step, **val})
                     if val["val_loss"] < self.state.best_val_loss:
-                        self.state.best_val_loss, self.state.best_step, self.state.bad_evals = val["val_loss"], self.state.step, 0
+                        self.state.best_val_loss, self.state.best_step, self.state.bad_evals = (
+                            val["val_loss"],
+                            self.state.step,
+                            0,
+                        )
                         best = True
                     else:
                         self.state.bad_evals += 1
                         if cfg.train.patience and self.state.bad_evals >= cfg.train.patience:
                             self.state.stopped_early = True
-                            log.info("early stopping at step %d (best %.4f at %d)", self.state.step,
-                                     self.state.best_val_loss, self.state.best_step)
+                            log.info(
+                                "early stopping at step %d (best %.4f at %d)",
+                                self.state.step,
+                                self.state.best_val_loss,
+                                self.state.best_step,
+                            )
                 every = cfg.checkpoint.every
                 if best or final or preempt or self.state.stopped_early or (every and self.state.step % every == 0):
                     self.save(best=best)
@@ -369,13 +421,15 @@ class Trainer:
                 self.save_probe()
             if exit_code == 0 and info.rank == 0:
                 self._compare_with_references()
-                plot_validation_curves({f"{cfg.model.architecture}-{cfg.model.size}": self.run_dir},
-                                       self.run_dir / "val_ppl.png", title=str(self.run_dir))
+                plot_validation_curves(
+                    {f"{cfg.model.architecture}-{cfg.model.size}": self.run_dir},
+                    self.run_dir / "val_ppl.png",
+                    title=str(self.run_dir),
+                )
         finally:
             metrics.close()
             self.preemption.restore()
         return exit_code
-
 
     def _compare_with_references(self) -> None:
         """Warn when the best validation perplexity does not beat the count-model reference."""
@@ -384,12 +438,19 @@ class Trainer:
         best = min(math.exp(min(v["val_loss"], 50.0)) for v in self.state.val_history)
         name = "ref_bigram_ppl" if "ref_bigram_ppl" in self.reference else "ref_unigram_ppl"
         if best >= self.reference[name]:
-            log.warning("best validation perplexity %.2f is not below the %s model's %.2f: the model has not learned "
-                        "more than token counts (train longer, raise the learning rate, or check the data)",
-                        best, name[4:-4], self.reference[name])
+            log.warning(
+                "best validation perplexity %.2f is not below the %s model's %.2f: the model has not learned "
+                "more than token counts (train longer, raise the learning rate, or check the data)",
+                best,
+                name[4:-4],
+                self.reference[name],
+            )
         else:
-            log.info("best validation perplexity %.2f; references: %s", best,
-                     ", ".join(f"{k[4:-4]} {v:.2f}" for k, v in self.reference.items()))
+            log.info(
+                "best validation perplexity %.2f; references: %s",
+                best,
+                ", ".join(f"{k[4:-4]} {v:.2f}" for k, v in self.reference.items()),
+            )
 
 
 def _diff(a, b, prefix="") -> list[str]:

@@ -7,6 +7,7 @@
   the checkout on ``sys.path`` just while the workers start, so the test process itself never sees the
   checkout's folders as top-level packages.
 """
+
 import contextlib
 import os
 import sys

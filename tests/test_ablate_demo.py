@@ -1,4 +1,5 @@
 """`ehrfm ablate` grid logic, tables and plots; `ehrfm demo` and `ehrfm ablate --quick` end to end (slow)."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from ehrfm.ablate import BASE_VALUES, ablation_plots, ablation_tables, cells, concept_groups, quick_grid, full_grid
+from ehrfm.ablate import BASE_VALUES, ablation_plots, ablation_tables, cells, concept_groups, full_grid, quick_grid
 from ehrfm.demo import chance_verdict
 from ehrfm.study import benefit_plots, benefit_table, convergence_rows, convergence_table
 
 TASKS_YAML = Path(__file__).parent / "finetune" / "tasks_synthea.yaml"
-SMALL_SPLITS = ["splits.pretrain=0.2", "splits.finetune=0.5", "splits.test=0.3", "splits.val_fraction=0.4",
-                "splits.seed=1"]
+SMALL_SPLITS = [
+    "splits.pretrain=0.2",
+    "splits.finetune=0.5",
+    "splits.test=0.3",
+    "splits.val_fraction=0.4",
+    "splits.seed=1",
+]
 
 
 def test_each_axis_varies_alone_around_the_base():
@@ -23,16 +29,22 @@ def test_each_axis_varies_alone_around_the_base():
     base = {"data_variant": "b10-i3_cutoff_PRO", "context": 512, "size": "medium", "train_fraction": 1.0}
     for c in all_cells:
         differing = {k for k, v in base.items() if getattr(c, k) != v}
-        allowed = {"vocabulary": {"data_variant"}, "history": {"data_variant"}, "concepts": {"data_variant"},
-                   "context-size": {"context", "size"}, "train-fraction": {"train_fraction"}}[c.axis]
+        allowed = {
+            "vocabulary": {"data_variant"},
+            "history": {"data_variant"},
+            "concepts": {"data_variant"},
+            "context-size": {"context", "size"},
+            "train-fraction": {"train_fraction"},
+        }[c.axis]
         assert differing <= allowed, c
     # 4 backbones x (4 + 9 + 6 + 5 + 4) values, XGBoost per data variant (+ once for context/size and fractions)
     backbone_cells = [c for c in all_cells if c.model != "xgboost"]
     assert len(backbone_cells) == 4 * 28
     assert len([c for c in all_cells if c.model == "xgboost"]) == 4 + 1 + 6 + 5 + 1
     # the base setting appears under every axis but is one experiment per model
-    base_keys = {c.experiment_key for c in all_cells if c.value in (*BASE_VALUES.values(), "C512-medium")
-                 and c.model == "llama"}
+    base_keys = {
+        c.experiment_key for c in all_cells if c.value in (*BASE_VALUES.values(), "C512-medium") and c.model == "llama"
+    }
     assert len(base_keys) == 1
     assert concept_groups("DX") == ["DX", "IMM", "OTHER"]
     assert concept_groups("+MED") == ["DX", "VIT", "LAB", "MED", "IMM", "OTHER"]
@@ -43,16 +55,29 @@ def _metric(value, low, high):
 
 
 def _record(axis, value, model, auprc):
-    entry = {"auprc": _metric(auprc, auprc - 0.1, auprc + 0.1), "auroc": _metric(0.7, 0.6, 0.8),
-             "brier": _metric(0.2, 0.15, 0.25)}
-    return {"cell": f"{axis}={value}/{model}", "axis": axis, "value": value, "model": model, "vocab_size": 99,
-            "tasks": {"los_7d": entry}}
+    entry = {
+        "auprc": _metric(auprc, auprc - 0.1, auprc + 0.1),
+        "auroc": _metric(0.7, 0.6, 0.8),
+        "brier": _metric(0.2, 0.15, 0.25),
+    }
+    return {
+        "cell": f"{axis}={value}/{model}",
+        "axis": axis,
+        "value": value,
+        "model": model,
+        "vocab_size": 99,
+        "tasks": {"los_7d": entry},
+    }
 
 
 def test_tables_follow_the_supplementary_layout_and_plots_are_pngs(tmp_path):
     grid = quick_grid(steps=1, epochs=1)
-    records = [_record("vocabulary", "b5-i3", "llama", 0.41), _record("vocabulary", "b10-i3", "llama", 0.52),
-               _record("vocabulary", "b10-i3", "xgboost", 0.33), _record("train-fraction", "50%", "llama", 0.5)]
+    records = [
+        _record("vocabulary", "b5-i3", "llama", 0.41),
+        _record("vocabulary", "b10-i3", "llama", 0.52),
+        _record("vocabulary", "b10-i3", "xgboost", 0.33),
+        _record("train-fraction", "50%", "llama", 0.5),
+    ]
     records[-1]["tasks"] = {}
     records[0]["tasks"]["los_7d"]["brier"] = _metric(0.2, 0.2 + 1e-16, 0.25)  # a CI above its point by rounding
     records[-1]["skipped_tasks"] = {"los_7d": "task 'los_7d': train_fraction 0.5 leaves only one class"}
@@ -63,31 +88,46 @@ def test_tables_follow_the_supplementary_layout_and_plots_are_pngs(tmp_path):
     assert "| los_7d | b10-i3* | 99 | 0.330 (0.230-0.430) | 0.520 (0.420-0.620) | - |" in text
     assert "| los_7d | b5-i3 | 99 | - | 0.410 (0.310-0.510) | - |" in text
     plots = ablation_plots(records, tmp_path)
-    assert {p.name for p in plots} == {f"ablation_{a}_{m}.png" for a in ("vocabulary", "train-fraction")
-                                       for m in ("auprc", "auroc", "brier")}
+    assert {p.name for p in plots} == {
+        f"ablation_{a}_{m}.png" for a in ("vocabulary", "train-fraction") for m in ("auprc", "auroc", "brier")
+    }
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 
 def test_chance_verdict_counts_auroc_and_ci_lower_bounds():
-    metrics = {"tasks": {"a": {"auroc": _metric(0.8, 0.6, 0.9)}, "b": {"auroc": _metric(0.7, 0.55, 0.85)},
-                         "c": {"auroc": _metric(0.52, 0.3, 0.7)}}}
+    metrics = {
+        "tasks": {
+            "a": {"auroc": _metric(0.8, 0.6, 0.9)},
+            "b": {"auroc": _metric(0.7, 0.55, 0.85)},
+            "c": {"auroc": _metric(0.52, 0.3, 0.7)},
+        }
+    }
     verdict = chance_verdict(metrics, ["a", "b", "c"])
     assert verdict["met"] and verdict["above"] == ["a", "b", "c"] and verdict["ci_above"] == ["a", "b"]
     metrics["tasks"]["c"]["auroc"] = _metric(0.49, 0.3, 0.7)  # one task at or below chance fails the criterion
     assert not chance_verdict(metrics, ["a", "b", "c"])["met"]
     metrics["tasks"]["c"]["auroc"] = _metric(float("nan"), float("nan"), float("nan"))  # undefined is not above
     assert chance_verdict(metrics, ["a", "b", "c"])["above"] == ["a", "b"]
-    assert not chance_verdict({"tasks": {"a": {"auroc": _metric(0.9, 0.45, 0.99)}, "b": {"auroc": _metric(0.9, 0.6, 1)}}},
-                              ["a", "b"])["met"]  # with two tasks both lower bounds must clear 0.5
+    assert not chance_verdict(
+        {"tasks": {"a": {"auroc": _metric(0.9, 0.45, 0.99)}, "b": {"auroc": _metric(0.9, 0.6, 1)}}}, ["a", "b"]
+    )["met"]  # with two tasks both lower bounds must clear 0.5
 
 
 def test_benefit_table_and_plots(tmp_path):
     def record(model, fraction, auroc):
         entry = {"auroc": _metric(auroc, auroc - 0.1, auroc + 0.1), "auprc": _metric(0.3, 0.2, 0.4)}
-        return {"cell": f"{model}-f{round(fraction * 100)}", "model": model, "fraction": fraction,
-                "tasks": {"los_7d": entry}, "skipped_tasks": {}, "train_patients": round(200 * fraction)}
+        return {
+            "cell": f"{model}-f{round(fraction * 100)}",
+            "model": model,
+            "fraction": fraction,
+            "tasks": {"los_7d": entry},
+            "skipped_tasks": {},
+            "train_patients": round(200 * fraction),
+        }
 
-    records = [record(m, f, a) for f in (0.1, 1.0) for m, a in (("pretrained", 0.7), ("from scratch", 0.6), ("xgboost", 0.65))]
+    records = [
+        record(m, f, a) for f in (0.1, 1.0) for m, a in (("pretrained", 0.7), ("from scratch", 0.6), ("xgboost", 0.65))
+    ]
     records[0]["skipped_tasks"] = {"readmission_30d": "task 'readmission_30d': one class"}
     text = benefit_table(records, ["los_7d"])
     assert "## AUROC" in text and "## AUPRC" in text
@@ -105,13 +145,17 @@ def test_convergence_rows_find_the_first_step_below_the_bigram(tmp_path):
     run.mkdir()
     refs = {"ref_unigram_ppl": 300.0, "ref_bigram_ppl": 5.6, "ref_code_unigram_ppl": 430.0, "ref_code_bigram_ppl": 7.6}
     lines = [{"loss": 5.0, "step": 1, "step_time_s": 0.5}, {"loss": 4.0, "step": 2, "step_time_s": 0.25}]
-    lines += [{"split": "val", "step": s, "val_loss": 0.0, "val_ppl": v, "val_code_ppl": v * 1.3, **refs}
-              for s, v in ((50, 100.0), (100, 6.0), (150, 5.0), (200, 4.5))]
+    lines += [
+        {"split": "val", "step": s, "val_loss": 0.0, "val_ppl": v, "val_code_ppl": v * 1.3, **refs}
+        for s, v in ((50, 100.0), (100, 6.0), (150, 5.0), (200, 4.5))
+    ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     rows = convergence_rows({"llama-mini": run, "empty": tmp_path / "missing"})
     assert len(rows) == 1 and rows[0]["first_step_below_bigram"] == 150 and rows[0]["best_val_ppl"] == 4.5
     assert rows[0]["seconds"] == 0.8
-    assert "| llama-mini | 200 | 4.50 | 4.50 | 5.85 | 300.00 | 5.60 | 430.00 | 7.60 | 150 | 1 |" in convergence_table(rows)
+    assert "| llama-mini | 200 | 4.50 | 4.50 | 5.85 | 300.00 | 5.60 | 430.00 | 7.60 | 150 | 1 |" in convergence_table(
+        rows
+    )
     png = plot_validation_curves({"llama-mini": run}, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_validation_curves({"none": tmp_path / "missing"}, tmp_path / "none.png") is None
@@ -132,13 +176,34 @@ def cohort() -> Path:
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--input", str(cohort), "--format", "fhir", "--tasks", str(TASKS_YAML), "--out", str(out),
-            "--steps", "4", "--context-length", "64", "--epochs", "1", "--bootstrap", "20",
-            *[f"--prepare-option={o}" for o in SMALL_SPLITS]]
+    args = [
+        "demo",
+        "--input",
+        str(cohort),
+        "--format",
+        "fhir",
+        "--tasks",
+        str(TASKS_YAML),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--context-length",
+        "64",
+        "--epochs",
+        "1",
+        "--bootstrap",
+        "20",
+        *[f"--prepare-option={o}" for o in SMALL_SPLITS],
+    ]
     first = _ehrfm(*args, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "demo_report.json").read_text())
-    assert set(report["results"]) == {"llama-mini per-task heads", "llama-mini per-task heads, from scratch", "XGBoost (counts)"}
+    assert set(report["results"]) == {
+        "llama-mini per-task heads",
+        "llama-mini per-task heads, from scratch",
+        "XGBoost (counts)",
+    }
     pretraining = report["pretraining"]["llama"]
     assert pretraining["val_ppl"] > 0 and pretraining["ref_bigram_ppl"] > 0 and pretraining["ref_unigram_ppl"] > 0
     assert pretraining["val_code_ppl"] > 0 and pretraining["ref_code_bigram_ppl"] > 0
@@ -156,16 +221,34 @@ def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
     second = _ehrfm(*args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (out / "eval_llama" / "metrics.json").stat().st_mtime_ns == before
-    table = lambda text: text[text.index("| task |"):text.index("\nllama")]  # noqa: E731
+    table = lambda text: text[text.index("| task |") : text.index("\nllama")]  # noqa: E731
     assert table(second.stdout) == table(first.stdout)
 
 
 @pytest.mark.slow
 def test_quick_ablation_end_to_end_and_resume(cohort, tmp_path):
     out = tmp_path / "ablation"
-    args = ["ablate", "--quick", "--input", str(cohort), "--format", "fhir", "--task-sets", str(TASKS_YAML),
-            "--out", str(out), "--backbones", "llama", "--steps", "2", "--epochs", "1", "--bootstrap", "10",
-            *[f"--prepare-option={o}" for o in SMALL_SPLITS]]
+    args = [
+        "ablate",
+        "--quick",
+        "--input",
+        str(cohort),
+        "--format",
+        "fhir",
+        "--task-sets",
+        str(TASKS_YAML),
+        "--out",
+        str(out),
+        "--backbones",
+        "llama",
+        "--steps",
+        "2",
+        "--epochs",
+        "1",
+        "--bootstrap",
+        "10",
+        *[f"--prepare-option={o}" for o in SMALL_SPLITS],
+    ]
     first = _ehrfm(*args, timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
     lines = (out / "results.jsonl").read_text().splitlines()

@@ -11,6 +11,7 @@ Classes: output folders that are someone else's or an input (data loss), planted
 files (code execution, integrity), a non-finite loss, data that changed under a run, input sanity of
 prepare (codes, values, times, config ranges, FHIR), and the error boundary of every command.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,11 +35,24 @@ from ehrfm.cli import main
 from ehrfm.outputs import OWNER_FILE, read_owner
 
 TINY_LLAMA = [
-    "--model", "llama", "--size", "tiny", "--strategy", "ddp", "data.context_length=32", "data.batch_size=4",
-    "data.pack_window=16", "train.progress_bar=false", "model.overrides.hidden_size=32",
-    "model.overrides.num_hidden_layers=2", "model.overrides.num_attention_heads=2",
-    "model.overrides.intermediate_size=64", "model.overrides.time_embedding_size=8", "train.val_every=2",
-    "checkpoint.every=2", "checkpoint.keep=5",
+    "--model",
+    "llama",
+    "--size",
+    "tiny",
+    "--strategy",
+    "ddp",
+    "data.context_length=32",
+    "data.batch_size=4",
+    "data.pack_window=16",
+    "train.progress_bar=false",
+    "model.overrides.hidden_size=32",
+    "model.overrides.num_hidden_layers=2",
+    "model.overrides.num_attention_heads=2",
+    "model.overrides.intermediate_size=64",
+    "model.overrides.time_embedding_size=8",
+    "train.val_every=2",
+    "checkpoint.every=2",
+    "checkpoint.keep=5",
 ]
 
 
@@ -54,16 +68,21 @@ def pretrain_argv(data: Path, run: Path, *extra: str, steps: int = 4) -> list[st
 
 
 def run_subprocess(argv: list[str]) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "ehrfm.cli", *argv], env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ehrfm.cli", *argv], env=_env(), capture_output=True, text=True, timeout=600
+    )
     return proc.returncode, proc.stderr
 
 
 def _meds_frame(rows: list[tuple]) -> pl.DataFrame:
     """rows of (subject_id, time, code, numeric_value)."""
     return pl.DataFrame(
-        {"subject_id": [r[0] for r in rows], "time": [r[1] for r in rows], "code": [r[2] for r in rows],
-         "numeric_value": [r[3] for r in rows]},
+        {
+            "subject_id": [r[0] for r in rows],
+            "time": [r[1] for r in rows],
+            "code": [r[2] for r in rows],
+            "numeric_value": [r[3] for r in rows],
+        },
         schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64},
     )
 
@@ -72,8 +91,12 @@ def _base_rows() -> list[tuple]:
     rows = []
     for sid in range(1, 13):
         born = dt.datetime(1950 + sid, 1, 1)
-        rows += [(sid, born, "MEDS_BIRTH", None), (sid, dt.datetime(2000, 1, sid), "ICD10CM/I10", None),
-                 (sid, dt.datetime(2001, 2, sid), "LOINC/2345-7", 90.0 + sid), (sid, dt.datetime(2002, 3, sid), "RX/1", None)]
+        rows += [
+            (sid, born, "MEDS_BIRTH", None),
+            (sid, dt.datetime(2000, 1, sid), "ICD10CM/I10", None),
+            (sid, dt.datetime(2001, 2, sid), "LOINC/2345-7", 90.0 + sid),
+            (sid, dt.datetime(2002, 3, sid), "RX/1", None),
+        ]
     return rows
 
 
@@ -101,9 +124,24 @@ class World:
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("corpus")
     exe = Path(sys.executable).with_name("build_sample_MEDS_dataset")
-    subprocess.run([str(exe), f"output_dir={root / 'meds'}", "N_subjects=40", "seed=2"], check=True, capture_output=True)
-    assert main(["prepare", "--input", str(root / "meds"), "--out", str(root / "data"), "--no-progress", "tasks=[]",
-                 "splits.respect_meds_splits=false"]) == 0
+    subprocess.run(
+        [str(exe), f"output_dir={root / 'meds'}", "N_subjects=40", "seed=2"], check=True, capture_output=True
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(root / "meds"),
+                "--out",
+                str(root / "data"),
+                "--no-progress",
+                "tasks=[]",
+                "splits.respect_meds_splits=false",
+            ]
+        )
+        == 0
+    )
     code, err = run_subprocess(pretrain_argv(root / "data", root / "run"))
     assert code == 0, err[-3000:]
     assert main(["export", "--run", str(root / "run"), "--out", str(root / "hf")]) == 0
@@ -192,54 +230,104 @@ def _tamper(run: Path, how: str, which: str, sentinel: Path) -> None:
 def case_output_folders(w: World, t: Path) -> dict[str, Case]:
     cases = {}
     out = foreign_folder(t / "mine")
-    cases["prepare_foreign_out"] = Case(prepare_argv(w.meds, out), message=r"mine.*not an output of `ehrfm prepare`", out=out)
-    cases["prepare_out_is_input"] = Case(prepare_argv(w.meds, w.meds), message=r"may not contain each other", out=w.meds)
-    cases["prepare_out_inside_input"] = Case(prepare_argv(w.meds, w.meds / "data" / "out"), message="may not contain each other")
+    cases["prepare_foreign_out"] = Case(
+        prepare_argv(w.meds, out), message=r"mine.*not an output of `ehrfm prepare`", out=out
+    )
+    cases["prepare_out_is_input"] = Case(
+        prepare_argv(w.meds, w.meds), message=r"may not contain each other", out=w.meds
+    )
+    cases["prepare_out_inside_input"] = Case(
+        prepare_argv(w.meds, w.meds / "data" / "out"), message="may not contain each other"
+    )
     cases["prepare_input_inside_out"] = Case(prepare_argv(w.meds, w.meds.parent), message="may not contain each other")
-    cases["prepare_overwrite_still_not_input"] = Case(prepare_argv(w.meds, w.meds, "--overwrite"), message="may not contain each other")
+    cases["prepare_overwrite_still_not_input"] = Case(
+        prepare_argv(w.meds, w.meds, "--overwrite"), message="may not contain each other"
+    )
     (t / "afile").write_text("x")
     cases["prepare_out_is_a_file"] = Case(prepare_argv(w.meds, t / "afile"), message="not a folder", out=t / "afile")
     other = _owned_by("export", t / "exported")
-    cases["prepare_out_of_another_command"] = Case(prepare_argv(w.meds, other), message=r"written by `ehrfm export`", out=other)
+    cases["prepare_out_of_another_command"] = Case(
+        prepare_argv(w.meds, other), message=r"written by `ehrfm export`", out=other
+    )
     cfg_dir = _owned_by("prepare", t / "prep_with_cfg")
     (cfg_dir / "prepare.yaml").write_text("vocab:\n  num_bins: 5\n")
     cases["prepare_out_holds_its_config"] = Case(
-        [*prepare_argv(w.meds, cfg_dir), "--config", str(cfg_dir / "prepare.yaml")], message="may not contain each other", out=cfg_dir)
-    cases["export_out_is_run"] = Case(["export", "--run", str(w.run), "--out", str(w.run)], message="may not contain each other")
-    cases["export_out_inside_run"] = Case(["export", "--run", str(w.run), "--out", str(w.run / "hf")], message="may not contain each other")
+        [*prepare_argv(w.meds, cfg_dir), "--config", str(cfg_dir / "prepare.yaml")],
+        message="may not contain each other",
+        out=cfg_dir,
+    )
+    cases["export_out_is_run"] = Case(
+        ["export", "--run", str(w.run), "--out", str(w.run)], message="may not contain each other"
+    )
+    cases["export_out_inside_run"] = Case(
+        ["export", "--run", str(w.run), "--out", str(w.run / "hf")], message="may not contain each other"
+    )
     out = foreign_folder(t / "mine_export")
-    cases["export_foreign_out"] = Case(["export", "--run", str(w.run), "--out", str(out)], message="not an output of `ehrfm export`", out=out)
-    cases["export_over_prepared_data"] = Case(["export", "--run", str(w.run), "--out", str(w.data)], message="written by `ehrfm prepare`", out=w.data)
+    cases["export_foreign_out"] = Case(
+        ["export", "--run", str(w.run), "--out", str(out)], message="not an output of `ehrfm export`", out=out
+    )
+    cases["export_over_prepared_data"] = Case(
+        ["export", "--run", str(w.run), "--out", str(w.data)], message="written by `ehrfm prepare`", out=w.data
+    )
     out = foreign_folder(t / "mine_ft")
-    cases["finetune_foreign_out"] = Case(["finetune", "--model", str(w.hf), "--data", str(w.data), "--out", str(out)],
-                                         message="not an output of `ehrfm finetune`", out=out)
-    cases["finetune_out_is_model"] = Case(["finetune", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.hf)],
-                                          message="may not contain each other")
-    cases["finetune_out_inside_data"] = Case(["finetune", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.data / "ft")],
-                                             message="may not contain each other")
+    cases["finetune_foreign_out"] = Case(
+        ["finetune", "--model", str(w.hf), "--data", str(w.data), "--out", str(out)],
+        message="not an output of `ehrfm finetune`",
+        out=out,
+    )
+    cases["finetune_out_is_model"] = Case(
+        ["finetune", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.hf)],
+        message="may not contain each other",
+    )
+    cases["finetune_out_inside_data"] = Case(
+        ["finetune", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.data / "ft")],
+        message="may not contain each other",
+    )
     out = foreign_folder(t / "mine_eval")
-    cases["evaluate_foreign_out"] = Case(["evaluate", "--model", str(w.hf), "--data", str(w.data), "--out", str(out)],
-                                         message="not an output of `ehrfm evaluate`", out=out)
-    cases["evaluate_out_is_model"] = Case(["evaluate", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.hf)],
-                                          message="may not contain each other")
+    cases["evaluate_foreign_out"] = Case(
+        ["evaluate", "--model", str(w.hf), "--data", str(w.data), "--out", str(out)],
+        message="not an output of `ehrfm evaluate`",
+        out=out,
+    )
+    cases["evaluate_out_is_model"] = Case(
+        ["evaluate", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.hf)],
+        message="may not contain each other",
+    )
     out = foreign_folder(t / "mine_base")
-    cases["baseline_foreign_out"] = Case(["baseline", "--model", "logreg", "--data", str(w.data), "--out", str(out)],
-                                         message="not an output of `ehrfm baseline`", out=out)
-    cases["embed_out_is_data"] = Case(["embed", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.data)],
-                                      message="may not contain each other")
+    cases["baseline_foreign_out"] = Case(
+        ["baseline", "--model", "logreg", "--data", str(w.data), "--out", str(out)],
+        message="not an output of `ehrfm baseline`",
+        out=out,
+    )
+    cases["embed_out_is_data"] = Case(
+        ["embed", "--model", str(w.hf), "--data", str(w.data), "--out", str(w.data)],
+        message="may not contain each other",
+    )
     out = foreign_folder(t / "mine_run")
-    cases["pretrain_foreign_out"] = Case(pretrain_argv(w.data, out), message=r"mine_run.*not an output of `ehrfm pretrain`", out=out)
+    cases["pretrain_foreign_out"] = Case(
+        pretrain_argv(w.data, out), message=r"mine_run.*not an output of `ehrfm pretrain`", out=out
+    )
     cases["pretrain_out_is_data"] = Case(pretrain_argv(w.data, w.data), message="may not contain each other")
-    cases["pretrain_out_inside_data"] = Case(pretrain_argv(w.data, w.data / "run"), message="may not contain each other")
+    cases["pretrain_out_inside_data"] = Case(
+        pretrain_argv(w.data, w.data / "run"), message="may not contain each other"
+    )
     out = foreign_folder(t / "mine_demo")
-    cases["demo_foreign_out"] = Case(["demo", "--input", str(w.meds), "--format", "meds", "--out", str(out)],
-                                     message="not an output of `ehrfm demo`", out=out)
+    cases["demo_foreign_out"] = Case(
+        ["demo", "--input", str(w.meds), "--format", "meds", "--out", str(out)],
+        message="not an output of `ehrfm demo`",
+        out=out,
+    )
     task = t / "evil_task.yaml"
-    task.write_text("tasks:\n  - name: ../../escaped\n    token: '[ESC]'\n    anchor: {kind: encounter_end}\n"
-                    "    outcome: {kind: death, window_days: 30}\n")
-    cases["task_name_escapes_output"] = Case(["prepare", "--input", str(w.meds), "--out", str(t / "p_task"), "--no-progress",
-                                              f"tasks=[{task}]"], message=r"escaped", out=t / "p_task",
-                                             check=lambda: _nothing_outside(t))
+    task.write_text(
+        "tasks:\n  - name: ../../escaped\n    token: '[ESC]'\n    anchor: {kind: encounter_end}\n"
+        "    outcome: {kind: death, window_days: 30}\n"
+    )
+    cases["task_name_escapes_output"] = Case(
+        ["prepare", "--input", str(w.meds), "--out", str(t / "p_task"), "--no-progress", f"tasks=[{task}]"],
+        message=r"escaped",
+        out=t / "p_task",
+        check=lambda: _nothing_outside(t),
+    )
     return cases
 
 
@@ -263,28 +351,44 @@ def case_checkpoints(w: World, t: Path) -> dict[str, Case]:
             run = w.copy_run(t / f"run_all_{how}")
             _tamper(run, how, "every", sentinel)
             cases[f"resume_{how}_everywhere_refused"] = Case(
-                pretrain_argv(w.data, run), message=r"no checkpoint passes its integrity check", contents_only=[run],
-                subprocess=True, check=lambda s=sentinel: _not_executed(s))
+                pretrain_argv(w.data, run),
+                message=r"no checkpoint passes its integrity check",
+                contents_only=[run],
+                subprocess=True,
+                check=lambda s=sentinel: _not_executed(s),
+            )
         if how not in FALLBACK_CASES:
             continue
         run = w.copy_run(t / f"run_latest_{how}")
         _tamper(run, how, "latest", sentinel)
         cases[f"resume_{how}_latest_falls_back"] = Case(
-            pretrain_argv(w.data, run, steps=6), code=0, subprocess=True,
-            check=lambda s=sentinel, r=run: _fell_back(s, r))
+            pretrain_argv(w.data, run, steps=6),
+            code=0,
+            subprocess=True,
+            check=lambda s=sentinel, r=run: _fell_back(s, r),
+        )
     run = w.copy_run(t / "run_export_flipped")
     _tamper(run, "flipped_bytes", "latest", t / "unused")
-    cases["export_corrupted_checkpoint"] = Case(["export", "--run", str(run), "--out", str(t / "hf_corrupt")],
-                                                message=r"step_00000004.*distcp.*sha256 differs", out=t / "hf_corrupt")
+    cases["export_corrupted_checkpoint"] = Case(
+        ["export", "--run", str(run), "--out", str(t / "hf_corrupt")],
+        message=r"step_00000004.*distcp.*sha256 differs",
+        out=t / "hf_corrupt",
+    )
     run = w.copy_run(t / "run_export_planted")
     _tamper(run, "planted_extra", "latest", t / "sentinel-export")
-    cases["export_planted_file"] = Case(["export", "--run", str(run), "--out", str(t / "hf_planted")],
-                                        message=r"extra\.pt: file not recorded", out=t / "hf_planted",
-                                        check=lambda: _not_executed(t / "sentinel-export"))
+    cases["export_planted_file"] = Case(
+        ["export", "--run", str(run), "--out", str(t / "hf_planted")],
+        message=r"extra\.pt: file not recorded",
+        out=t / "hf_planted",
+        check=lambda: _not_executed(t / "sentinel-export"),
+    )
     run = w.copy_run(t / "run_nan_weights")
     _tamper(run, "weights_nan", "latest", t / "unused")
-    cases["export_nan_weights_with_stale_manifest"] = Case(["export", "--run", str(run), "--out", str(t / "hf_nan")],
-                                                           message=r"model\.safetensors.*(bytes|sha256)", out=t / "hf_nan")
+    cases["export_nan_weights_with_stale_manifest"] = Case(
+        ["export", "--run", str(run), "--out", str(t / "hf_nan")],
+        message=r"model\.safetensors.*(bytes|sha256)",
+        out=t / "hf_nan",
+    )
     return cases
 
 
@@ -303,33 +407,50 @@ def case_training(w: World, t: Path) -> dict[str, Case]:
     cases = {}
     run = t / "run_nan"
     cases["non_finite_loss_stops_without_checkpoint"] = Case(
-        pretrain_argv(w.data, run, "optim.lr=1e30", "optim.warmup_fraction=0", "checkpoint.every=1", "train.val_every=0"),
-        message=r"non-finite training loss", subprocess=True, check=lambda r=run: _no_nan_checkpoint(r))
+        pretrain_argv(
+            w.data, run, "optim.lr=1e30", "optim.warmup_fraction=0", "checkpoint.every=1", "train.val_every=0"
+        ),
+        message=r"non-finite training loss",
+        subprocess=True,
+        check=lambda r=run: _no_nan_checkpoint(r),
+    )
     for name, override in (("vocab_fingerprint", "splits.seed=5"), ("vocab_size", "vocab.num_bins=3")):
         data = t / f"data_{name}"
         shutil.copytree(w.data, data)
         run = w.copy_run(t / f"run_{name}")
         _retarget(run, w.data, data)
         assert main(prepare_argv(w.meds, data, "splits.respect_meds_splits=false", override)) == 0
-        cases[f"resume_on_changed_data_{name}"] = Case(pretrain_argv(data, run, steps=6), message=name,
-                                                       protect=[run, data], subprocess=True)
-        cases[f"export_on_changed_data_{name}"] = Case(["export", "--run", str(run), "--out", str(t / f"hf_{name}")],
-                                                       message=name, protect=[run, data], out=t / f"hf_{name}")
+        cases[f"resume_on_changed_data_{name}"] = Case(
+            pretrain_argv(data, run, steps=6), message=name, protect=[run, data], subprocess=True
+        )
+        cases[f"export_on_changed_data_{name}"] = Case(
+            ["export", "--run", str(run), "--out", str(t / f"hf_{name}")],
+            message=name,
+            protect=[run, data],
+            out=t / f"hf_{name}",
+        )
     return cases
 
 
 def case_error_boundary(w: World, t: Path) -> dict[str, Case]:
     """Expected errors of the other commands: one line, exit 2, nothing written."""
     return {
-        "pretrain_negative_lr": Case(pretrain_argv(w.data, t / "run_lr", "optim.lr=-1"), message=r"optim\.lr.*-1",
-                                     out=t / "run_lr"),
-        "pretrain_not_prepared_data": Case(pretrain_argv(w.meds, t / "run_meds"), message=r"not a prepared ehrfm data folder",
-                                           out=t / "run_meds"),
-        "export_run_without_checkpoints": Case(["export", "--run", str(t / "empty_run"), "--out", str(t / "hf_none")],
-                                               message=r"no complete checkpoint", out=t / "hf_none"),
+        "pretrain_negative_lr": Case(
+            pretrain_argv(w.data, t / "run_lr", "optim.lr=-1"), message=r"optim\.lr.*-1", out=t / "run_lr"
+        ),
+        "pretrain_not_prepared_data": Case(
+            pretrain_argv(w.meds, t / "run_meds"), message=r"not a prepared ehrfm data folder", out=t / "run_meds"
+        ),
+        "export_run_without_checkpoints": Case(
+            ["export", "--run", str(t / "empty_run"), "--out", str(t / "hf_none")],
+            message=r"no complete checkpoint",
+            out=t / "hf_none",
+        ),
         "evaluate_a_model_that_is_not_finetuned": Case(
             ["evaluate", "--model", str(w.hf), "--data", str(w.data), "--out", str(t / "ev_none")],
-            message=r"not a finetuned ehrfm model", out=t / "ev_none"),
+            message=r"not a finetuned ehrfm model",
+            out=t / "ev_none",
+        ),
     }
 
 
@@ -353,67 +474,144 @@ def _no_nan_checkpoint(run: Path) -> None:
 def case_input_sanity(w: World, t: Path) -> dict[str, Case]:
     cases = {}
 
-    def prepared(name: str, rows: list[tuple], *extra: str, code: int = 0, message: str = "",
-                 check: Callable[[dict], None] | None = None) -> Case:
+    def prepared(
+        name: str,
+        rows: list[tuple],
+        *extra: str,
+        code: int = 0,
+        message: str = "",
+        check: Callable[[dict], None] | None = None,
+    ) -> Case:
         src = write_meds(t / f"in_{name}", rows)
         out = t / f"out_{name}"
         after = None if check is None else (lambda: check(json.loads((out / "manifest.json").read_text())))
-        return Case(prepare_argv(src, out, "splits.respect_meds_splits=false", *extra), code=code, message=message,
-                    out=out if code else None, protect=[src], check=after)
+        return Case(
+            prepare_argv(src, out, "splits.respect_meds_splits=false", *extra),
+            code=code,
+            message=message,
+            out=out if code else None,
+            protect=[src],
+            check=after,
+        )
 
     rows = _base_rows()
-    cases["code_equals_pad_token"] = prepared("pad", rows + [(3, dt.datetime(2003, 1, 1), "[PAD]", None)],
-                                              check=lambda m: _counted(m, "reserved"))
-    cases["code_equals_task_token"] = prepared("mor", rows + [(4, dt.datetime(2003, 1, 1), "[MOR]", None)],
-                                               "tasks=[ehrmamba]", check=lambda m: _counted(m, "reserved"))
-    cases["nan_value"] = prepared("nan", rows + [(5, dt.datetime(2003, 1, 1), "LOINC/2345-7", float("nan"))],
-                                  check=lambda m: _counted(m, "non_finite|nan"))
-    cases["inf_value"] = prepared("inf", rows + [(5, dt.datetime(2003, 1, 1), "LOINC/2345-7", float("inf"))],
-                                  check=lambda m: _counted(m, "non_finite|inf"))
-    cases["float64_beyond_float32"] = prepared("big", rows + [(6, dt.datetime(2003, 1, 1), "LOINC/2345-7", 1e300)],
-                                               check=lambda m: _counted(m, "float32|non_finite|overflow"))
-    cases["year_9999_event"] = prepared("y9999", rows + [(7, dt.datetime(9999, 1, 1), "ICD10CM/I10", None)],
-                                        check=lambda m: _data_end_before(m, 2100))
-    cases["year_1800_event"] = prepared("y1800", rows + [(8, dt.datetime(1800, 1, 1), "ICD10CM/I10", None)],
-                                        check=lambda m: _counted(m, "bounds"))
+    cases["code_equals_pad_token"] = prepared(
+        "pad", rows + [(3, dt.datetime(2003, 1, 1), "[PAD]", None)], check=lambda m: _counted(m, "reserved")
+    )
+    cases["code_equals_task_token"] = prepared(
+        "mor",
+        rows + [(4, dt.datetime(2003, 1, 1), "[MOR]", None)],
+        "tasks=[ehrmamba]",
+        check=lambda m: _counted(m, "reserved"),
+    )
+    cases["nan_value"] = prepared(
+        "nan",
+        rows + [(5, dt.datetime(2003, 1, 1), "LOINC/2345-7", float("nan"))],
+        check=lambda m: _counted(m, "non_finite|nan"),
+    )
+    cases["inf_value"] = prepared(
+        "inf",
+        rows + [(5, dt.datetime(2003, 1, 1), "LOINC/2345-7", float("inf"))],
+        check=lambda m: _counted(m, "non_finite|inf"),
+    )
+    cases["float64_beyond_float32"] = prepared(
+        "big",
+        rows + [(6, dt.datetime(2003, 1, 1), "LOINC/2345-7", 1e300)],
+        check=lambda m: _counted(m, "float32|non_finite|overflow"),
+    )
+    cases["year_9999_event"] = prepared(
+        "y9999", rows + [(7, dt.datetime(9999, 1, 1), "ICD10CM/I10", None)], check=lambda m: _data_end_before(m, 2100)
+    )
+    cases["year_1800_event"] = prepared(
+        "y1800", rows + [(8, dt.datetime(1800, 1, 1), "ICD10CM/I10", None)], check=lambda m: _counted(m, "bounds")
+    )
     cases["negative_num_bins"] = prepared("bins", rows, "vocab.num_bins=-3", code=2, message=r"vocab\.num_bins.*-3")
-    cases["split_fractions_not_summing_to_one"] = prepared("fractions", rows, "splits.test=0.5", code=2, message=r"splits")
+    cases["split_fractions_not_summing_to_one"] = prepared(
+        "fractions", rows, "splits.test=0.5", code=2, message=r"splits"
+    )
     cases["unknown_config_key"] = prepared("key", rows, "vocab.nope=1", code=2, message=r"vocab\.nope")
     cases["missing_input_folder"] = Case(prepare_argv(t / "nowhere", t / "out_nowhere"), message=r"nowhere")
     bad = write_meds(t / "in_nocode", rows)
     _meds_frame(rows).drop("code").write_parquet(bad / "data" / "0.parquet")
-    cases["meds_missing_column"] = Case(prepare_argv(bad, t / "out_nocode"), message=r"0\.parquet.*code",
-                                        out=t / "out_nocode", protect=[bad])
+    cases["meds_missing_column"] = Case(
+        prepare_argv(bad, t / "out_nocode"), message=r"0\.parquet.*code", out=t / "out_nocode", protect=[bad]
+    )
     fhir = t / "fhir_string_value"
     fhir.mkdir()
     (fhir / "p1.json").write_bytes(orjson.dumps(_bundle("p1", value="12.5 mmol")))
     cases["fhir_value_quantity_string"] = Case(
-        ["prepare", "--input", str(fhir), "--format", "fhir", "--out", str(t / "out_fhir_str"), "--no-progress", "tasks=[]"],
-        code=0, protect=[fhir], check=lambda: _fhir_counted(t / "out_fhir_str", "obs-p1"))
+        [
+            "prepare",
+            "--input",
+            str(fhir),
+            "--format",
+            "fhir",
+            "--out",
+            str(t / "out_fhir_str"),
+            "--no-progress",
+            "tasks=[]",
+        ],
+        code=0,
+        protect=[fhir],
+        check=lambda: _fhir_counted(t / "out_fhir_str", "obs-p1"),
+    )
     split = t / "fhir_split_patient"
     split.mkdir()
     (split / "a.json").write_bytes(orjson.dumps(_bundle("pat-42")))
     (split / "b.json").write_bytes(orjson.dumps(_bundle("pat-42", obs_id="obs-2")))
     cases["fhir_patient_in_two_bundles"] = Case(
-        ["prepare", "--input", str(split), "--format", "fhir", "--out", str(t / "out_split"), "--no-progress", "tasks=[]"],
-        message=r"a\.json.*b\.json.*pat-42|pat-42.*a\.json.*b\.json", out=t / "out_split", protect=[split])
+        [
+            "prepare",
+            "--input",
+            str(split),
+            "--format",
+            "fhir",
+            "--out",
+            str(t / "out_split"),
+            "--no-progress",
+            "tasks=[]",
+        ],
+        message=r"a\.json.*b\.json.*pat-42|pat-42.*a\.json.*b\.json",
+        out=t / "out_split",
+        protect=[split],
+    )
     return cases
 
 
 def _bundle(pid: str, value="7.2", obs_id: str | None = None) -> dict:
     obs_id = obs_id or f"obs-{pid}"
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": f"urn:uuid:{pid}", "resource": {"resourceType": "Patient", "id": pid, "gender": "female",
-                                                    "birthDate": "1950-01-01"}},
-        {"fullUrl": f"urn:uuid:enc-{obs_id}", "resource": {
-            "resourceType": "Encounter", "id": f"enc-{obs_id}", "class": {"code": "AMB"}, "subject": {"reference": f"urn:uuid:{pid}"},
-            "period": {"start": "2001-01-01T10:00:00Z", "end": "2001-01-01T11:00:00Z"}}},
-        {"fullUrl": f"urn:uuid:{obs_id}", "resource": {
-            "resourceType": "Observation", "id": obs_id, "subject": {"reference": f"urn:uuid:{pid}"},
-            "encounter": {"reference": f"urn:uuid:enc-{obs_id}"}, "effectiveDateTime": "2001-01-01T10:30:00Z",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-            "valueQuantity": {"value": value, "unit": "mmol/L"}}},
-    ]}
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:{pid}",
+                "resource": {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1950-01-01"},
+            },
+            {
+                "fullUrl": f"urn:uuid:enc-{obs_id}",
+                "resource": {
+                    "resourceType": "Encounter",
+                    "id": f"enc-{obs_id}",
+                    "class": {"code": "AMB"},
+                    "subject": {"reference": f"urn:uuid:{pid}"},
+                    "period": {"start": "2001-01-01T10:00:00Z", "end": "2001-01-01T11:00:00Z"},
+                },
+            },
+            {
+                "fullUrl": f"urn:uuid:{obs_id}",
+                "resource": {
+                    "resourceType": "Observation",
+                    "id": obs_id,
+                    "subject": {"reference": f"urn:uuid:{pid}"},
+                    "encounter": {"reference": f"urn:uuid:enc-{obs_id}"},
+                    "effectiveDateTime": "2001-01-01T10:30:00Z",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+                    "valueQuantity": {"value": value, "unit": "mmol/L"},
+                },
+            },
+        ],
+    }
 
 
 def _flat(obj, prefix="") -> dict[str, object]:
@@ -426,8 +624,11 @@ def _flat(obj, prefix="") -> dict[str, object]:
 
 
 def _counted(manifest: dict, pattern: str) -> None:
-    counters = {k: v for k, v in _flat({"cleaning": manifest["cleaning"], "fhir": manifest.get("fhir")}).items()
-                if re.search(pattern, k, re.I) and isinstance(v, int) and v > 0}
+    counters = {
+        k: v
+        for k, v in _flat({"cleaning": manifest["cleaning"], "fhir": manifest.get("fhir")}).items()
+        if re.search(pattern, k, re.I) and isinstance(v, int) and v > 0
+    }
     assert counters, f"no positive counter matching {pattern!r} in {manifest['cleaning']}"
 
 
@@ -456,23 +657,56 @@ def corpus(world, tmp_path_factory) -> dict[str, Case]:
 
 
 CASE_NAMES = [
-    *("prepare_foreign_out", "prepare_out_is_input", "prepare_out_inside_input", "prepare_input_inside_out",
-      "prepare_overwrite_still_not_input", "prepare_out_is_a_file", "prepare_out_of_another_command",
-      "prepare_out_holds_its_config", "export_out_is_run", "export_out_inside_run", "export_foreign_out",
-      "export_over_prepared_data", "finetune_foreign_out", "finetune_out_is_model", "finetune_out_inside_data",
-      "evaluate_foreign_out", "evaluate_out_is_model", "baseline_foreign_out", "embed_out_is_data",
-      "pretrain_foreign_out", "pretrain_out_is_data", "pretrain_out_inside_data", "demo_foreign_out",
-      "task_name_escapes_output"),
+    *(
+        "prepare_foreign_out",
+        "prepare_out_is_input",
+        "prepare_out_inside_input",
+        "prepare_input_inside_out",
+        "prepare_overwrite_still_not_input",
+        "prepare_out_is_a_file",
+        "prepare_out_of_another_command",
+        "prepare_out_holds_its_config",
+        "export_out_is_run",
+        "export_out_inside_run",
+        "export_foreign_out",
+        "export_over_prepared_data",
+        "finetune_foreign_out",
+        "finetune_out_is_model",
+        "finetune_out_inside_data",
+        "evaluate_foreign_out",
+        "evaluate_out_is_model",
+        "baseline_foreign_out",
+        "embed_out_is_data",
+        "pretrain_foreign_out",
+        "pretrain_out_is_data",
+        "pretrain_out_inside_data",
+        "demo_foreign_out",
+        "task_name_escapes_output",
+    ),
     *(f"resume_{how}_everywhere_refused" for how in REFUSAL_CASES),
     *(f"resume_{how}_latest_falls_back" for how in FALLBACK_CASES),
-    "export_corrupted_checkpoint", "export_planted_file", "export_nan_weights_with_stale_manifest",
+    "export_corrupted_checkpoint",
+    "export_planted_file",
+    "export_nan_weights_with_stale_manifest",
     "non_finite_loss_stops_without_checkpoint",
     *(f"{cmd}_on_changed_data_{what}" for what in ("vocab_fingerprint", "vocab_size") for cmd in ("resume", "export")),
-    "code_equals_pad_token", "code_equals_task_token", "nan_value", "inf_value", "float64_beyond_float32",
-    "year_9999_event", "year_1800_event", "negative_num_bins", "split_fractions_not_summing_to_one",
-    "unknown_config_key", "missing_input_folder", "meds_missing_column", "fhir_value_quantity_string",
+    "code_equals_pad_token",
+    "code_equals_task_token",
+    "nan_value",
+    "inf_value",
+    "float64_beyond_float32",
+    "year_9999_event",
+    "year_1800_event",
+    "negative_num_bins",
+    "split_fractions_not_summing_to_one",
+    "unknown_config_key",
+    "missing_input_folder",
+    "meds_missing_column",
+    "fhir_value_quantity_string",
     "fhir_patient_in_two_bundles",
-    "pretrain_negative_lr", "pretrain_not_prepared_data", "export_run_without_checkpoints",
+    "pretrain_negative_lr",
+    "pretrain_not_prepared_data",
+    "export_run_without_checkpoints",
     "evaluate_a_model_that_is_not_finetuned",
 ]
 

@@ -1,5 +1,6 @@
 """Every command's flags come from its typed config (``ehrfm.config_flags``): a config field is a flag and a
 ``key=value`` override with no other edit, and every command resolves defaults < --config < flags < key=value."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,14 +27,27 @@ def _commands():
     from ehrfm.launch.slurm import SlurmJob
     from ehrfm.pretrain.config import PretrainConfig
 
-    base = {"prepare": ["--input", "I", "--out", "O"], "pretrain": ["--data", "D", "--out", "R"],
-            "finetune": ["--model", "M", "--data", "D", "--out", "F"], "launch slurm": ["--dry-run"]}
+    base = {
+        "prepare": ["--input", "I", "--out", "O"],
+        "pretrain": ["--data", "D", "--out", "R"],
+        "finetune": ["--model", "M", "--data", "D", "--out", "F"],
+        "launch slurm": ["--dry-run"],
+    }
     # (command, config class, keys whose flag the command writes by hand, one field to set, its flag value, parsed)
-    return [("prepare", PrepareConfig, {"format": None}, base["prepare"], "vocab.num_bins", "7", 7),
-            ("pretrain", PretrainConfig, {"out": "--out"}, base["pretrain"], "train.max_steps", "11", 11),
-            ("finetune", FinetuneConfig, {}, base["finetune"], "alfia.layer_heads", "2", 2),
-            ("launch slurm", SlurmJob, {"pretrain_args": None, "extra_sbatch": "--sbatch"}, base["launch slurm"],
-             "cpus_per_task", "3", 3)]
+    return [
+        ("prepare", PrepareConfig, {"format": None}, base["prepare"], "vocab.num_bins", "7", 7),
+        ("pretrain", PretrainConfig, {"out": "--out"}, base["pretrain"], "train.max_steps", "11", 11),
+        ("finetune", FinetuneConfig, {}, base["finetune"], "alfia.layer_heads", "2", 2),
+        (
+            "launch slurm",
+            SlurmJob,
+            {"pretrain_args": None, "extra_sbatch": "--sbatch"},
+            base["launch slurm"],
+            "cpus_per_task",
+            "3",
+            3,
+        ),
+    ]
 
 
 @pytest.mark.parametrize("command,cls,by_hand,base,key,text,value", _commands(), ids=lambda c: str(c)[:20])
@@ -46,8 +60,9 @@ def test_every_config_field_is_a_flag_and_flags_lose_to_overrides(command, cls, 
         assert flag_name(leaf) in options, f"{command}: no flag for config key {leaf}"
     args = parser.parse_args([*base, flag_name(key), text])
     assert _get(load_config(cls, None, config_overrides(args)), key) == value
-    args = parser.parse_args([*base, flag_name(key), text, f"{key}=5"] if command != "launch slurm" else
-                             [*base, flag_name(key), text])
+    args = parser.parse_args(
+        [*base, flag_name(key), text, f"{key}=5"] if command != "launch slurm" else [*base, flag_name(key), text]
+    )
     if command != "launch slurm":  # launch's positional is the pretraining command, not overrides
         assert _get(load_config(cls, None, config_overrides(args)), key) == 5
 
@@ -95,9 +110,32 @@ def test_a_new_field_needs_no_other_edit(tmp_path):
 def test_old_finetune_spellings_still_work():
     from ehrfm.finetune.cli import build_config
 
-    args = _subparser("finetune").parse_args(["--model", "M", "--data", "D", "--out", "F", "--lr", "3e-4", "--lora",
-                                               "--lora-save", "adapter", "--anaa", "--anaa-mode", "rna",
-                                               "--tasks", "a,b"])
+    args = _subparser("finetune").parse_args(
+        [
+            "--model",
+            "M",
+            "--data",
+            "D",
+            "--out",
+            "F",
+            "--lr",
+            "3e-4",
+            "--lora",
+            "--lora-save",
+            "adapter",
+            "--anaa",
+            "--anaa-mode",
+            "rna",
+            "--tasks",
+            "a,b",
+        ]
+    )
     cfg = build_config(args)
     assert (cfg.learning_rate, cfg.lora.enabled, cfg.lora.save, cfg.anaa.enabled, cfg.anaa.mode, cfg.tasks) == (
-        3e-4, True, "adapter", True, "rna", ["a", "b"])
+        3e-4,
+        True,
+        "adapter",
+        True,
+        "rna",
+        ["a", "b"],
+    )

@@ -5,14 +5,21 @@ is checked against the layer map below; a module of a lower layer importing a hi
 so does a top-level ``ehrfm/`` module missing from the map (place it before adding it). Benchmarks
 (``*.bench``) are apps: they compare a kernel inside the models that use it.
 """
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = {"ehrfm": "ehrfm", "kernels": "ehrfm.kernels", "data_shards": "ehrfm.data_shards",
-           "pretrain": "ehrfm.pretrain", "finetune": "ehrfm.finetune", "launch": "ehrfm.launch"}
+FOLDERS = {
+    "ehrfm": "ehrfm",
+    "kernels": "ehrfm.kernels",
+    "data_shards": "ehrfm.data_shards",
+    "pretrain": "ehrfm.pretrain",
+    "finetune": "ehrfm.finetune",
+    "launch": "ehrfm.launch",
+}
 CORE = {"config", "config_flags", "errors", "logging", "seeding", "outputs", "devices"}
 APPS = {"cli", "demo", "ablate", "pipeline", "bench", "study", "gpu_check"}
 LAYERS = ("core", "kernels", "data_shards", "pretrain", "finetune", "launch", "apps")
@@ -68,8 +75,10 @@ def test_imports_go_one_way():
         rank = LAYERS.index(layer_of(module))
         for target, line in _imports(path, module):
             if LAYERS.index(layer_of(target)) > rank:
-                upward.append(f"{path.relative_to(REPO)}:{line}: {module} ({layer_of(module)}) imports {target} "
-                              f"({layer_of(target)})")
+                upward.append(
+                    f"{path.relative_to(REPO)}:{line}: {module} ({layer_of(module)}) imports {target} "
+                    f"({layer_of(target)})"
+                )
     assert not upward, "\n".join(upward)
 
 

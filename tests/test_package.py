@@ -1,4 +1,5 @@
 """The package foundation: one namespace over the design-card folders, the CLI, typed configs, seeding."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,10 @@ def test_no_top_level_kernels_package_is_installed():
     top_level = {Path(f).parts[0] for f in (dist.files or [])}
     assert "kernels" not in top_level
     # from outside the checkout, `kernels` must not resolve to our folder (transformers probes that name)
-    code = "import importlib.util, transformers.utils as u; s = importlib.util.find_spec('kernels'); " \
-           "print(s.origin if s else None, u.is_kernels_available())"
+    code = (
+        "import importlib.util, transformers.utils as u; s = importlib.util.find_spec('kernels'); "
+        "print(s.origin if s else None, u.is_kernels_available())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
     assert out.split() == ["None", "False"]
 
@@ -63,12 +66,15 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     assert load_config(_Outer, tmp_path / "resolved.yaml") == cfg
 
 
-@pytest.mark.parametrize("override,match", [
-    (["inner.nope=1"], "inner.nope"),
-    (["steps=1.5"], "steps: expected an integer"),
-    (["flag=maybe"], "flag: expected true/false"),
-    (["steps"], "key=value"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (["inner.nope=1"], "inner.nope"),
+        (["steps=1.5"], "steps: expected an integer"),
+        (["flag=maybe"], "flag: expected true/false"),
+        (["steps"], "key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(_Outer, None, override)
@@ -115,8 +121,14 @@ def test_import_ehrfm_is_light_and_registration_is_explicit(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [
         "unregistered",
-        "EhrLlamaModel", "EhrLlamaForCausalLM", "EhrMambaModel", "EhrMambaForCausalLM",
-        "EhrMamba2Model", "EhrMamba2ForCausalLM", "EhrBertModel", "EhrBertForMaskedLM",
+        "EhrLlamaModel",
+        "EhrLlamaForCausalLM",
+        "EhrMambaModel",
+        "EhrMambaForCausalLM",
+        "EhrMamba2Model",
+        "EhrMamba2ForCausalLM",
+        "EhrBertModel",
+        "EhrBertForMaskedLM",
     ]
 
 

@@ -1,4 +1,5 @@
 """Readers turn MEDS parquet folders and FHIR R4 files into MEDS-shaped event DataFrames."""
+
 import polars as pl
 
 # The event table every reader produces: MEDS columns plus the optional extra columns ehrfm uses.

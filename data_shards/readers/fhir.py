@@ -37,6 +37,7 @@ patient whose resources are in two bundle files (or in a bundle and NDJSON) is a
 both input files and the Patient id as written in the data, whatever ``shards.fhir_bundles_per_shard`` is.
 NDJSON files may spread a patient's resources over files (bulk export).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -121,17 +122,25 @@ class FhirTally:
         self.invalid_values[reason] += 1
         if len(self.invalid_value_examples) < MAX_EXAMPLES:
             self.invalid_value_examples.append(
-                {"reason": reason, "file": str(file), "resource": f"{resource.get('resourceType')}/{resource.get('id')}"}
+                {
+                    "reason": reason,
+                    "file": str(file),
+                    "resource": f"{resource.get('resourceType')}/{resource.get('id')}",
+                }
             )
 
     def drop(self, reason: str, file: Path | str, resource: dict) -> None:
         self.dropped[reason] += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(
-                {"reason": reason, "file": str(file), "resource": f"{resource.get('resourceType')}/{resource.get('id')}"}
+                {
+                    "reason": reason,
+                    "file": str(file),
+                    "resource": f"{resource.get('resourceType')}/{resource.get('id')}",
+                }
             )
 
-    def merge(self, other: "FhirTally") -> None:
+    def merge(self, other: FhirTally) -> None:
         self.files += other.files
         self.resources.update(other.resources)
         self.ignored_types.update(other.ignored_types)
@@ -279,6 +288,7 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
         if code is None and not components:
             tally.drop("no_code", source_file, resource)
             return
+
         def invalid(reason: str) -> None:
             tally.invalid_value(reason, source_file, resource)
 
@@ -339,11 +349,7 @@ def parse_fhir_times(values: pl.Series) -> pl.Series:
     offsets; anything else becomes null (callers report it).
     """
     s = values.cast(pl.String)
-    s = (
-        pl.when(s.str.len_chars() == 4).then(s + "-01-01")
-        .when(s.str.len_chars() == 7).then(s + "-01")
-        .otherwise(s)
-    )
+    s = pl.when(s.str.len_chars() == 4).then(s + "-01-01").when(s.str.len_chars() == 7).then(s + "-01").otherwise(s)
     frame = pl.DataFrame({"s": values.cast(pl.String)}).with_columns(s=s)
     col = pl.col("s")
     with_tz = col.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", strict=False, time_unit="us", time_zone="UTC")
@@ -376,7 +382,9 @@ def _to_frame(buffer: _EventBuffer, tally: FhirTally) -> pl.DataFrame:
             f"{where[0]}: resource {where[1]} has an unparseable time {buffer.cols['time'][first]!r} "
             f"({len(bad)} such values in this batch)"
         )
-    columns = {name: pl.Series(buffer.cols[name], dtype=dtype) for name, dtype in EVENT_SCHEMA.items() if name != "time"}
+    columns = {
+        name: pl.Series(buffer.cols[name], dtype=dtype) for name, dtype in EVENT_SCHEMA.items() if name != "time"
+    }
     frame = pl.DataFrame({**columns, "time": time}).select(list(EVENT_SCHEMA))
     tally.events += frame.height
     return frame
@@ -463,8 +471,9 @@ def read_bundle_files(paths: Iterable[Path], tally: FhirTally, owners: dict[int,
     return _to_frame(buffer, tally)
 
 
-def iter_ndjson_events(path: Path, tally: FhirTally, chunk_lines: int = 200_000,
-                       bundle_owners: dict[int, Path] | None = None) -> Iterator[pl.DataFrame]:
+def iter_ndjson_events(
+    path: Path, tally: FhirTally, chunk_lines: int = 200_000, bundle_owners: dict[int, Path] | None = None
+) -> Iterator[pl.DataFrame]:
     """Events of one NDJSON file in chunks (resources of one patient may span NDJSON files, but not a bundle
     file and an NDJSON file: ``bundle_owners`` from :func:`read_bundle_files` makes that a DataError)."""
     tally.files += 1

@@ -6,6 +6,7 @@ Safe widenings are accepted and cast (``timestamp[ns|ms|s]`` -> ``timestamp[us]`
 naming the file and the columns. MEDS keeps each subject in one shard; a subject seen in two shards is an
 error (we rely on it to stream without a global sort).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -24,6 +24,7 @@ Documented choices:
 * statistics mu, sigma are per (batch, head, document); with padding only, per (batch, head).
 * ``training=False`` replaces N by mu (eq. 10): deterministic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,11 +38,24 @@ _IMPLS = ("auto", "reference", "factorized", "triton")
 _MODES = ("anaa", "rna", "smooth")
 
 
-def anaa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sigma_eh: float,
-                   variant: str = "symmetric", training: bool, attention_mask: torch.Tensor | None = None,
-                   noise: torch.Tensor | None = None, seed: int | None = None, detach_sigma: bool = True,
-                   sigma_norm: str = "paper", impl: str = "auto", document_ids: torch.Tensor | None = None,
-                   mode: str = "anaa", kernel_size: int | None = None) -> torch.Tensor:
+def anaa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sigma_eh: float,
+    variant: str = "symmetric",
+    training: bool,
+    attention_mask: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    detach_sigma: bool = True,
+    sigma_norm: str = "paper",
+    impl: str = "auto",
+    document_ids: torch.Tensor | None = None,
+    mode: str = "anaa",
+    kernel_size: int | None = None,
+) -> torch.Tensor:
     """ANAA attention output.
 
     Args:
@@ -64,8 +78,10 @@ def anaa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sigma_e
         (batch, heads, seq, head_dim); zero at padding positions.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim) with equal shapes, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (batch, heads, seq, head_dim) with equal shapes, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if variant not in ("symmetric", "causal"):
         raise ValueError(f"variant must be 'symmetric' or 'causal', got {variant!r}")
     if mode not in _MODES:
@@ -85,13 +101,24 @@ def anaa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sigma_e
     generator = None
     if seed is not None and impl != "triton":
         generator = torch.Generator(device=q.device).manual_seed(int(seed))
-    common = dict(taps=taps, variant=variant, mode=mode, training=training, doc=doc, noise=noise,
-                  detach_sigma=detach_sigma, sigma_norm=sigma_norm)
+    common = dict(
+        taps=taps,
+        variant=variant,
+        mode=mode,
+        training=training,
+        doc=doc,
+        noise=noise,
+        detach_sigma=detach_sigma,
+        sigma_norm=sigma_norm,
+    )
     if impl == "reference":
         from .reference import anaa_reference
+
         return anaa_reference(q, k, v, generator=generator, **common)
     if impl == "factorized":
         from .factorized import anaa_factorized
+
         return anaa_factorized(q, k, v, generator=generator, **common)
     from .triton_kernel import anaa_triton
+
     return anaa_triton(q, k, v, seed=seed, **common)

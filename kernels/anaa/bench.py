@@ -8,6 +8,7 @@ Each measurement is one training step (forward with noise + backward of a fixed 
 step, with glibc's mmap threshold fixed at 128 KiB so freed tensors leave the process) minus its RSS before the
 measured step; on CUDA ``max_memory_allocated`` minus the allocation before the step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,12 @@ import time
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ehrfm bench anaa", description=__doc__)
-    p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048, 4096],
-                   help="comma-separated sequence lengths")
+    p.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[256, 1024, 2048, 4096],
+        help="comma-separated sequence lengths",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
@@ -32,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=["symmetric", "causal"], default="symmetric")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
-    p.add_argument("--impls", default=None, help="comma-separated; default reference,factorized (CPU) or "
-                                                 "triton,sdpa (CUDA)")
+    p.add_argument(
+        "--impls", default=None, help="comma-separated; default reference,factorized (CPU) or triton,sdpa (CUDA)"
+    )
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ"), help=argparse.SUPPRESS)
     return p
 
@@ -73,8 +79,9 @@ def _worker(args) -> dict:
         if impl == "sdpa":
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.variant == "causal")
         else:
-            out = anaa_attention(q, k, v, sigma_eh=args.sigma_eh, variant=args.variant, training=True, seed=1,
-                                 impl=impl)
+            out = anaa_attention(
+                q, k, v, sigma_eh=args.sigma_eh, variant=args.variant, training=True, seed=1, impl=impl
+            )
         (out * w).sum().backward()
         for t in (q, k, v):
             t.grad = None
@@ -97,8 +104,7 @@ def _worker(args) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"impl": impl, "seq": n, "time_s": statistics.median(times), "peak_mb": max(peak, 0) / 2**20,
-            "device": dev}
+    return {"impl": impl, "seq": n, "time_s": statistics.median(times), "peak_mb": max(peak, 0) / 2**20, "device": dev}
 
 
 def run(argv: list[str]) -> dict:
@@ -110,9 +116,22 @@ def run(argv: list[str]) -> dict:
 
     cuda = torch.cuda.is_available()
     impls = args.impls.split(",") if args.impls else (["triton", "sdpa"] if cuda else ["reference", "factorized"])
-    passthrough = ["--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-                   "--sigma-eh", str(args.sigma_eh), "--variant", args.variant, "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
+    passthrough = [
+        "--batch",
+        str(args.batch),
+        "--heads",
+        str(args.heads),
+        "--head-dim",
+        str(args.head_dim),
+        "--sigma-eh",
+        str(args.sigma_eh),
+        "--variant",
+        args.variant,
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("TRITON_INTERPRET", None)
     # memory run: large blocks via mmap so that freed tensors leave the process and RSS tracks live tensors;
@@ -121,8 +140,15 @@ def run(argv: list[str]) -> dict:
     results = []
     for n in args.sizes:
         for impl in impls:
-            cmd = [sys.executable, "-c", "import json,sys; from ehrfm.kernels.anaa.bench import run; "
-                   "print(json.dumps(run(sys.argv[1:])))", *passthrough, "--worker", impl, str(n)]
+            cmd = [
+                sys.executable,
+                "-c",
+                "import json,sys; from ehrfm.kernels.anaa.bench import run; print(json.dumps(run(sys.argv[1:])))",
+                *passthrough,
+                "--worker",
+                impl,
+                str(n),
+            ]
             runs = [subprocess.run(cmd, capture_output=True, text=True, env=e) for e in (env, env_mem)]
             bad = [p for p in runs if p.returncode != 0]
             if bad:
@@ -136,8 +162,10 @@ def run(argv: list[str]) -> dict:
         a = next((r for r in results if r["seq"] == n and r["impl"] == base and "time_s" in r), None)
         b = next((r for r in results if r["seq"] == n and r["impl"] == fast and "time_s" in r), None)
         if a and b:
-            ratios[n] = {f"speedup_{fast}_vs_{base}": a["time_s"] / b["time_s"],
-                         f"memory_ratio_{base}_over_{fast}": a["peak_mb"] / max(b["peak_mb"], 1e-3)}
+            ratios[n] = {
+                f"speedup_{fast}_vs_{base}": a["time_s"] / b["time_s"],
+                f"memory_ratio_{base}_over_{fast}": a["peak_mb"] / max(b["peak_mb"], 1e-3),
+            }
     config = {k: v for k, v in vars(args).items() if k != "worker"}
     return {"config": config, "results": results, "ratios": ratios}
 

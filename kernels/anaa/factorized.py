@@ -24,6 +24,7 @@ Separability turns the paper's operator into (``V' = G_k^T V``, ``M`` = the allo
 Gradient through sigma: ``detach_sigma=True`` (default) treats sigma as a constant scale, like the noise itself;
 False differentiates through S2 (one extra term per score). d mu / d scores is exactly 0.
 """
+
 from __future__ import annotations
 
 import torch
@@ -171,7 +172,7 @@ def anaa_factorized(q, k, v, *, taps, variant, mode, training, doc, noise, gener
     if mode != "smooth":
         msum = segment_cumsum(vp, starts) if causal else segment_sum(vp, starts)
         if training:
-            r = RowSquareSum.apply(q, k, doc, causal, d ** -0.5)
+            r = RowSquareSum.apply(q, k, doc, causal, d**-0.5)
             mu, sigma = noise_statistics(r, doc, starts, sigma_norm)
             if detach_sigma:
                 sigma = sigma.detach()

@@ -20,6 +20,7 @@ Conventions (the reference in ``reference.py`` implements exactly these with ``F
 * zero 'same' padding at the edges of every document: a tap never reads across a document boundary
   (``document_ids`` differ) or into padding (``document_ids == 0``).
 """
+
 from __future__ import annotations
 
 import math

@@ -5,13 +5,15 @@ document; documents must be contiguous runs of positions (what packing produces)
 special case of one document per row. ANAA is defined per document on its L x L valid block: attention,
 noise, smoothing taps and the statistics mu, sigma never cross a document boundary.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def document_ids_from(attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
-                      batch: int, seq: int, device) -> torch.Tensor:
+def document_ids_from(
+    attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None, batch: int, seq: int, device
+) -> torch.Tensor:
     """Combine the public ``attention_mask`` (batch, seq) bool and ``document_ids`` (batch, seq) int into ``doc``
     (batch, seq) int64 with 0 = padding."""
     if document_ids is not None:
@@ -36,8 +38,10 @@ def check_contiguous(doc: torch.Tensor) -> None:
     for b in range(doc.shape[0]):
         ids = doc[b][run_starts[b]]
         if ids.numel() != torch.unique(ids).numel():
-            raise ValueError("each document must be a contiguous run of positions (document_ids row "
-                             f"{b} repeats an id after a different one)")
+            raise ValueError(
+                "each document must be a contiguous run of positions (document_ids row "
+                f"{b} repeats an id after a different one)"
+            )
 
 
 def run_starts_index(doc: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ Modes: "anaa" (noise + smoothing), "rna" (noise only: O = (A + N) V), "smooth" (
 
 Memory O(n^2) per head -- this is the paper's limitation the other paths remove.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,12 @@ def anaa_reference(q, k, v, *, taps, variant, mode, training, doc, noise, genera
             rows.append((b, lo, hi, M @ v[b, :, lo:hi]))
     # assemble without in-place writes into a tensor autograd tracks
     for b, lo, hi, o in rows:
-        out = out.index_put((torch.tensor([b], device=q.device)[:, None, None],
-                             torch.arange(H, device=q.device)[None, :, None],
-                             torch.arange(lo, hi, device=q.device)[None, None, :]), o[None])
+        out = out.index_put(
+            (
+                torch.tensor([b], device=q.device)[:, None, None],
+                torch.arange(H, device=q.device)[None, :, None],
+                torch.arange(lo, hi, device=q.device)[None, None, :],
+            ),
+            o[None],
+        )
     return out

@@ -12,6 +12,7 @@ shared memory of an A100 -- chosen from ``python -m ehrfm.kernels.aot --sweep`` 
 autotuner times the candidates of the launch's (operand dtype, head dim) once per process and keeps the
 fastest. Head dims above 128 get one untuned tile.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,11 +56,21 @@ GPU_TILES: dict[str, dict[tuple[str, int], list[Tile]]] = {
     },
 }
 # the argument whose dtype is the operand dtype of each kernel
-OPERAND_ARG = {"_anaa_fwd": "Q", "_anaa_noise_fwd": "V", "_anaa_bwd_dkdv": "Q", "_anaa_noise_bwd_dv": "DYZ",
-               "_anaa_bwd_dq": "Q"}
+OPERAND_ARG = {
+    "_anaa_fwd": "Q",
+    "_anaa_noise_fwd": "V",
+    "_anaa_bwd_dkdv": "Q",
+    "_anaa_noise_bwd_dv": "DYZ",
+    "_anaa_bwd_dq": "Q",
+}
 # the grid spans the resident tile: query tiles (BM) or key tiles (BN)
-GRID_TILE = {"_anaa_fwd": "BM", "_anaa_noise_fwd": "BM", "_anaa_bwd_dkdv": "BN", "_anaa_noise_bwd_dv": "BN",
-             "_anaa_bwd_dq": "BM"}
+GRID_TILE = {
+    "_anaa_fwd": "BM",
+    "_anaa_noise_fwd": "BM",
+    "_anaa_bwd_dkdv": "BN",
+    "_anaa_noise_bwd_dv": "BN",
+    "_anaa_bwd_dq": "BM",
+}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -26,6 +26,7 @@ their dots, as flash-attention does); every sum and accumulator is fp32. fp32 in
 a GPU and IEEE fp32 under the interpreter (:func:`dot_precision`). Tiles: autotuned on a GPU among candidates
 that compile without register spills (:mod:`.tiles`); 16 x 16 under ``TRITON_INTERPRET=1`` (CPU tests).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,10 +67,12 @@ def _noise_tile(Z, seed, bh, offs_m, start_n, n, ok, NOISE: tl.constexpr, BN: tl
         row = tl.broadcast_to(offs_m[:, None], (BM, BN // 4)).to(tl.uint32)
         head = tl.full((BM, BN // 4), 0, tl.uint32) + bh.to(tl.uint32)
         c0, c1, c2, c3 = tl.philox(seed, quad, row, head, quad * 0)
-        z0, z1 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(c0),
-                                                  tl.random.uint_to_uniform_float(c1))
-        z2, z3 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(c2),
-                                                  tl.random.uint_to_uniform_float(c3))
+        z0, z1 = tl.random.pair_uniform_to_normal(
+            tl.random.uint_to_uniform_float(c0), tl.random.uint_to_uniform_float(c1)
+        )
+        z2, z3 = tl.random.pair_uniform_to_normal(
+            tl.random.uint_to_uniform_float(c2), tl.random.uint_to_uniform_float(c3)
+        )
         z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BM, BN))
     return tl.where(ok, z, 0.0)
 
@@ -86,8 +89,9 @@ def _key_range(DSTART, DEND, b, n, offs, ok, BLOCK: tl.constexpr):
 @triton.jit
 def _load_rows(PTR, base, offs, ok, offs_d, d):
     """The (len(offs), BD) tile of rows ``offs`` of a (n, d) matrix at ``PTR + base``; 0 outside."""
-    return tl.load(PTR + base + offs[:, None] * d + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < d),
-                   other=0.0)
+    return tl.load(
+        PTR + base + offs[:, None] * d + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < d), other=0.0
+    )
 
 
 @triton.jit
@@ -106,8 +110,26 @@ def _store_rows(PTR, base, offs, ok, offs_d, d, value):
 
 
 @triton.jit
-def _anaa_fwd(Q, K, V, DOC, DSTART, DEND, YA, R, LSE, n, H, d, scale,
-              CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _anaa_fwd(
+    Q,
+    K,
+    V,
+    DOC,
+    DSTART,
+    DEND,
+    YA,
+    R,
+    LSE,
+    n,
+    H,
+    d,
+    scale,
+    CAUSAL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Y_A, r and lse for BM query rows: online softmax over the key tiles their documents span."""
     pid_m, bh, b, offs_m, offs_d, base, row_ok = _program_tile(n, H, d, BM, BD)
     q = _load_rows(Q, base, offs_m, row_ok, offs_d, d)
@@ -141,9 +163,24 @@ def _anaa_fwd(Q, K, V, DOC, DSTART, DEND, YA, R, LSE, n, H, d, scale,
 
 
 @triton.jit
-def _anaa_noise_fwd(V, DOC, DSTART, DEND, Z, YZ, seed, n, H, d,
-                    CAUSAL: tl.constexpr, NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BD: tl.constexpr, PREC: tl.constexpr):
+def _anaa_noise_fwd(
+    V,
+    DOC,
+    DSTART,
+    DEND,
+    Z,
+    YZ,
+    seed,
+    n,
+    H,
+    d,
+    CAUSAL: tl.constexpr,
+    NOISE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Y_Z = (Z . M) V' for BM query rows. A kernel of its own: Philox and Box-Muller beside the softmax
     loop's two accumulators spilled registers at 64-row tiles (``python -m ehrfm.kernels.aot``)."""
     pid_m, bh, b, offs_m, offs_d, base, row_ok = _program_tile(n, H, d, BM, BD)
@@ -164,8 +201,30 @@ def _anaa_noise_fwd(V, DOC, DSTART, DEND, Z, YZ, seed, n, H, d,
 
 
 @triton.jit
-def _anaa_bwd_dkdv(Q, K, V, DOC, DSTART, DEND, DYA, LSE, DELTA, DR, R, DK, DV, n, H, d, scale,
-                   CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _anaa_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DOC,
+    DSTART,
+    DEND,
+    DYA,
+    LSE,
+    DELTA,
+    DR,
+    R,
+    DK,
+    DV,
+    n,
+    H,
+    d,
+    scale,
+    CAUSAL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """dK and the softmax part of dV' for BN key rows, looping over the query tiles that can see them."""
     pid_n, bh, b, offs_n, offs_d, base, col_ok = _program_tile(n, H, d, BN, BD)
     k = _load_rows(K, base, offs_n, col_ok, offs_d, d)
@@ -198,9 +257,24 @@ def _anaa_bwd_dkdv(Q, K, V, DOC, DSTART, DEND, DYA, LSE, DELTA, DR, R, DK, DV, n
 
 
 @triton.jit
-def _anaa_noise_bwd_dv(DOC, DSTART, DEND, Z, DYZ, DVZ, seed, n, H, d,
-                       CAUSAL: tl.constexpr, NOISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BD: tl.constexpr, PREC: tl.constexpr):
+def _anaa_noise_bwd_dv(
+    DOC,
+    DSTART,
+    DEND,
+    Z,
+    DYZ,
+    DVZ,
+    seed,
+    n,
+    H,
+    d,
+    CAUSAL: tl.constexpr,
+    NOISE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """The noise part of dV' = Z^T dY_Z for BN key rows, Z regenerated tile by tile (never stored)."""
     pid_n, bh, b, offs_n, offs_d, base, col_ok = _program_tile(n, H, d, BN, BD)
     doc_k = tl.load(DOC + b * n + offs_n, mask=col_ok, other=-1)
@@ -220,8 +294,29 @@ def _anaa_noise_bwd_dv(DOC, DSTART, DEND, Z, DYZ, DVZ, seed, n, H, d,
 
 
 @triton.jit
-def _anaa_bwd_dq(Q, K, V, DOC, DSTART, DEND, DYA, LSE, DELTA, DR, R, DQ, n, H, d, scale,
-                 CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _anaa_bwd_dq(
+    Q,
+    K,
+    V,
+    DOC,
+    DSTART,
+    DEND,
+    DYA,
+    LSE,
+    DELTA,
+    DR,
+    R,
+    DQ,
+    n,
+    H,
+    d,
+    scale,
+    CAUSAL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """dQ for BM query rows."""
     pid_m, bh, b, offs_m, offs_d, base, row_ok = _program_tile(n, H, d, BM, BD)
     q = _load_rows(Q, base, offs_m, row_ok, offs_d, d)
@@ -288,15 +383,18 @@ def _autotuned(name: str):
     """The GPU autotuner of kernel ``name``: candidates from :mod:`.tiles`, pruned to the launch's operand
     dtype and head dim, timed once per (head dim, causal, argument dtypes) and cached for the process."""
     if name not in _AUTOTUNED:
-        every = sorted({tile for lists in tiles.GPU_TILES[name].values() for tile in lists} | {tiles.LARGE_HEAD_DIM_TILE})
+        every = sorted(
+            {tile for lists in tiles.GPU_TILES[name].values() for tile in lists} | {tiles.LARGE_HEAD_DIM_TILE}
+        )
         configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in every]
 
         def prune(configs, named_args, **kwargs):
             keep = tiles.gpu_candidates(name, _torch_dtype(named_args[tiles.OPERAND_ARG[name]]), kwargs["BD"])
             return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in keep]
 
-        _AUTOTUNED[name] = triton.autotune(configs=configs, key=["d", "CAUSAL"],
-                                           prune_configs_by={"early_config_prune": prune})(globals()[name])
+        _AUTOTUNED[name] = triton.autotune(
+            configs=configs, key=["d", "CAUSAL"], prune_configs_by={"early_config_prune": prune}
+        )(globals()[name])
     return _AUTOTUNED[name]
 
 
@@ -335,15 +433,51 @@ class _FusedANAA(torch.autograd.Function):
         r = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
         lse = torch.empty_like(r)
         dstart, dend = document_bounds(doc32)
-        _launch("_anaa_fwd", n, B * H, q, k, vp, doc32, dstart, dend, ya, r, lse, n, H, d, d ** -0.5,
-                CAUSAL=causal, BD=bd, PREC=prec)
+        _launch(
+            "_anaa_fwd",
+            n,
+            B * H,
+            q,
+            k,
+            vp,
+            doc32,
+            dstart,
+            dend,
+            ya,
+            r,
+            lse,
+            n,
+            H,
+            d,
+            d**-0.5,
+            CAUSAL=causal,
+            BD=bd,
+            PREC=prec,
+        )
         zz = z.float().contiguous() if z is not None else ya  # unused pointer unless explicit noise
         if noise_mode == NOISE_OFF:
             yz = torch.zeros_like(ya)
         else:
             yz = torch.empty_like(ya)
-            _launch("_anaa_noise_fwd", n, B * H, vp, doc32, dstart, dend, zz, yz, seed, n, H, d,
-                    CAUSAL=causal, NOISE=noise_mode, BD=bd, PREC=prec)
+            _launch(
+                "_anaa_noise_fwd",
+                n,
+                B * H,
+                vp,
+                doc32,
+                dstart,
+                dend,
+                zz,
+                yz,
+                seed,
+                n,
+                H,
+                d,
+                CAUSAL=causal,
+                NOISE=noise_mode,
+                BD=bd,
+                PREC=prec,
+            )
         ctx.save_for_backward(q, k, vp, doc32, zz, ya, r, lse)
         ctx.seed, ctx.causal, ctx.noise_mode, ctx.prec = seed, causal, noise_mode, prec
         return ya, yz, r
@@ -361,15 +495,30 @@ class _FusedANAA(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=q.device)
         dq, dk, dv = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32), torch.empty(vp.shape, **f32)
         common = dict(CAUSAL=ctx.causal, BD=bd, PREC=ctx.prec)
-        _launch("_anaa_bwd_dkdv", n, B * H, q, k, vp, doc32, dstart, dend, dya, lse, delta, dr, r, dk, dv, n, H, d,
-                d ** -0.5, **common)
+        # the arguments the dK/dV and dQ kernels share, in their order: inputs, documents, softmax statistics
+        shared = (q, k, vp, doc32, dstart, dend, dya, lse, delta, dr, r)
+        _launch("_anaa_bwd_dkdv", n, B * H, *shared, dk, dv, n, H, d, d**-0.5, **common)
         if ctx.noise_mode != NOISE_OFF and dyz is not None:
             dvz = torch.empty(vp.shape, **f32)
-            _launch("_anaa_noise_bwd_dv", n, B * H, doc32, dstart, dend, zz, dyz.to(q.dtype).contiguous(), dvz,
-                    ctx.seed, n, H, d, NOISE=ctx.noise_mode, **common)
+            _launch(
+                "_anaa_noise_bwd_dv",
+                n,
+                B * H,
+                doc32,
+                dstart,
+                dend,
+                zz,
+                dyz.to(q.dtype).contiguous(),
+                dvz,
+                ctx.seed,
+                n,
+                H,
+                d,
+                NOISE=ctx.noise_mode,
+                **common,
+            )
             dv += dvz
-        _launch("_anaa_bwd_dq", n, B * H, q, k, vp, doc32, dstart, dend, dya, lse, delta, dr, r, dq, n, H, d,
-                d ** -0.5, **common)
+        _launch("_anaa_bwd_dq", n, B * H, *shared, dq, n, H, d, d**-0.5, **common)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -377,8 +526,10 @@ def anaa_triton(q, k, v, *, taps, variant, mode, training, doc, noise, seed, det
     """q, k, v: (B, H, n, d) on CUDA (or CPU under TRITON_INTERPRET=1); doc (B, n), 0 = pad; noise: explicit
     Z (debug mode) or None (Philox with ``seed``; None draws a seed from torch's RNG). Returns (B, H, n, d)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("impl='triton' needs CUDA tensors (on CPU: set TRITON_INTERPRET=1 before importing "
-                           "triton, or use impl='factorized')")
+        raise RuntimeError(
+            "impl='triton' needs CUDA tensors (on CPU: set TRITON_INTERPRET=1 before importing "
+            "triton, or use impl='factorized')"
+        )
     causal = variant == "causal"
     smooth = mode != "rna"
     use_noise = training and mode != "smooth"

@@ -5,6 +5,7 @@
 
 z is (N, d): N embeddings of width d. See README.md in this folder for the formulas and the choices made.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ requires_grad, after warm-up (torch.compile's first call is reported separately 
 term is left out: it is an eigendecomposition (torch.linalg.eigh) in every implementation. Triton runs only on
 CUDA; on CPU its entries say so (the interpreter is a correctness tool, its timings are meaningless).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,11 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     impls = [i for i in args.impls.split(",") if i]
@@ -112,7 +116,10 @@ def run(argv: list[str]) -> dict:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "triton_status": ("measured" if device.type == "cuda" and "triton" in impls else
-                          "not measured: Triton kernels need a CUDA device"),
+        "triton_status": (
+            "measured"
+            if device.type == "cuda" and "triton" in impls
+            else "not measured: Triton kernels need a CUDA device"
+        ),
         "rows": rows,
     }

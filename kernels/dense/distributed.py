@@ -15,6 +15,7 @@ holds the same (replicated) loss, so z_r.grad = world_size * dL/dz_r. Data-paral
 DeepSpeed) AVERAGE parameter gradients over ranks, which turns this into exactly dL/dtheta of the global
 loss. Do not rescale the loss by world_size.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@
 All return 0-d float64 tensors (use float(...) for logging). They are not detached, but they are meant for
 evaluation: call them under torch.no_grad().
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ Pearson correlations. Its floor when N <= d: Zs is column-centred, so C has rank
 minimum of sum_i (lam_i - 1)^2 under those constraints is d (d - r) / r, i.e. d^2 / (N - 1) - d. The floor is
 a constant and adds no gradient, but it dominates the value at small N (e.g. N = 2: exactly d (d - 1)).
 """
+
 from __future__ import annotations
 
 import torch

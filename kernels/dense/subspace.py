@@ -19,6 +19,7 @@ gradients stay finite when lam_k == lam_{k+1} (where the subspace itself is not 
 of the uncentred second-moment matrix Sigma = Z^T Z / N, as in the paper (truncated SVD of Z) -- through
 the d x d matrix when N >= d, or through the N x N Gram Z Z^T / N when N < d (same span, cheaper).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,13 +38,13 @@ class TopKSubspace(torch.autograd.Function):
         evals, evecs = torch.linalg.eigh(s)  # ascending
         ctx.k, ctx.gap_eps = k, gap_eps
         ctx.save_for_backward(evals, evecs)
-        return evecs[:, n - k:].flip(-1)  # descending order of eigenvalue
+        return evecs[:, n - k :].flip(-1)  # descending order of eigenvalue
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor):
         evals, evecs = ctx.saved_tensors
         n, k = evecs.shape[-1], ctx.k
-        lam_top, v_top = evals[n - k:].flip(-1), evecs[:, n - k:].flip(-1)
+        lam_top, v_top = evals[n - k :].flip(-1), evecs[:, n - k :].flip(-1)
         lam_rest, v_rest = evals[: n - k], evecs[:, : n - k]
         # gap[j, i] = lam_top[i] - lam_rest[j] >= 0; clamp relative to the spectrum's scale.
         scale = evals.abs().max().clamp_min(torch.finfo(evals.dtype).tiny)

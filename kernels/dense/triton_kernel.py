@@ -22,6 +22,7 @@ of a bf16/fp16 Z, whose products are exact in fp32 and run as one half-precision
 two dot kernels are autotuned among spill-free candidates (GRAM_TILES, MATMUL_TILES); the interpreter uses
 32 x 32 tiles.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,18 @@ MATMUL_TILES: dict[str, list[tuple[int, int, int]]] = {  # _dual_matmul_kernel: 
 
 @triton.jit
 def _col_stats_kernel(
-    Z, ZS, MEAN, RSTD, PART, N, D, stride_zn, stride_zd, eps,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Z,
+    ZS,
+    MEAN,
+    RSTD,
+    PART,
+    N,
+    D,
+    stride_zn,
+    stride_zd,
+    eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -82,8 +93,21 @@ def _col_stats_kernel(
 
 @triton.jit
 def _dual_gram_kernel(
-    A, B, PA, PB, PART, M, R, stride_am, stride_ar, stride_bm, stride_br,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr, HALF_GRAM: tl.constexpr,
+    A,
+    B,
+    PA,
+    PB,
+    PART,
+    M,
+    R,
+    stride_am,
+    stride_ar,
+    stride_bm,
+    stride_br,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+    HALF_GRAM: tl.constexpr,
 ):
     """P[i, j] = sum_r A[i, r] A[j, r] and the same for B, A and B (M, R), one (BLOCK_M, BLOCK_M) tile.
 
@@ -125,9 +149,33 @@ def _dual_gram_kernel(
 
 @triton.jit
 def _dual_matmul_kernel(
-    L1, R1, L2, R2, Z, ZS, COEF, DZ, G, COLPART, N, D, K,
-    s_l1n, s_l1k, s_r1k, s_r1d, s_l2n, s_l2k, s_r2k, s_r2d, stride_zn, stride_zd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    L1,
+    R1,
+    L2,
+    R2,
+    Z,
+    ZS,
+    COEF,
+    DZ,
+    G,
+    COLPART,
+    N,
+    D,
+    K,
+    s_l1n,
+    s_l1k,
+    s_r1k,
+    s_r1d,
+    s_l2n,
+    s_l2k,
+    s_r2k,
+    s_r2d,
+    stride_zn,
+    stride_zd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One (BLOCK_N, BLOCK_D) tile of dZ_spec = c1 L1 R1 - c2 Z and G = a L2 R2 - b Zs (all (N, d))."""
     pid_n = tl.program_id(0)
@@ -164,8 +212,15 @@ def _dual_matmul_kernel(
 
 @triton.jit
 def _orth_finish_kernel(
-    DZ, G, ZS, RSTD, COLSUM, N, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DZ,
+    G,
+    ZS,
+    RSTD,
+    COLSUM,
+    N,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dZ += (G - colmean(G) - Zs * colmean(G * Zs)) * rstd; COLSUM (2, D) holds the column sums of G and
     G * Zs (reduced once in PyTorch from the per-row-block partials, so each program reads 2 D values)."""
@@ -228,8 +283,9 @@ def _matmul_launcher(on_gpu: bool, dtype: torch.dtype, d: int, n_row_blocks: int
             keep = MATMUL_TILES[_kind(named_args["Z"].dtype)]
             return [c for c in configs if (c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) in keep]
 
-        _AUTOTUNED["matmul"] = triton.autotune(configs=configs, key=["PREC"],
-                                               prune_configs_by={"early_config_prune": prune})(_dual_matmul_kernel)
+        _AUTOTUNED["matmul"] = triton.autotune(
+            configs=configs, key=["PREC"], prune_configs_by={"early_config_prune": prune}
+        )(_dual_matmul_kernel)
     return _AUTOTUNED["matmul"][lambda meta: (n_row_blocks, triton.cdiv(d, meta["BLOCK_D"]))], {}
 
 
@@ -263,8 +319,20 @@ class _SpecOrthFunction(torch.autograd.Function):
         grid = (triton.cdiv(m, BLOCK), triton.cdiv(m, BLOCK))
         part2 = torch.zeros(grid[0] * grid[1], 2, dtype=torch.float32, device=dev)
         launch, fixed = _gram_launcher(z.is_cuda, grid)
-        launch(z, zs, p, ps, part2, m, r, *strides, BLOCK_M=BLOCK, PREC=dot_precision(z.device),
-               HALF_GRAM=_half_gram(z), **fixed)
+        launch(
+            z,
+            zs,
+            p,
+            ps,
+            part2,
+            m,
+            r,
+            *strides,
+            BLOCK_M=BLOCK,
+            PREC=dot_precision(z.device),
+            HALF_GRAM=_half_gram(z),
+            **fixed,
+        )
         q, qs = part2.sum(dim=0).unbind()
         spec = q / s.square() - 1.0 / d
         orth = qs / n**2 - 2 * trace_c + d
@@ -289,8 +357,25 @@ class _SpecOrthFunction(torch.autograd.Function):
             k_dim = d
         strides = [st for t in operands for st in t.stride()]
         launch, fixed = _matmul_launcher(z.is_cuda, z.dtype, d, grid[0])
-        launch(*operands, z, zs, coef, dz, g, colpart, n, d, k_dim, *strides, z.stride(0), z.stride(1),
-               BLOCK_N=BLOCK, BLOCK_K=BLOCK, PREC=dot_precision(z.device), **fixed)
+        launch(
+            *operands,
+            z,
+            zs,
+            coef,
+            dz,
+            g,
+            colpart,
+            n,
+            d,
+            k_dim,
+            *strides,
+            z.stride(0),
+            z.stride(1),
+            BLOCK_N=BLOCK,
+            BLOCK_K=BLOCK,
+            PREC=dot_precision(z.device),
+            **fixed,
+        )
         colsum = colpart.sum(dim=0).contiguous()  # (2, d): one reduction instead of one per program
         _orth_finish_kernel[grid](dz, g, zs, rstd, colsum, n, d, BLOCK_N=BLOCK, BLOCK_D=BLOCK)
         return dz.to(z.dtype), None

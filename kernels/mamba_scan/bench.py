@@ -4,6 +4,7 @@ reference path (``MambaMixer`` without mamba_ssm: sequential torch scan, autogra
 Both mixers share the same weights and input; the result also reports their largest output / gradient
 difference so a speed-up can never come from computing something else.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ Recurrence per batch row b, channel d and state n, step t (zero initial state):
 
 ``keep_t`` is 0 at document starts of a packed row (the state is reset there) and 1 elsewhere.
 """
+
 from __future__ import annotations
 
 import torch

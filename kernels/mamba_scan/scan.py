@@ -18,6 +18,7 @@ packed one; right padding never reaches earlier steps of a causal scan) and scat
 kernel takes ``D`` and ``delta_bias`` in float32 only, whatever the parameter dtype. The CPU scan runs in
 float32 with autocast disabled (under bf16 autocast its matmuls would otherwise drop to bf16).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -230,7 +231,8 @@ def _scan_per_document(u, delta, A, B, C, D, z, delta_bias, delta_softplus, rese
             out[slots] = t.permute(0, 2, 1)[rows, steps]
             return out.view(n, width, -1).permute(0, 2, 1).contiguous()
 
-        y_docs = _mamba_ssm_scan(grid(u), grid(delta), A, grid(B), grid(C), D, grid(z) if z is not None else None,
-                                 delta_bias, delta_softplus)
+        y_docs = _mamba_ssm_scan(
+            grid(u), grid(delta), A, grid(B), grid(C), D, grid(z) if z is not None else None, delta_bias, delta_softplus
+        )
         y[rows, steps] = y_docs.permute(0, 2, 1).reshape(n * width, channels)[slots]
     return y.permute(0, 2, 1)

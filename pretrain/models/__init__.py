@@ -6,6 +6,7 @@ classes (``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelFor
 Batch contract: every model's ``forward`` takes the keys of ``ehrfm.data_shards.schema.BATCH_KEYS`` plus
 ``labels`` as keyword arguments. None of the models holds any parallelism.
 """
+
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM

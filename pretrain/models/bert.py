@@ -5,6 +5,7 @@ Weight names equal HF ``BertModel`` / ``BertForMaskedLM`` (bert.embeddings.{word
 bert.embeddings.LayerNorm, bert.encoder.*, cls.predictions.*) plus the extra EHR attribute embeddings under
 bert.embeddings.*. Packed rows get a block-diagonal bidirectional mask and positions restarting per document.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Pieces shared by the four backbones: the attribute streams, next-token loss on packed rows, patient
 embeddings (pooling) and generation with attribute streams."""
+
 from __future__ import annotations
 
 import torch
@@ -93,7 +94,10 @@ class EhrModelMixin:
         )
         packed = inputs.get("document_ids") is not None
         pooled = pool_documents(
-            hidden, documents, pooling or self.default_pooling, inputs.get("type_ids"),
+            hidden,
+            documents,
+            pooling or self.default_pooling,
+            inputs.get("type_ids"),
             num_documents=num_documents if packed else 1,
         )
         return pooled if packed else pooled[:, 0]

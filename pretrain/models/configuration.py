@@ -4,6 +4,7 @@ Each class subclasses the HF config of its backbone (so every HF field keeps its
 the fields of ``EhrEmbeddingFields``. Size presets follow 003 Table 5 (Tiny / Small / Medium); every field
 can be overridden: ``EhrLlamaConfig.from_preset("small", vocab_size=8000, num_hidden_layers=2)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -135,9 +136,7 @@ class EhrMambaConfig(_PresetMixin, MambaConfig, EhrEmbeddingFields):
     pad_token_id: int | None = PAD_ID
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    PRESETS = {
-        k: {**_COMMON, "state_size": 16, "expand": 2, "conv_kernel": 4, **v} for k, v in _MAMBA_SIZES.items()
-    }
+    PRESETS = {k: {**_COMMON, "state_size": 16, "expand": 2, "conv_kernel": 4, **v} for k, v in _MAMBA_SIZES.items()}
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

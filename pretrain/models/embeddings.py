@@ -13,6 +13,7 @@ position mechanism (BERT); Llama uses RoPE and Mamba needs none.
 
 Streams that are not given (e.g. ``ages`` at inference from a bare token sequence) contribute nothing.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ transformers 5.24 renamed both ``past_key_values`` (attention models) and ``cach
 dataclass fields. Our models take any of the names and hand HF's layers, mask helpers and output classes the
 one the installed version defines, so cached generation keeps its state on both sides of the rename.
 """
+
 from __future__ import annotations
 
 from transformers.modeling_outputs import BaseModelOutputWithPast

@@ -4,6 +4,7 @@ Weight names equal HF ``LlamaModel`` / ``LlamaForCausalLM`` (model.embed_tokens,
 lm_head) plus ``model.ehr_embeddings.*``. Packed rows get a block-diagonal causal mask and RoPE positions
 restarting per document; with flash-attn the rows are flattened into one varlen sequence instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,14 +22,14 @@ from transformers.models.llama.modeling_llama import (
 
 from .common import EhrModelMixin, StreamGenerationMixin, next_token_loss
 from .configuration import EhrLlamaConfig
-from .hf_cache_compat import kv_cache_kwargs, output_cache, resolve_cache
 from .embeddings import EhrEmbeddings, init_ehr_embedding_weights
+from .hf_cache_compat import kv_cache_kwargs, output_cache, resolve_cache
 from .masking import (
     flash_varlen_kwargs,
     packed_attention_mask,
-    rows_are_right_padded,
     position_ids_per_document,
     resolve_document_ids,
+    rows_are_right_padded,
     uses_flash_attention,
 )
 
@@ -110,8 +111,11 @@ class EhrLlamaModel(EhrModelMixin, EhrLlamaPreTrainedModel):
                 if document_ids is not None:
                     raise ValueError("cached decoding does not support packed rows (document_ids)")
                 mask = attention_mask
-            elif (document_ids is None and self.config._attn_implementation == "sdpa"
-                  and rows_are_right_padded(attention_mask)):
+            elif (
+                document_ids is None
+                and self.config._attn_implementation == "sdpa"
+                and rows_are_right_padded(attention_mask)
+            ):
                 mask = None  # one document per row, padding at the end: SDPA's causal kernel, no dense mask
             else:
                 mask = packed_attention_mask(

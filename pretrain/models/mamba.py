@@ -6,6 +6,7 @@ selective scan of ``ehrfm.kernels.mamba_scan`` (mamba_ssm's CUDA kernel when ins
 sequential fallback; packed rows reset the SSM state at document starts and the causal convolution does not
 read across documents. Cached generation (prefill and decoding) keeps HF's own path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,8 @@ from transformers.models.mamba.modeling_mamba import (
 from ...kernels.mamba_scan import selective_scan
 from .common import EhrModelMixin, StreamGenerationMixin, next_token_loss
 from .configuration import EhrMambaConfig
-from .hf_cache_compat import cache_kwargs, output_cache, resolve_cache
 from .embeddings import EhrEmbeddings, init_ehr_embedding_weights
+from .hf_cache_compat import cache_kwargs, output_cache, resolve_cache
 from .masking import document_starts, same_document_as_previous
 
 
@@ -98,7 +99,9 @@ class EhrMambaBlock(MambaBlock):
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
         hidden_states = self.mixer(
-            hidden_states, cache=resolve_cache(cache, cache_params, kwargs), attention_mask=attention_mask,
+            hidden_states,
+            cache=resolve_cache(cache, cache_params, kwargs),
+            attention_mask=attention_mask,
             document_ids=document_ids,
         )
         return residual + hidden_states
@@ -162,9 +165,7 @@ class EhrMambaModel(EhrModelMixin, EhrMambaPreTrainedModel):
         if cache is not None and document_ids is not None:
             raise ValueError("cached generation does not support packed rows (document_ids)")
         for layer in self.layers:
-            hidden = layer(
-                hidden, cache=cache, attention_mask=attention_mask, document_ids=document_ids
-            )
+            hidden = layer(hidden, cache=cache, attention_mask=attention_mask, document_ids=document_ids)
         hidden = self.norm_f(hidden)
         return MambaOutput(last_hidden_state=hidden, **cache_kwargs(cache if use_cache else None))
 

@@ -6,6 +6,7 @@ read across documents and the SSD scan resets its state at document starts, via 
 kernel when installed (CUDA) and in the pure-torch chunked scan below otherwise. Cached generation keeps
 HF's own path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,8 @@ from transformers.models.mamba2.modeling_mamba2 import (
 from ...kernels.mamba_scan import fp32_region
 from .common import EhrModelMixin, StreamGenerationMixin, next_token_loss
 from .configuration import EhrMamba2Config
-from .hf_cache_compat import cache_kwargs, output_cache, resolve_cache
 from .embeddings import EhrEmbeddings, init_ehr_embedding_weights
+from .hf_cache_compat import cache_kwargs, output_cache, resolve_cache
 from .mamba import _mask_padding, causal_depthwise_conv
 from .masking import document_starts
 
@@ -129,14 +130,31 @@ class EhrMamba2Mixer(Mamba2Mixer):
             if document_ids is not None:
                 seq_idx = document_starts(document_ids).cumsum(-1).to(torch.int32)
             y = _mamba_ssm_chunk_scan(
-                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, seq_idx=seq_idx,
-                dt_softplus=True, dt_limit=tuple(self.time_step_limit),
+                x,
+                dt,
+                A,
+                B,
+                C,
+                self.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                seq_idx=seq_idx,
+                dt_softplus=True,
+                dt_limit=tuple(self.time_step_limit),
             )
         else:
             resets = document_starts(document_ids) if document_ids is not None else None
             y = ssd_chunk_scan(
-                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                dt_limit=tuple(self.time_step_limit), resets=resets,
+                x,
+                dt,
+                A,
+                B,
+                C,
+                self.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                dt_limit=tuple(self.time_step_limit),
+                resets=resets,
             )
         y = self.norm(y.reshape(batch, length, -1), gate)
         return self.out_proj(y.to(dtype))
@@ -155,7 +173,9 @@ class EhrMamba2Block(Mamba2Block):
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
         hidden_states = self.mixer(
-            hidden_states, cache=resolve_cache(cache, cache_params, kwargs), attention_mask=attention_mask,
+            hidden_states,
+            cache=resolve_cache(cache, cache_params, kwargs),
+            attention_mask=attention_mask,
             document_ids=document_ids,
         )
         return residual + hidden_states
@@ -219,9 +239,7 @@ class EhrMamba2Model(EhrModelMixin, EhrMamba2PreTrainedModel):
         if cache is not None and document_ids is not None:
             raise ValueError("cached generation does not support packed rows (document_ids)")
         for layer in self.layers:
-            hidden = layer(
-                hidden, cache=cache, attention_mask=attention_mask, document_ids=document_ids
-            )
+            hidden = layer(hidden, cache=cache, attention_mask=attention_mask, document_ids=document_ids)
         hidden = self.norm_f(hidden)
         return Mamba2Output(last_hidden_state=hidden, **cache_kwargs(cache if use_cache else None))
 

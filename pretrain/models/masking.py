@@ -12,6 +12,7 @@ memory-efficient) then run, and a padded tail never reaches the real tokens befo
 Everything here is tensor arithmetic: no ``.item()`` or host syncs (except the flash varlen lengths, which
 flash-attn needs as a Python int, and the one-boolean right-padding check of unpacked rows).
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,9 +71,7 @@ def packed_attention_mask(
     allowed = allowed[:, None]
     if attn_implementation in ("sdpa", "flex_attention"):
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def flash_varlen_kwargs(flat_position_ids: torch.Tensor) -> dict:

@@ -1,5 +1,6 @@
 """Shared data fixtures: a meds-testing-helpers dataset, a small cached Synthea cohort and a hand-built FHIR
 bundle whose every token and label is known."""
+
 from __future__ import annotations
 
 import copy
@@ -65,28 +66,63 @@ def tiny_bundle() -> dict:
     loinc = "http://loinc.org"
 
     def enc(eid, start, end):
-        return _res("Encounter", eid, status="finished", subject=subj,
-                    **{"class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}},
-                    period={"start": start, "end": end})
+        return _res(
+            "Encounter",
+            eid,
+            status="finished",
+            subject=subj,
+            **{"class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}},
+            period={"start": start, "end": end},
+        )
 
     entries = [
         _res("Patient", "p1", birthDate="1950-01-01", gender="female", deceasedDateTime="2001-03-01T00:00:00+00:00"),
         enc("e1", "2001-01-01T08:00:00+00:00", "2001-01-11T08:00:00+00:00"),
-        _res("Condition", "c1", subject=subj, encounter={"reference": "urn:uuid:e1"},
-             code={"coding": [{"system": snomed, "code": "88805009"}]}, onsetDateTime="2001-01-01T09:00:00+00:00"),
-        _res("Observation", "o1", subject=subj, encounter={"reference": "urn:uuid:e1"},
-             category=[{"coding": [{"code": "vital-signs"}]}],
-             code={"coding": [{"system": loinc, "code": "8867-4"}]}, effectiveDateTime="2001-01-01T10:00:00+00:00",
-             valueQuantity={"value": 80.0, "unit": "/min"}),
-        _res("MedicationRequest", "m1", subject=subj, encounter={"reference": "urn:uuid:e1"},
-             medicationCodeableConcept={"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "197361"}]},
-             authoredOn="2001-01-10T08:00:00+00:00"),
+        _res(
+            "Condition",
+            "c1",
+            subject=subj,
+            encounter={"reference": "urn:uuid:e1"},
+            code={"coding": [{"system": snomed, "code": "88805009"}]},
+            onsetDateTime="2001-01-01T09:00:00+00:00",
+        ),
+        _res(
+            "Observation",
+            "o1",
+            subject=subj,
+            encounter={"reference": "urn:uuid:e1"},
+            category=[{"coding": [{"code": "vital-signs"}]}],
+            code={"coding": [{"system": loinc, "code": "8867-4"}]},
+            effectiveDateTime="2001-01-01T10:00:00+00:00",
+            valueQuantity={"value": 80.0, "unit": "/min"},
+        ),
+        _res(
+            "MedicationRequest",
+            "m1",
+            subject=subj,
+            encounter={"reference": "urn:uuid:e1"},
+            medicationCodeableConcept={
+                "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "197361"}]
+            },
+            authoredOn="2001-01-10T08:00:00+00:00",
+        ),
         enc("e2", "2001-01-31T08:00:00+00:00", "2001-02-02T08:00:00+00:00"),
-        _res("Procedure", "x1", subject=subj, encounter={"reference": "urn:uuid:e2"},
-             code={"coding": [{"system": snomed, "code": "430193006"}]}, performedDateTime="2001-01-31T09:00:00+00:00"),
-        _res("Immunization", "i1", patient=subj, encounter={"reference": "urn:uuid:e2"},
-             vaccineCode={"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "140"}]},
-             occurrenceDateTime="2001-02-01T09:00:00+00:00"),
+        _res(
+            "Procedure",
+            "x1",
+            subject=subj,
+            encounter={"reference": "urn:uuid:e2"},
+            code={"coding": [{"system": snomed, "code": "430193006"}]},
+            performedDateTime="2001-01-31T09:00:00+00:00",
+        ),
+        _res(
+            "Immunization",
+            "i1",
+            patient=subj,
+            encounter={"reference": "urn:uuid:e2"},
+            vaccineCode={"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "140"}]},
+            occurrenceDateTime="2001-02-01T09:00:00+00:00",
+        ),
     ]
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 

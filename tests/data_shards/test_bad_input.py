@@ -1,4 +1,5 @@
 """Bad input: a clear error naming file/row/field, or a documented, counted handling; never a half-written output."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -30,8 +31,13 @@ def _meds(root: Path, frame: pl.DataFrame, name: str = "0.parquet") -> Path:
 def _good_meds_frame(**overrides) -> pl.DataFrame:
     data = {
         "subject_id": [1, 1, 1, 2, 2],
-        "time": [dt.datetime(1960, 1, 1), dt.datetime(2000, 1, 1), dt.datetime(2000, 1, 2),
-                 dt.datetime(1970, 1, 1), dt.datetime(2001, 1, 1)],
+        "time": [
+            dt.datetime(1960, 1, 1),
+            dt.datetime(2000, 1, 1),
+            dt.datetime(2000, 1, 2),
+            dt.datetime(1970, 1, 1),
+            dt.datetime(2001, 1, 1),
+        ],
         "code": ["MEDS_BIRTH", "ICD10CM/I50.9", "LOINC/1-1", "MEDS_BIRTH", "ICD10CM/E11.9"],
         "numeric_value": [None, None, 3.0, None, None],
     }
@@ -55,7 +61,9 @@ def test_mistyped_column_names_file_and_column(tmp_path):
 
 
 def test_castable_types_are_accepted(tmp_path):
-    frame = _good_meds_frame().with_columns(pl.col("time").cast(pl.Datetime("ns")), pl.col("numeric_value").cast(pl.Float64))
+    frame = _good_meds_frame().with_columns(
+        pl.col("time").cast(pl.Datetime("ns")), pl.col("numeric_value").cast(pl.Float64)
+    )
     root = _meds(tmp_path / "in", frame)
     manifest = prepare(root, tmp_path / "out", PrepareConfig(tasks=[]), progress=False)
     assert manifest["counts"]["patients_total"] == 2
@@ -65,11 +73,28 @@ def test_counted_handling_of_duplicates_before_birth_after_death_and_empty(tmp_p
     frame = pl.DataFrame(
         {
             "subject_id": [1, 1, 1, 1, 1, 1, 2, 2, 3],
-            "time": [dt.datetime(1960, 1, 1), dt.datetime(1950, 1, 1), dt.datetime(2000, 1, 1), dt.datetime(2000, 1, 1),
-                     dt.datetime(2001, 1, 1), dt.datetime(2001, 3, 1), dt.datetime(1970, 1, 1), dt.datetime(1960, 1, 1),
-                     None],
-            "code": ["MEDS_BIRTH", "SNOMED/1", "SNOMED/2", "SNOMED/2", "MEDS_DEATH", "SNOMED/3", "MEDS_BIRTH", "SNOMED/4",
-                     "GENDER/F"],
+            "time": [
+                dt.datetime(1960, 1, 1),
+                dt.datetime(1950, 1, 1),
+                dt.datetime(2000, 1, 1),
+                dt.datetime(2000, 1, 1),
+                dt.datetime(2001, 1, 1),
+                dt.datetime(2001, 3, 1),
+                dt.datetime(1970, 1, 1),
+                dt.datetime(1960, 1, 1),
+                None,
+            ],
+            "code": [
+                "MEDS_BIRTH",
+                "SNOMED/1",
+                "SNOMED/2",
+                "SNOMED/2",
+                "MEDS_DEATH",
+                "SNOMED/3",
+                "MEDS_BIRTH",
+                "SNOMED/4",
+                "GENDER/F",
+            ],
         }
     )
     root = _meds(tmp_path / "in", frame)
@@ -128,8 +153,13 @@ def test_resource_without_code_is_dropped_and_tallied(tmp_path, bundle_factory):
 
 
 def test_empty_patient_bundle(tmp_path):
-    write_bundle(tmp_path / "fhir", {"resourceType": "Bundle", "entry": [
-        {"resource": {"resourceType": "Patient", "id": "lonely", "gender": "male"}}]})
+    write_bundle(
+        tmp_path / "fhir",
+        {
+            "resourceType": "Bundle",
+            "entry": [{"resource": {"resourceType": "Patient", "id": "lonely", "gender": "male"}}],
+        },
+    )
     with pytest.raises(DataError, match="no patient has any usable event"):
         prepare(tmp_path / "fhir", tmp_path / "out", PrepareConfig(format="fhir", tasks=[]), progress=False)
     _no_output_left(tmp_path / "out")
@@ -170,7 +200,6 @@ def test_killed_prepare_leaves_no_complete_looking_folder(tmp_path, meds_dataset
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "out"
     code = (

@@ -1,5 +1,6 @@
 """003 history options: look-back truncation, aggregation of repeated numeric events, concept groups,
 plus external labels flowing through prepare."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -16,20 +17,29 @@ D = dt.datetime
 
 
 def _events(rows) -> pl.DataFrame:
-    frame = pl.DataFrame(rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String,
-                                       "numeric_value": pl.Float32, "encounter_id": pl.String}, orient="row")
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "subject_id": pl.Int64,
+            "time": pl.Datetime("us"),
+            "code": pl.String,
+            "numeric_value": pl.Float32,
+            "encounter_id": pl.String,
+        },
+        orient="row",
+    )
     frame = frame.with_columns(text_value=pl.lit(None, pl.String), event_type=pl.lit(None, pl.String))
     return prepare_events(clean_events(frame, CleaningConfig(), Tally()), VocabConfig())
 
 
 ROWS = [
     (1, D(1950, 1, 1), "MEDS_BIRTH", None, None),
-    (1, D(2000, 1, 1, 8), "ICD10CM/I10", None, "a"),          # visit a, 2000
-    (1, D(2003, 6, 1, 8), "ICD10CM/E11", None, "b"),          # visit b, 2003
+    (1, D(2000, 1, 1, 8), "ICD10CM/I10", None, "a"),  # visit a, 2000
+    (1, D(2003, 6, 1, 8), "ICD10CM/E11", None, "b"),  # visit b, 2003
     (1, D(2003, 6, 1, 9), "LOINC/2345-7", 100.0, "b"),
-    (1, D(2003, 6, 1, 20), "LOINC/2345-7", 200.0, "b"),       # same day: aggregated with the one above
-    (1, D(2003, 6, 3, 9), "LOINC/2345-7", 50.0, "b"),         # day 2: its own window
-    (1, D(2004, 1, 1, 8), "RXNORM/1", None, "c"),             # visit c, 7 months later
+    (1, D(2003, 6, 1, 20), "LOINC/2345-7", 200.0, "b"),  # same day: aggregated with the one above
+    (1, D(2003, 6, 3, 9), "LOINC/2345-7", 50.0, "b"),  # day 2: its own window
+    (1, D(2004, 1, 1, 8), "RXNORM/1", None, "c"),  # visit c, 7 months later
 ]
 
 
@@ -72,11 +82,25 @@ def test_external_labels_are_split_like_their_subjects(tmp_path):
     root = tmp_path / "meds"
     (root / "data").mkdir(parents=True)
     rows = [(sid, D(2000, 1, 1 + sid % 20), "ICD10CM/I10", None, None) for sid in range(40)]
-    frame = pl.DataFrame(rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String,
-                                       "numeric_value": pl.Float32, "encounter_id": pl.String}, orient="row")
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "subject_id": pl.Int64,
+            "time": pl.Datetime("us"),
+            "code": pl.String,
+            "numeric_value": pl.Float32,
+            "encounter_id": pl.String,
+        },
+        orient="row",
+    )
     frame.drop("encounter_id").write_parquet(root / "data" / "0.parquet")
-    labels = pl.DataFrame({"subject_id": list(range(40)), "prediction_time": [D(2001, 1, 1)] * 40,
-                           "boolean_value": [s % 3 == 0 for s in range(40)]})
+    labels = pl.DataFrame(
+        {
+            "subject_id": list(range(40)),
+            "prediction_time": [D(2001, 1, 1)] * 40,
+            "boolean_value": [s % 3 == 0 for s in range(40)],
+        }
+    )
     labels.write_parquet(tmp_path / "aces_task.parquet")
     cfg = PrepareConfig(tasks=[], external_labels=[str(tmp_path / "aces_task.parquet")])
     manifest = prepare(root, tmp_path / "out", cfg, progress=False)
@@ -89,6 +113,10 @@ def test_external_labels_are_split_like_their_subjects(tmp_path):
         for shard in manifest["shards"][split]:
             import pyarrow as pa
 
-            shard_ids |= set(pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / shard["path"]))).read_all()
-                             .column("subject_id").to_pylist())
+            shard_ids |= set(
+                pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / shard["path"])))
+                .read_all()
+                .column("subject_id")
+                .to_pylist()
+            )
         assert set(got["subject_id"].to_list()) <= shard_ids

@@ -1,5 +1,6 @@
 """Input sanity of `ehrfm prepare` (issue 12): reserved codes, non-finite values, implausible times, config
 value ranges, task names and FHIR value/split-patient problems are each counted or refused with a clear error."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -30,7 +31,8 @@ def _meds(root: Path, frame: pl.DataFrame) -> Path:
 def _frame(rows: list[tuple]) -> pl.DataFrame:
     """rows of (subject_id, time, code, numeric_value)."""
     return pl.DataFrame(
-        rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64},
+        rows,
+        schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64},
         orient="row",
     )
 
@@ -54,11 +56,20 @@ D = dt.datetime
 
 # 1. codes spelled like special or task tokens -------------------------------------------------------------
 
+
 def test_reserved_codes_are_escaped_counted_and_never_special_ids(tmp_path):
-    rows = [(1, D(1960, 1, 1), "MEDS_BIRTH", None), (1, None, "[CLS]", None),
-            (1, D(2000, 1, 1), "[PAD]", None), (1, D(2000, 1, 1), "[MOR]", None), (1, D(2000, 1, 2), "[VS]", 4.0),
-            (1, D(2000, 1, 2), "CODE//[PAD]", None), (1, D(2000, 3, 1), "SNOMED/1", None),
-            (2, D(1970, 1, 1), "MEDS_BIRTH", None), (2, D(2001, 1, 1), "[REG]", None), (2, D(2001, 1, 1), "[LT]", None)]
+    rows = [
+        (1, D(1960, 1, 1), "MEDS_BIRTH", None),
+        (1, None, "[CLS]", None),
+        (1, D(2000, 1, 1), "[PAD]", None),
+        (1, D(2000, 1, 1), "[MOR]", None),
+        (1, D(2000, 1, 2), "[VS]", 4.0),
+        (1, D(2000, 1, 2), "CODE//[PAD]", None),
+        (1, D(2000, 3, 1), "SNOMED/1", None),
+        (2, D(1970, 1, 1), "MEDS_BIRTH", None),
+        (2, D(2001, 1, 1), "[REG]", None),
+        (2, D(2001, 1, 1), "[LT]", None),
+    ]
     root = _meds(tmp_path / "in", _frame(rows))
     manifest = prepare(root, tmp_path / "out", _all_pretrain(tasks=["ehrmamba"]), progress=False)
     assert manifest["cleaning"]["notes"]["escaped_reserved_codes"] == 7
@@ -81,6 +92,7 @@ def test_reserved_codes_are_escaped_counted_and_never_special_ids(tmp_path):
 
 # 2. NaN / inf / beyond-float32 numeric values ------------------------------------------------------------
 
+
 def test_non_finite_numeric_values_become_missing_and_are_counted(tmp_path):
     values = [float("nan"), float("inf"), -float("inf"), 1e300, 1.0, 2.0, 3.0, 4.0]
     rows = [(1, D(1960, 1, 1), "MEDS_BIRTH", None)] + [(1, D(2000, 1, 1 + i), "LAB/x", v) for i, v in enumerate(values)]
@@ -101,13 +113,23 @@ def test_non_finite_numeric_values_become_missing_and_are_counted(tmp_path):
 
 # 3. implausible event times and the data end -------------------------------------------------------------
 
+
 def test_out_of_bounds_times_are_dropped_and_do_not_move_data_end(tmp_path):
-    rows = [(1, D(1960, 1, 1), "MEDS_BIRTH", None), (1, D(2000, 1, 1), "SNOMED/1", None),
-            (1, D(9999, 12, 31), "SNOMED/2", None), (1, D(1850, 1, 1), "SNOMED/3", None),
-            (2, D(1970, 1, 1), "MEDS_BIRTH", None), (2, D(2001, 6, 1), "SNOMED/1", None),
-            (3, D(1940, 1, 1), "MEDS_BIRTH", None), (3, D(2001, 5, 1), "SNOMED/4", None)]
-    frame = _frame(rows).vstack(pl.DataFrame({"subject_id": [3], "time": [None], "code": ["GENDER/F"], "numeric_value": [None]},
-                                             schema=_frame([]).schema))
+    rows = [
+        (1, D(1960, 1, 1), "MEDS_BIRTH", None),
+        (1, D(2000, 1, 1), "SNOMED/1", None),
+        (1, D(9999, 12, 31), "SNOMED/2", None),
+        (1, D(1850, 1, 1), "SNOMED/3", None),
+        (2, D(1970, 1, 1), "MEDS_BIRTH", None),
+        (2, D(2001, 6, 1), "SNOMED/1", None),
+        (3, D(1940, 1, 1), "MEDS_BIRTH", None),
+        (3, D(2001, 5, 1), "SNOMED/4", None),
+    ]
+    frame = _frame(rows).vstack(
+        pl.DataFrame(
+            {"subject_id": [3], "time": [None], "code": ["GENDER/F"], "numeric_value": [None]}, schema=_frame([]).schema
+        )
+    )
     root = _meds(tmp_path / "in", frame)
     manifest = prepare(root, tmp_path / "out", _all_pretrain(tasks=[]), progress=False)
     assert manifest["cleaning"]["dropped_rows"] == {"time_out_of_bounds": 2}
@@ -121,7 +143,11 @@ def test_in_bounds_outlier_does_not_move_data_end_and_mimic_dates_are_kept(tmp_p
     # MIMIC-IV-style shifted dates (2150s) are plausible; one subject ending 40 years later is an outlier.
     rows = []
     for sid, last in ((1, D(2150, 3, 1)), (2, D(2150, 6, 1)), (3, D(2150, 9, 1)), (4, D(2190, 1, 1))):
-        rows += [(sid, D(2100, 1, 1), "MEDS_BIRTH", None), (sid, D(2150, 1, 1), "SNOMED/1", None), (sid, last, "SNOMED/2", None)]
+        rows += [
+            (sid, D(2100, 1, 1), "MEDS_BIRTH", None),
+            (sid, D(2150, 1, 1), "SNOMED/1", None),
+            (sid, last, "SNOMED/2", None),
+        ]
     root = _meds(tmp_path / "in", _frame(rows))
     manifest = prepare(root, tmp_path / "a", _all_pretrain(tasks=[]), progress=False)
     assert manifest["cleaning"]["dropped_rows"] == {}
@@ -149,30 +175,34 @@ def test_derive_data_end_rule():
 
 # 4. config value ranges and task names -------------------------------------------------------------------
 
-@pytest.mark.parametrize("override,key,shown", [
-    ("vocab.num_bins=-3", "vocab.num_bins", "-3"),
-    ("vocab.icd_level=0", "vocab.icd_level", "0"),
-    ("vocab.min_frequency=0", "vocab.min_frequency", "0"),
-    ("vocab.max_values_per_code=0", "vocab.max_values_per_code", "0"),
-    ("vocab.extra_task_tokens=['[PAD]']", "vocab.extra_task_tokens", "[PAD]"),
-    ("splits.pretrain=1.5", "splits.pretrain", "1.5"),
-    ("splits.test=0.5", "splits.pretrain", "0.5"),  # the fractions must sum to 1
-    ("splits.val_fraction=1", "splits.val_fraction", "1.0"),
-    ("visits.gap_hours=0", "visits.gap_hours", "0.0"),
-    ("history.aggregate_days=-1", "history.aggregate_days", "-1.0"),
-    ("history.concept_groups=", "history.concept_groups", "[]"),
-    ("history.concept_groups=DX,FOO", "history.concept_groups", "FOO"),
-    ("cleaning.after_death_tolerance_hours=-1", "cleaning.after_death_tolerance_hours", "-1.0"),
-    ("cleaning.min_events_per_patient=0", "cleaning.min_events_per_patient", "0"),
-    ("cleaning.min_time=2400-01-01", "cleaning.min_time", "2400-01-01"),
-    ("cleaning.max_time=someday", "cleaning.max_time", "someday"),
-    ("cleaning.data_end=soon", "cleaning.data_end", "soon"),
-    ("cleaning.data_end_margin_days=-1", "cleaning.data_end_margin_days", "-1.0"),
-    ("shards.patients_per_shard=0", "shards.patients_per_shard", "0"),
-    ("shards.fhir_bundles_per_shard=0", "shards.fhir_bundles_per_shard", "0"),
-    ("shards.max_rows_per_batch=0", "shards.max_rows_per_batch", "0"),
-    ("external_labels=../labels/bad name.parquet", "external_labels[0]", "bad name"),
-])
+
+@pytest.mark.parametrize(
+    "override,key,shown",
+    [
+        ("vocab.num_bins=-3", "vocab.num_bins", "-3"),
+        ("vocab.icd_level=0", "vocab.icd_level", "0"),
+        ("vocab.min_frequency=0", "vocab.min_frequency", "0"),
+        ("vocab.max_values_per_code=0", "vocab.max_values_per_code", "0"),
+        ("vocab.extra_task_tokens=['[PAD]']", "vocab.extra_task_tokens", "[PAD]"),
+        ("splits.pretrain=1.5", "splits.pretrain", "1.5"),
+        ("splits.test=0.5", "splits.pretrain", "0.5"),  # the fractions must sum to 1
+        ("splits.val_fraction=1", "splits.val_fraction", "1.0"),
+        ("visits.gap_hours=0", "visits.gap_hours", "0.0"),
+        ("history.aggregate_days=-1", "history.aggregate_days", "-1.0"),
+        ("history.concept_groups=", "history.concept_groups", "[]"),
+        ("history.concept_groups=DX,FOO", "history.concept_groups", "FOO"),
+        ("cleaning.after_death_tolerance_hours=-1", "cleaning.after_death_tolerance_hours", "-1.0"),
+        ("cleaning.min_events_per_patient=0", "cleaning.min_events_per_patient", "0"),
+        ("cleaning.min_time=2400-01-01", "cleaning.min_time", "2400-01-01"),
+        ("cleaning.max_time=someday", "cleaning.max_time", "someday"),
+        ("cleaning.data_end=soon", "cleaning.data_end", "soon"),
+        ("cleaning.data_end_margin_days=-1", "cleaning.data_end_margin_days", "-1.0"),
+        ("shards.patients_per_shard=0", "shards.patients_per_shard", "0"),
+        ("shards.fhir_bundles_per_shard=0", "shards.fhir_bundles_per_shard", "0"),
+        ("shards.max_rows_per_batch=0", "shards.max_rows_per_batch", "0"),
+        ("external_labels=../labels/bad name.parquet", "external_labels[0]", "bad name"),
+    ],
+)
 def test_config_value_ranges_name_the_key(override, key, shown):
     with pytest.raises(ConfigError) as err:
         load_config(PrepareConfig, None, [override])
@@ -181,15 +211,27 @@ def test_config_value_ranges_name_the_key(override, key, shown):
 
 
 def test_config_value_ranges_accept_valid_values():
-    cfg = load_config(PrepareConfig, None, ["vocab.num_bins=1", "cleaning.data_end=2150-01-01", "splits.pretrain=0.6",
-                                             "splits.finetune=0.25", "history.aggregate_days=0", "vocab.icd_level=3"])
+    cfg = load_config(
+        PrepareConfig,
+        None,
+        [
+            "vocab.num_bins=1",
+            "cleaning.data_end=2150-01-01",
+            "splits.pretrain=0.6",
+            "splits.finetune=0.25",
+            "history.aggregate_days=0",
+            "vocab.icd_level=3",
+        ],
+    )
     assert cfg.vocab.num_bins == 1 and cfg.cleaning.data_end == "2150-01-01"
     with pytest.raises(ConfigError, match=r"vocab\.num_bins.*-3"):
         load_config(PrepareConfig, None, ["vocab.num_bins=-3"])
 
 
 def test_task_name_that_escapes_the_labels_folder_is_refused(tmp_path):
-    root = _meds(tmp_path / "in", _frame([(1, D(1960, 1, 1), "MEDS_BIRTH", None), (1, D(2000, 1, 1), "SNOMED/1", None)]))
+    root = _meds(
+        tmp_path / "in", _frame([(1, D(1960, 1, 1), "MEDS_BIRTH", None), (1, D(2000, 1, 1), "SNOMED/1", None)])
+    )
     task_file = tmp_path / "evil.yaml"
     task_file.write_text("tasks:\n  - name: ../../X\n    token: '[X]'\n")
     with pytest.raises(ConfigError, match=r"evil\.yaml.*name.*\.\./\.\./X"):
@@ -203,7 +245,9 @@ def test_task_name_that_escapes_the_labels_folder_is_refused(tmp_path):
 
 
 def test_external_label_file_name_is_checked_before_work(tmp_path):
-    root = _meds(tmp_path / "in", _frame([(1, D(1960, 1, 1), "MEDS_BIRTH", None), (1, D(2000, 1, 1), "SNOMED/1", None)]))
+    root = _meds(
+        tmp_path / "in", _frame([(1, D(1960, 1, 1), "MEDS_BIRTH", None), (1, D(2000, 1, 1), "SNOMED/1", None)])
+    )
     labels = pl.DataFrame({"subject_id": [1], "prediction_time": [D(2000, 1, 2)], "boolean_value": [True]})
     (tmp_path / "lab").mkdir()
     for name in ("bad name.parquet", "los_7d.parquet"):
@@ -216,6 +260,7 @@ def test_external_label_file_name_is_checked_before_work(tmp_path):
 
 # 5. FHIR values and patients split over bundle files ----------------------------------------------------
 
+
 def test_fhir_non_numeric_values_are_counted_with_resource_ids(tmp_path, bundle_factory):
     bundle = bundle_factory()
     obs = bundle["entry"][3]["resource"]
@@ -225,18 +270,25 @@ def test_fhir_non_numeric_values_are_counted_with_resource_ids(tmp_path, bundle_
     extra["resource"].update(id="o2", valueQuantity={"value": "abc"})
     panel = json.loads(json.dumps(bundle["entry"][3]))
     del panel["resource"]["valueQuantity"]
-    panel["resource"].update(id="o3", component=[
-        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": True}},
-        {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]}, "valueInteger": "7"},
-        {"code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]}, "valueQuantity": {"value": 37.0}},
-    ])
+    panel["resource"].update(
+        id="o3",
+        component=[
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": True}},
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]}, "valueInteger": "7"},
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]}, "valueQuantity": {"value": 37.0}},
+        ],
+    )
     bundle["entry"] += [extra, panel]
     write_bundle(tmp_path / "fhir", bundle)
     manifest = prepare(tmp_path / "fhir", tmp_path / "out", _all_pretrain(format="fhir", tasks=[]), progress=False)
     fhir = manifest["fhir"]
     assert fhir["invalid_values"] == {"valueQuantity.value_not_a_number": 3, "valueInteger_not_a_number": 1}
-    assert [e["resource"] for e in fhir["invalid_value_examples"]] == ["Observation/o1", "Observation/o2", "Observation/o3",
-                                                                       "Observation/o3"]
+    assert [e["resource"] for e in fhir["invalid_value_examples"]] == [
+        "Observation/o1",
+        "Observation/o2",
+        "Observation/o3",
+        "Observation/o3",
+    ]
     assert all(e["file"].endswith("p1.json") for e in fhir["invalid_value_examples"])
     vocab = json.loads((tmp_path / "out" / "tokenizer" / "ehrfm_vocab.json").read_text())
     for code in ("LOINC/8867-4", "LOINC/8480-6", "LOINC/8462-4", "LOINC/8310-5"):  # the events stay, without values
@@ -265,4 +317,3 @@ def test_fhir_patient_in_a_bundle_and_ndjson_names_files(tmp_path, bundle_factor
     (tmp_path / "fhir" / "Observation.ndjson").write_text(json.dumps(bundle["entry"][3]["resource"]) + "\n")
     with pytest.raises(DataError, match=r"Patient p1 .*a\.json.*Observation\.ndjson"):
         prepare(tmp_path / "fhir", tmp_path / "out", PrepareConfig(format="fhir", tasks=[]), progress=False)
-

@@ -1,4 +1,5 @@
 """Property: a task example's input holds only events strictly before its prediction time."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -46,8 +47,15 @@ def timelines(draw):
         if draw(st.booleans()):
             rows.append((sid, T0 + dt.timedelta(days=t + draw(st.floats(0, 500))), "MEDS_DEATH", None, None))
     frame = pl.DataFrame(
-        rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String,
-                      "numeric_value": pl.Float32, "encounter_id": pl.String}, orient="row",
+        rows,
+        schema={
+            "subject_id": pl.Int64,
+            "time": pl.Datetime("us"),
+            "code": pl.String,
+            "numeric_value": pl.Float32,
+            "encounter_id": pl.String,
+        },
+        orient="row",
     ).with_columns(text_value=pl.lit(None, pl.String), event_type=pl.lit(None, pl.String))
     return frame
 
@@ -71,16 +79,16 @@ def test_inputs_precede_prediction_time(frame, extra_days):
     for task in TASKS:
         labels = compute_labels(events, task, data_end, TaskTally())
         for sid, pred in labels.select("subject_id", "prediction_time").iter_rows():
-            pred_s = int(pred.replace(tzinfo=dt.timezone.utc).timestamp())
+            pred_s = int(pred.replace(tzinfo=dt.UTC).timestamp())
             cut = cut_at(samples[sid], pred_s)
             assert np.all(cut["event_time_s"] < pred_s)
             # nothing visible is dated after the prediction time in the raw events either
             raw = events.filter((pl.col("subject_id") == sid) & pl.col("time").is_not_null() & (pl.col("time") < pred))
             assert len(cut["input_ids"]) <= len(raw) * 4 + 2
             checks += 1
-    for sid, sample in samples.items():
+    for sample in samples.values():
         for days in extra_days:
-            pred_s = int((T0 + dt.timedelta(days=days)).replace(tzinfo=dt.timezone.utc).timestamp())
+            pred_s = int((T0 + dt.timedelta(days=days)).replace(tzinfo=dt.UTC).timestamp())
             cut = cut_at(sample, pred_s, context_length=16)
             assert np.all(cut["event_time_s"] < pred_s) and len(cut["input_ids"]) <= 16
             # the cut keeps the most recent visible tokens
@@ -98,8 +106,10 @@ def _samples(frame, lookback: str, split: str) -> dict:
     cfg = PrepareConfig()
     cfg.history.lookback = lookback
     seqs = _sequences(events.with_columns(split=pl.lit(split)), vocab, cfg)
-    return {row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length")}
-            for row in seqs.iter_rows(named=True)}, vocab
+    return {
+        row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length")}
+        for row in seqs.iter_rows(named=True)
+    }, vocab
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -107,17 +117,25 @@ def _samples(frame, lookback: str, split: str) -> dict:
 def test_history_truncation_is_relative_to_the_prediction_time(frame, lookback, days):
     """003 truncation must not look at the end of the record: a visit far in the future (or its absence)
     cannot change what an earlier example sees. Truncating by the last visit (the old bug) fails this."""
-    future = frame.select("subject_id").unique().with_columns(
-        time=pl.lit(T0 + dt.timedelta(days=20000)).cast(pl.Datetime("us")), code=pl.lit("ENCOUNTER/AMB"),
-        numeric_value=pl.lit(None, pl.Float32), encounter_id=pl.lit("future"),
-        text_value=pl.lit(None, pl.String), event_type=pl.lit(None, pl.String),
-    ).select(frame.columns)
+    future = (
+        frame.select("subject_id")
+        .unique()
+        .with_columns(
+            time=pl.lit(T0 + dt.timedelta(days=20000)).cast(pl.Datetime("us")),
+            code=pl.lit("ENCOUNTER/AMB"),
+            numeric_value=pl.lit(None, pl.Float32),
+            encounter_id=pl.lit("future"),
+            text_value=pl.lit(None, pl.String),
+            event_type=pl.lit(None, pl.String),
+        )
+        .select(frame.columns)
+    )
     extended = pl.concat([frame, future, future.with_columns(code=pl.lit("SNOMED/1"))])
     plain, vocab = _samples(frame, lookback, "test")
     longer, vocab_b = _samples(extended, lookback, "test")
     for sid, sample in plain.items():
         for d in days:
-            pred_s = int((T0 + dt.timedelta(days=d)).replace(tzinfo=dt.timezone.utc).timestamp())
+            pred_s = int((T0 + dt.timedelta(days=d)).replace(tzinfo=dt.UTC).timestamp())
             a = cut_at(sample, pred_s, lookback=lookback)
             b = cut_at(longer[sid], pred_s, lookback=lookback)
             assert np.all(a["event_time_s"] < pred_s)

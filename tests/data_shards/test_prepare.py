@@ -1,4 +1,5 @@
 """`ehrfm prepare` on real generated data: meds-testing-helpers MEDS and a Synthea FHIR cohort."""
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,7 @@ def test_synthea_sequences_have_visit_structure(synthea_prepared):
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     ids = {t: tok.convert_tokens_to_ids(t) for t in (CLS, VS, VE, REG)}
     n_checked = 0
-    for split, shards in manifest["shards"].items():
+    for shards in manifest["shards"].values():
         if not shards:
             continue
         reader = ShardReader(out, shards)
@@ -99,16 +100,31 @@ def test_cli_prepare_writes_resolved_config(meds_dataset, tmp_path):
     exe = Path(sys.executable).with_name("ehrfm")
     out = tmp_path / "cli"
     result = subprocess.run(
-        [str(exe), "prepare", "--input", str(meds_dataset), "--format", "meds", "--out", str(out), "--no-progress",
-         "vocab.num_bins=5", "splits.seed=4"],
-        capture_output=True, text=True,
+        [
+            str(exe),
+            "prepare",
+            "--input",
+            str(meds_dataset),
+            "--format",
+            "meds",
+            "--out",
+            str(out),
+            "--no-progress",
+            "vocab.num_bins=5",
+            "splits.seed=4",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["vocab"]["num_bins"] == 5 and resolved["splits"]["seed"] == 4
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["vocab"]["num_bins"] == 5
-    bad = subprocess.run([str(exe), "prepare", "--input", str(meds_dataset), "--out", str(tmp_path / "x"), "vocab.nope=1"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [str(exe), "prepare", "--input", str(meds_dataset), "--out", str(tmp_path / "x"), "vocab.nope=1"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "vocab.nope" in bad.stderr
     assert not (tmp_path / "x").exists()

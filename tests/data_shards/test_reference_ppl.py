@@ -1,4 +1,5 @@
 """Reference perplexities of count models: hand-computed values and an independent dictionary count."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Streaming: exact partition over ranks x workers, exact resume, resharding, packing correctness."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,6 @@ from hypothesis import strategies as st
 
 from ehrfm.data_shards.collate import assemble_rows, best_fit_pack, cut_document
 from ehrfm.data_shards.stream import EhrDataLoader, PatientStream, ShardReader, StreamConfig
-
 
 CORPORA = ["synthea", "meds"]
 
@@ -52,7 +52,9 @@ def _documents_on_disk(data, context):
 def _epoch_docs(data, world, workers, **kw):
     docs = []
     for rank in range(world):
-        loader = EhrDataLoader(PatientStream(data, "pretrain", _cfg(**kw), rank=rank, world_size=world), num_workers=workers)
+        loader = EhrDataLoader(
+            PatientStream(data, "pretrain", _cfg(**kw), rank=rank, world_size=world), num_workers=workers
+        )
         for batch in loader:
             docs += _doc_keys(batch)
     return docs
@@ -134,8 +136,12 @@ def test_best_fit_pack_places_every_document_once_within_capacity(lengths, capac
 
 
 def test_assemble_rows_restarts_positions_and_numbers_documents():
-    doc = lambda n, v: {k: np.full(n, v, dtype=np.float32 if k in ("ages", "times") else np.int64)  # noqa: E731
-                        for k in ("input_ids", "type_ids", "ages", "times", "visit_segments", "visit_orders")}
+    def doc(n, v):
+        return {
+            k: np.full(n, v, dtype=np.float32 if k in ("ages", "times") else np.int64)
+            for k in ("input_ids", "type_ids", "ages", "times", "visit_segments", "visit_orders")
+        }
+
     batch = assemble_rows([[doc(3, 7), doc(2, 9)], [doc(4, 5)]], 6)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]]
     assert batch["document_ids"].tolist() == [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]]

@@ -1,4 +1,5 @@
 """A hand-built FHIR bundle whose every token, attribute and label is known in advance."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,16 +15,50 @@ from ehrfm.data_shards.schema import TokenType as T
 from ehrfm.data_shards.stream import ShardReader
 
 EXPECTED_TOKENS = [
-    "[CLS]", "GENDER/FEMALE",
-    "[VS]", "ENCOUNTER/IMP", "SNOMED/88805009", "LOINC/8867-4", "RXNORM/197361", "[VE]", "[REG]",
-    "[W2]", "[VS]", "ENCOUNTER/IMP", "SNOMED/430193006", "CVX/140", "[VE]", "[REG]",
-    "[W3]", "[VS]", "MEDS_DEATH", "[VE]", "[REG]",
+    "[CLS]",
+    "GENDER/FEMALE",
+    "[VS]",
+    "ENCOUNTER/IMP",
+    "SNOMED/88805009",
+    "LOINC/8867-4",
+    "RXNORM/197361",
+    "[VE]",
+    "[REG]",
+    "[W2]",
+    "[VS]",
+    "ENCOUNTER/IMP",
+    "SNOMED/430193006",
+    "CVX/140",
+    "[VE]",
+    "[REG]",
+    "[W3]",
+    "[VS]",
+    "MEDS_DEATH",
+    "[VE]",
+    "[REG]",
 ]
 EXPECTED_TYPES = [
-    T.CLS, T.OTHER,
-    T.VS, T.OTHER, T.DX, T.VIT, T.MED, T.VE, T.REG,
-    T.INTERVAL, T.VS, T.OTHER, T.PRO, T.IMM, T.VE, T.REG,
-    T.INTERVAL, T.VS, T.OTHER, T.VE, T.REG,
+    T.CLS,
+    T.OTHER,
+    T.VS,
+    T.OTHER,
+    T.DX,
+    T.VIT,
+    T.MED,
+    T.VE,
+    T.REG,
+    T.INTERVAL,
+    T.VS,
+    T.OTHER,
+    T.PRO,
+    T.IMM,
+    T.VE,
+    T.REG,
+    T.INTERVAL,
+    T.VS,
+    T.OTHER,
+    T.VE,
+    T.REG,
 ]
 EXPECTED_ORDERS = [0, 0] + [1] * 7 + [2] * 7 + [3] * 5
 EXPECTED_SEGMENTS = [0, 0] + [1] * 7 + [2] * 7 + [1] * 5
@@ -48,7 +83,7 @@ def test_tokens_and_streams_match_hand_derivation(tiny_fhir_dir, tmp_path):
     # age at the first [VS]: 2001-01-01T08:00 minus birth 1950-01-01, in years of 365.25 days
     expected_age = (dt.datetime(2001, 1, 1, 8) - dt.datetime(1950, 1, 1)).total_seconds() / 86400 / 365.25
     assert abs(float(sample["ages"][2]) - expected_age) < 1e-4
-    expected_weeks = dt.datetime(2001, 1, 1, 8, tzinfo=dt.timezone.utc).timestamp() / (7 * 86400)
+    expected_weeks = dt.datetime(2001, 1, 1, 8, tzinfo=dt.UTC).timestamp() / (7 * 86400)
     assert abs(float(sample["times"][2]) - expected_weeks) < 1e-2
     # token times are non-decreasing within this (non-overlapping) timeline
     assert np.all(np.diff(sample["event_time_s"]) >= 0)
@@ -77,5 +112,5 @@ def test_task_example_is_cut_strictly_before_prediction_time(tiny_fhir_dir, tmp_
     assert label is True
     # prediction 24 h after admission: the medication of day 10 and the stay's [VE]/[REG] are not visible
     assert tok.convert_ids_to_tokens(sample["input_ids"].tolist()) == EXPECTED_TOKENS[:6]
-    cutoff = dt.datetime(2001, 1, 2, 8, tzinfo=dt.timezone.utc).timestamp()
+    cutoff = dt.datetime(2001, 1, 2, 8, tzinfo=dt.UTC).timestamp()
     assert sample["event_time_s"].max() < cutoff

@@ -1,4 +1,5 @@
 """Value bins (pretraining split only), ICD truncation, minimum frequency, and the HF tokenizer."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -8,10 +9,9 @@ import polars as pl
 import pytest
 from transformers import AutoTokenizer
 
-from ehrfm.data_shards.config import PrepareConfig, VocabConfig
+from ehrfm.data_shards.config import PrepareConfig, SplitConfig, VocabConfig
 from ehrfm.data_shards.prepare import prepare
 from ehrfm.data_shards.splits import SPLITS, assign_splits
-from ehrfm.data_shards.config import SplitConfig
 from ehrfm.data_shards.vocab import ValueReservoir, Vocabulary, bin_tokens, normalize_codes
 
 
@@ -24,8 +24,11 @@ def _cohort(n: int, value_of) -> pl.DataFrame:
         rows.append((sid, dt.datetime(2000, 1, 7), "ICD10CM/I50.9" if sid % 2 else "ICD10CM/I50.1", None))
         if sid == 0:
             rows.append((sid, dt.datetime(2000, 1, 8), "ICD10CM/Z99.99", None))
-    return pl.DataFrame(rows, schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String,
-                                      "numeric_value": pl.Float32}, orient="row")
+    return pl.DataFrame(
+        rows,
+        schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32},
+        orient="row",
+    )
 
 
 def _split_of(n: int) -> dict[int, str]:
@@ -55,8 +58,10 @@ def test_bins_are_learned_on_the_pretraining_split_only(tmp_path):
 
 
 def test_bin_tokens_by_hand():
-    frame = pl.DataFrame({"code": ["A", "A", "A", "B", "A"], "numeric_value": [0.5, 1.5, 9.0, 3.0, None]},
-                         schema_overrides={"numeric_value": pl.Float32})
+    frame = pl.DataFrame(
+        {"code": ["A", "A", "A", "B", "A"], "numeric_value": [0.5, 1.5, 9.0, 3.0, None]},
+        schema_overrides={"numeric_value": pl.Float32},
+    )
     tokens = bin_tokens(frame, {"A": [1.0, 2.0]}).to_list()
     assert tokens == ["A//Q1", "A//Q2", "A//Q3", "B", "A"]
 
@@ -89,8 +94,10 @@ def test_min_frequency_maps_rare_codes_to_unk_and_tokenizer_round_trips(tmp_path
 
 
 def test_reservoir_is_bounded_and_seeded():
-    frames = [pl.DataFrame({"code": ["X"] * 1000, "numeric_value": np.arange(i * 1000, (i + 1) * 1000, dtype=np.float32)})
-              for i in range(5)]
+    frames = [
+        pl.DataFrame({"code": ["X"] * 1000, "numeric_value": np.arange(i * 1000, (i + 1) * 1000, dtype=np.float32)})
+        for i in range(5)
+    ]
     a, b = ValueReservoir(cap=300, seed=1), ValueReservoir(cap=300, seed=1)
     for f in frames:
         a.add(f)

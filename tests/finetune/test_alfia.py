@@ -1,5 +1,6 @@
 """ALFIA (002 2.3): layer weights computed as eqs. 2-7 say (sum to 1 without gating, sigmoid gates with it),
 fusion as eq. 8, output shapes, padding invariance; the ACH; ALFIA heads on every backbone."""
+
 import math
 
 import pytest
@@ -115,7 +116,9 @@ def test_alfia_model_on_every_backbone(arch):
     from ehrfm.pretrain.models import build_model
 
     small = {
-        "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4),
+        "llama": dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4
+        ),
         "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         "mamba": dict(hidden_size=32, num_hidden_layers=2),
         "mamba2": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=32, state_size=16, chunk_size=16),
@@ -131,8 +134,12 @@ def test_alfia_model_on_every_backbone(arch):
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:] = 0
     ids[mask == 0] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "type_ids": torch.where(mask > 0, 7, 0),
-             "task": torch.tensor([0, 1, 0])}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "type_ids": torch.where(mask > 0, 7, 0),
+        "task": torch.tensor([0, 1, 0]),
+    }
     out = model(batch)
     assert out["logits"].shape == (3,) and out["layer_weights"].shape == (3, model.num_fuse)
     assert out["embedding"].shape == (3, 32)

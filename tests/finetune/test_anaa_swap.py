@@ -1,5 +1,6 @@
 """ANAA swapped into tiny randomly initialised HF models (no downloads): eval == manual ANAA, training adds
 noise, remove() restores the original attention, Mamba is refused."""
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaModel
@@ -21,16 +22,30 @@ def _batch():
 
 def _llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def _bert():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertModel(cfg)
 
 
@@ -57,8 +72,16 @@ def test_llama_eval_equals_manual_causal_anaa():
     q, k, v = (proj(hs).view(B, N, -1, hd).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    o = anaa_attention(q.double(), k.double(), v.double(), sigma_eh=1.0, variant="causal", training=False,
-                       attention_mask=am.bool(), impl="reference")
+    o = anaa_attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        sigma_eh=1.0,
+        variant="causal",
+        training=False,
+        attention_mask=am.bool(),
+        impl="reference",
+    )
     manual = attn.o_proj(o.float().transpose(1, 2).reshape(B, N, -1))
     torch.testing.assert_close(seen["out"], manual, rtol=1e-4, atol=1e-5)
 
@@ -74,10 +97,19 @@ def test_bert_eval_equals_manual_symmetric_anaa():
     hs = seen["kwargs"].get("hidden_states", seen["args"][0] if seen["args"] else None)
     hd = sa.attention_head_size
     q, k, v = (proj(hs).view(B, N, -1, hd).transpose(1, 2) for proj in (sa.query, sa.key, sa.value))
-    o = anaa_attention(q.double(), k.double(), v.double(), sigma_eh=0.33, variant="symmetric", training=False,
-                       attention_mask=am.bool(), impl="reference")
-    torch.testing.assert_close(seen["out"].reshape(B, N, -1), o.float().transpose(1, 2).reshape(B, N, -1),
-                               rtol=1e-4, atol=1e-5)
+    o = anaa_attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        sigma_eh=0.33,
+        variant="symmetric",
+        training=False,
+        attention_mask=am.bool(),
+        impl="reference",
+    )
+    torch.testing.assert_close(
+        seen["out"].reshape(B, N, -1), o.float().transpose(1, 2).reshape(B, N, -1), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("build", [_llama, _bert])
@@ -104,8 +136,11 @@ def test_training_adds_noise_eval_deterministic_and_remove_restores(build):
     assert (t1 - t2).abs().max() > 1e-4 and (t1 - ev).abs().max() > 1e-4  # noise in training
     loss = model(input_ids=ids, attention_mask=am)
     (loss.logits if hasattr(loss, "logits") else loss.last_hidden_state).square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
-               and p.grad is not None)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for p in model.parameters()
+        if p.requires_grad and p.grad is not None
+    )
     handle.remove()
     model.eval()
     torch.testing.assert_close(run(), base)
@@ -154,8 +189,9 @@ def test_enable_twice_refused_and_cli_flags():
     handle.remove()
     base = ["finetune", "--model", "M", "--data", "D", "--out", "F"]
     assert not build_config(parse_args(base)).anaa.enabled
-    cfg = build_config(parse_args([*base, "--anaa", "--anaa-sigma-eh", "1.0", "--anaa-mode", "rna",
-                                   "--no-anaa.detach-sigma"])).anaa
+    cfg = build_config(
+        parse_args([*base, "--anaa", "--anaa-sigma-eh", "1.0", "--anaa-mode", "rna", "--no-anaa.detach-sigma"])
+    ).anaa
     assert cfg == ANAAConfig(enabled=True, sigma_eh=1.0, mode="rna", detach_sigma=False)
 
 

@@ -1,18 +1,27 @@
 """Section 5.8 diagnostics on a tiny random Llama: captured maps are the model's softmax attention, histogram
 and distance statistics are consistent, PNGs are written, and the model's attention is restored."""
+
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ehrfm.finetune.anaa import ANAAConfig, enable_anaa
-from ehrfm.finetune.attention_diagnostics import (capturing, median_by_distance, save_diagnostics,
-                                                  scaled_histograms)
+from ehrfm.finetune.attention_diagnostics import capturing, median_by_distance, save_diagnostics, scaled_histograms
 
 
 def _model():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=30,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def _batches():
@@ -57,5 +66,5 @@ def test_histogram_and_median_known_answers():
     scores = [[np.array([0.0, 0.5, 1.0, 1.0]), np.array([2.0, 2.0, 4.0, 3.0])]]
     counts, edges = scaled_histograms(scores, bins=2)
     assert counts.tolist() == [[[1, 3], [2, 2]]]
-    (ds, med), = median_by_distance([{0: np.array([1.0, 0.2, 0.4]), 1: np.array([0.1, 0.3])}])
+    ((ds, med),) = median_by_distance([{0: np.array([1.0, 0.2, 0.4]), 1: np.array([0.1, 0.3])}])
     assert ds.tolist() == [0, 1] and np.allclose(med, [0.4, 0.2])

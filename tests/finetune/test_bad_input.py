@@ -1,4 +1,5 @@
 """Bad input is refused with an error naming the file / field, before any model is loaded or trained."""
+
 import json
 import shutil
 
@@ -55,11 +56,17 @@ def test_task_with_zero_positives(ft_data, llama_export, tmp_path, no_loading, c
     path = data / "labels" / "emer_365d" / "finetune_val.parquet"
     pl.read_parquet(path).with_columns(boolean_value=pl.lit(False)).write_parquet(path)
     # named explicitly: refused, naming the task, split and file
-    with pytest.raises(FinetuneInputError, match=r"task 'emer_365d': zero positive labels in split 'finetune_val'.*finetune_val.parquet") as err:
+    with pytest.raises(
+        FinetuneInputError,
+        match=r"task 'emer_365d': zero positive labels in split 'finetune_val'.*finetune_val.parquet",
+    ) as err:
         _run(llama_export, data, tmp_path / "ft", tasks=["emer_365d", "any_visit_90d"])
     assert err.value.task == "emer_365d"  # the task at fault, for callers that drop it (ehrfm ablate)
     # the default list (every task of the data): the task is dropped with a warning naming it, the rest trains
-    with caplog.at_level("WARNING", logger="ehrfm.finetune"), pytest.raises(AssertionError, match="backbone was loaded"):
+    with (
+        caplog.at_level("WARNING", logger="ehrfm.finetune"),
+        pytest.raises(AssertionError, match="backbone was loaded"),
+    ):
         _run(llama_export, data, tmp_path / "ft")
     assert "emer_365d" in caplog.text and "dropped" in caplog.text
     assert train_mod.trainable_tasks(data, ["emer_365d", "any_visit_90d"])[0] == ["any_visit_90d"]
@@ -81,12 +88,26 @@ def test_bad_config_values_are_named(ft_data, llama_export, tmp_path, no_loading
 
 def test_cli_reports_errors_and_refuses_anaa_on_mamba(ft_data, export_factory, tmp_path, capsys, no_loading):
     mamba = export_factory(tmp_path / "mamba", ft_data, "mamba")
-    code = main(["finetune", "--model", str(mamba), "--data", str(ft_data), "--out", str(tmp_path / "ft"), "--anaa",
-                 "--epochs", "1"])
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(mamba),
+            "--data",
+            str(ft_data),
+            "--out",
+            str(tmp_path / "ft"),
+            "--anaa",
+            "--epochs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--anaa" in err and "mamba" in err.lower() and "no attention" in err
     meta = json.loads((mamba / "ehrfm_export.json").read_text())
     assert meta["architecture"] == "mamba"
     (tmp_path / "not_a_model").mkdir()
-    code = main(["finetune", "--model", str(tmp_path / "not_a_model"), "--data", str(ft_data), "--out", str(tmp_path / "ft")])
+    code = main(
+        ["finetune", "--model", str(tmp_path / "not_a_model"), "--data", str(ft_data), "--out", str(tmp_path / "ft")]
+    )
     assert code == 2 and "ehrfm_export.json" in capsys.readouterr().err

@@ -4,13 +4,15 @@ On CPU the device is the host, so the check uses tests/pretrain/device_guard.py'
 batches are marked as host tensors, only ``.to(device)`` clears the mark, and the model must never see a
 marked tensor. Before issue 14, finetuning fed the DataLoader's host batches straight into the model (on a
 GPU machine everything then ran on the CPU)."""
+
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
 _spec = importlib.util.spec_from_file_location(
-    "device_guard", Path(__file__).resolve().parents[1] / "pretrain" / "device_guard.py")
+    "device_guard", Path(__file__).resolve().parents[1] / "pretrain" / "device_guard.py"
+)
 guard = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(guard)
 

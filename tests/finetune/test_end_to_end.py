@@ -1,5 +1,6 @@
 """End to end through the CLI: finetune -> evaluate -> files exist and parse; ANAA only while finetuning;
 early stopping; baselines and ALFIA-boost in the same report format."""
+
 import json
 from pathlib import Path
 
@@ -12,8 +13,13 @@ from ehrfm.cli import main
 from ehrfm.finetune.model import FinetuneModel
 from ehrfm.finetune.regularizers import hf_model
 
-PRED_SCHEMA = {"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean,
-               "predicted_boolean_value": pl.Boolean, "predicted_boolean_probability": pl.Float64}
+PRED_SCHEMA = {
+    "subject_id": pl.Int64,
+    "prediction_time": pl.Datetime("us"),
+    "boolean_value": pl.Boolean,
+    "predicted_boolean_value": pl.Boolean,
+    "predicted_boolean_probability": pl.Float64,
+}
 
 
 def _check_eval_folder(folder, tasks, n_boot):
@@ -21,14 +27,27 @@ def _check_eval_folder(folder, tasks, n_boot):
     assert metrics["n_bootstrap"] == n_boot and set(metrics["tasks"]) == set(tasks)
     for task in tasks:
         m = metrics["tasks"][task]
-        for key in ("auroc", "auprc", "brier", "best_f1", "best_f1_threshold", "best_f2", "best_f2_threshold", "prevalence", "n"):
+        for key in (
+            "auroc",
+            "auprc",
+            "brier",
+            "best_f1",
+            "best_f1_threshold",
+            "best_f2",
+            "best_f2_threshold",
+            "prevalence",
+            "n",
+        ):
             assert {"value", "ci_low", "ci_high", "n_valid"} <= set(m[key]), key
         assert m["auprc"]["ci_low"] <= m["auprc"]["value"] <= m["auprc"]["ci_high"]
         preds = pl.read_parquet(folder / task / "predictions.parquet")
         assert dict(preds.schema) == PRED_SCHEMA
         # the label part is valid MEDS (meds-evaluation adds exactly the two predicted_* columns)
-        meds.LabelSchema.validate(pq.read_table(folder / task / "predictions.parquet").select(
-            ["subject_id", "prediction_time", "boolean_value"]).schema)
+        meds.LabelSchema.validate(
+            pq.read_table(folder / task / "predictions.parquet")
+            .select(["subject_id", "prediction_time", "boolean_value"])
+            .schema
+        )
         assert preds.height == m["n"]["value"]
         assert preds["predicted_boolean_probability"].is_between(0, 1).all()
         for plot in ("roc.png", "pr.png", "calibration.png"):
@@ -40,14 +59,53 @@ def _check_eval_folder(folder, tasks, n_boot):
 
 def test_per_task_finetune_then_evaluate(llama_export, ft_data, tasks, tmp_path, capsys):
     ft, ev = tmp_path / "ft", tmp_path / "eval"
-    assert main(["finetune", "--model", str(llama_export), "--data", str(ft_data), "--out", str(ft), "--method", "per-task",
-                 "--epochs", "2", "--lr", "1e-3", "--context-length", "32", "--pos-weight", "auto", "dropout=0.0"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(llama_export),
+                "--data",
+                str(ft_data),
+                "--out",
+                str(ft),
+                "--method",
+                "per-task",
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-3",
+                "--context-length",
+                "32",
+                "--pos-weight",
+                "auto",
+                "dropout=0.0",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((ft / "finetune.json").read_text())
     assert meta["method"] == "per-task" and meta["tasks"] == tasks and len(meta["history"]) == 2
     assert (ft / "backbone" / "model.safetensors").exists() and (ft / "heads.safetensors").exists()
     assert (ft / "ehrfm_vocab.json").exists() and (ft / "finetune.yaml").exists()
-    assert main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--split", "test", "--out", str(ev),
-                 "--bootstrap", "100"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(ft),
+                "--data",
+                str(ft_data),
+                "--split",
+                "test",
+                "--out",
+                str(ev),
+                "--bootstrap",
+                "100",
+            ]
+        )
+        == 0
+    )
     _check_eval_folder(ev, tasks, 100)
     # test labels are scored row for row
     preds = pl.read_parquet(ev / tasks[0] / "predictions.parquet")
@@ -55,8 +113,24 @@ def test_per_task_finetune_then_evaluate(llama_export, ft_data, tasks, tmp_path,
     assert preds.select("subject_id", "prediction_time", "boolean_value").equals(labels)
     assert "| any_visit_90d |" in capsys.readouterr().out
     # 000 section 5.8 diagnostics of the finetuned model, as PNG
-    assert main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / "eval2"),
-                 "--bootstrap", "10", "--attention-plots", "4"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(ft),
+                "--data",
+                str(ft_data),
+                "--out",
+                str(tmp_path / "eval2"),
+                "--bootstrap",
+                "10",
+                "--attention-plots",
+                "4",
+            ]
+        )
+        == 0
+    )
     pngs = sorted(p.name for p in (tmp_path / "eval2" / "attention").glob("*.png"))
     assert len(pngs) == 2 and all(name.startswith("ft_") for name in pngs)
     for name in pngs:
@@ -84,20 +158,64 @@ def test_anaa_flag_swaps_attention_during_finetuning_only(llama_export, ft_data,
 
     monkeypatch.setattr(FinetuneModel, "forward", spy)
     ft = tmp_path / "ft"
-    assert main(["finetune", "--model", str(llama_export), "--data", str(ft_data), "--out", str(ft), "--method", "mpf",
-                 "--epochs", "1", "--context-length", "24", "--anaa", "--anaa-sigma-eh", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(llama_export),
+                "--data",
+                str(ft_data),
+                "--out",
+                str(ft),
+                "--method",
+                "mpf",
+                "--epochs",
+                "1",
+                "--context-length",
+                "24",
+                "--anaa",
+                "--anaa-sigma-eh",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert {impl for training, impl in seen if training} == {"ehrfm_anaa"}
     meta = json.loads((ft / "finetune.json").read_text())
     assert meta["anaa"]["sigma_eh"] == 0.5 and meta["attn_implementation"] != "ehrfm_anaa"
     assert "ehrfm_anaa" not in (ft / "backbone" / "config.json").read_text()
     # without --anaa: never swapped
     seen.clear()
-    assert main(["finetune", "--model", str(llama_export), "--data", str(ft_data), "--out", str(tmp_path / "plain"),
-                 "--method", "mpf", "--epochs", "1", "--context-length", "24"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(llama_export),
+                "--data",
+                str(ft_data),
+                "--out",
+                str(tmp_path / "plain"),
+                "--method",
+                "mpf",
+                "--epochs",
+                "1",
+                "--context-length",
+                "24",
+            ]
+        )
+        == 0
+    )
     assert seen and all(impl != "ehrfm_anaa" for _, impl in seen)
     # evaluation of the ANAA model uses ANAA's deterministic inference form (eq. 10), then restores attention
     seen.clear()
-    assert main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / "ev"), "--bootstrap", "20"]) == 0
+    assert (
+        main(
+            ["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / "ev"), "--bootstrap", "20"]
+        )
+        == 0
+    )
     assert seen and all(not training and impl == "ehrfm_anaa" for training, impl in seen)
 
 
@@ -105,9 +223,32 @@ def test_anaa_flag_swaps_attention_during_finetuning_only(llama_export, ft_data,
 def test_mpf_alfia_lora_embed_and_baselines(llama_export, ft_data, tasks, tmp_path):
     for method, extra in (("mpf", []), ("alfia", ["--lora", "--lora-save", "adapter"])):
         ft = tmp_path / f"ft_{method}"
-        assert main(["finetune", "--model", str(llama_export), "--data", str(ft_data), "--out", str(ft), "--method", method,
-                     "--epochs", "1", "--lr", "1e-3", "--context-length", "32", *extra]) == 0
-        assert main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / f"ev_{method}")]) == 0
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--model",
+                    str(llama_export),
+                    "--data",
+                    str(ft_data),
+                    "--out",
+                    str(ft),
+                    "--method",
+                    method,
+                    "--epochs",
+                    "1",
+                    "--lr",
+                    "1e-3",
+                    "--context-length",
+                    "32",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / f"ev_{method}")]) == 0
+        )
         _check_eval_folder(tmp_path / f"ev_{method}", tasks, 1000)
     meta = json.loads((tmp_path / "ft_alfia" / "finetune.json").read_text())
     assert meta["num_fuse"] == 4 and meta["lora"]
@@ -118,7 +259,10 @@ def test_mpf_alfia_lora_embed_and_baselines(llama_export, ft_data, tasks, tmp_pa
     assert frame["layer_weights"].list.len().unique().to_list() == [4]
     for model, extra in (("xgboost", []), ("logreg", []), ("lightgbm", ["--embeddings", str(emb)])):
         out = tmp_path / f"base_{model}"
-        assert main(["baseline", "--model", model, "--data", str(ft_data), "--out", str(out), "--bootstrap", "50", *extra]) == 0
+        assert (
+            main(["baseline", "--model", model, "--data", str(ft_data), "--out", str(out), "--bootstrap", "50", *extra])
+            == 0
+        )
         metrics = _check_eval_folder(out, tasks, 50)
         assert metrics["method"] == f"baseline:{model}"
         suffix = {"xgboost": ".xgb.json", "logreg": ".logreg.json", "lightgbm": ".lgbm.txt"}[model]
@@ -161,11 +305,35 @@ def test_other_backbones_finetune_and_evaluate(arch, method, ft_data, export_fac
     export = export_factory(tmp_path / arch, ft_data, arch)
     ft = tmp_path / "ft"
     extra = ["--lora"] if method == "alfia" else []
-    assert main(["finetune", "--model", str(export), "--data", str(ft_data), "--out", str(ft), "--method", method,
-                 "--epochs", "1", "--context-length", "24", *extra]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(export),
+                "--data",
+                str(ft_data),
+                "--out",
+                str(ft),
+                "--method",
+                method,
+                "--epochs",
+                "1",
+                "--context-length",
+                "24",
+                *extra,
+            ]
+        )
+        == 0
+    )
     meta = json.loads((ft / "finetune.json").read_text())
     assert meta["pooling"] == ("first" if arch == "bert" else "last")
-    assert main(["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / "ev"), "--bootstrap", "10"]) == 0
+    assert (
+        main(
+            ["evaluate", "--model", str(ft), "--data", str(ft_data), "--out", str(tmp_path / "ev"), "--bootstrap", "10"]
+        )
+        == 0
+    )
     _check_eval_folder(tmp_path / "ev", tasks, 10)
 
 
@@ -179,8 +347,16 @@ def test_baseline_train_fraction_keeps_the_patients_finetuning_keeps(ft_data, ta
     from ehrfm.data_shards.prepare import prepare
     from ehrfm.data_shards.synthea import generate_cohort
 
-    cfg = PrepareConfig(format="fhir", tasks=[str(Path(__file__).with_name("tasks_synthea.yaml"))])  # most patients in finetune
-    cfg.splits.pretrain, cfg.splits.finetune, cfg.splits.test, cfg.splits.val_fraction, cfg.splits.seed = 0.1, 0.8, 0.1, 0.0, 1
+    cfg = PrepareConfig(
+        format="fhir", tasks=[str(Path(__file__).with_name("tasks_synthea.yaml"))]
+    )  # most patients in finetune
+    cfg.splits.pretrain, cfg.splits.finetune, cfg.splits.test, cfg.splits.val_fraction, cfg.splits.seed = (
+        0.1,
+        0.8,
+        0.1,
+        0.0,
+        1,
+    )
     ft_data = tmp_path / "data"
     prepare(generate_cohort(6, seed=11, age="55-90", threads=1), ft_data, cfg, progress=False)
     from ehrfm.finetune.data import FinetuneDataset, FinetuneInputError
@@ -207,8 +383,9 @@ def test_baseline_train_fraction_keeps_the_patients_finetuning_keeps(ft_data, ta
     seed, fraction = 3, 0.5
     dataset = FinetuneDataset(ft_data, tasks, "finetune", 32, None, fraction, derive_seed(seed, "train_fraction"))
     try:
-        baselines.run_baseline("logreg", ft_data, tmp_path / "base", tasks=tasks, n_boot=5, seed=seed,
-                               train_fraction=fraction)
+        baselines.run_baseline(
+            "logreg", ft_data, tmp_path / "base", tasks=tasks, n_boot=5, seed=seed, train_fraction=fraction
+        )
     except FinetuneInputError as err:  # a fraction of 6 patients may leave one class: then finetuning refuses too
         assert err.task in tasks
         y = dataset.labels()[dataset.task_indices() == tasks.index(err.task)]

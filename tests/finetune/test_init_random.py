@@ -1,4 +1,5 @@
 """`ehrfm finetune --init random`: the from-scratch control keeps the architecture and config, not the weights."""
+
 import torch
 
 from ehrfm.finetune.model import load_backbone, random_backbone

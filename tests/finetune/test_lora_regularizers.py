@@ -1,6 +1,7 @@
 """LoRA: base weights untouched by training, only LoRA + heads trainable, merged and adapter-only saves
 predict alike; targets per backbone. NEFTune: noise only in training, bounded by alpha / sqrt(L d), none on
 padding."""
+
 import json
 
 import pytest
@@ -43,7 +44,9 @@ def test_lora_training_leaves_base_weights_untouched(llama_export, ft_data, task
     assert any(not torch.equal(p, lora_b[n]) for n, p in model.named_parameters() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("arch,expected", [("mamba", {"in_proj", "out_proj"}), ("bert", {"query", "key", "value", "dense"})])
+@pytest.mark.parametrize(
+    "arch,expected", [("mamba", {"in_proj", "out_proj"}), ("bert", {"query", "key", "value", "dense"})]
+)
 def test_lora_targets_per_backbone(arch, expected, ft_data, export_factory, tmp_path):
     cfg = FinetuneConfig()
     cfg.lora.enabled = True
@@ -109,7 +112,9 @@ def test_freeze_is_a_probe_backbone_saved_unchanged(llama_export, ft_data, tasks
 
     from ehrfm.finetune.train import finetune
 
-    cfg = FinetuneConfig(method="per-task", context_length=24, epochs=1, learning_rate=1e-2, freeze=True, tasks=tasks[:1])
+    cfg = FinetuneConfig(
+        method="per-task", context_length=24, epochs=1, learning_rate=1e-2, freeze=True, tasks=tasks[:1]
+    )
     finetune(llama_export, ft_data, tmp_path / "probe", cfg)
     before = load_backbone(llama_export).state_dict()
     after = load_file(str(tmp_path / "probe" / "backbone" / "model.safetensors"))

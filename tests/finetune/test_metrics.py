@@ -1,4 +1,5 @@
 """Metric code against values computed by hand, and the patient-level bootstrap."""
+
 import numpy as np
 import pytest
 
@@ -86,6 +87,7 @@ def test_bootstrap_draws_whole_patients(monkeypatch):
         def wrapped(yy, pp):
             seen.append(np.asarray(pp).copy())
             return real(yy, pp)
+
         return wrapped
 
     monkeypatch.setattr(metrics, "binary_metrics", spy(real_point))

@@ -1,5 +1,6 @@
 """MPF prompts and batches: the right task token at the first and last position, the right label per row,
 mixed-task batches; the per-task input is the cut sequence unchanged."""
+
 import json
 
 import numpy as np
@@ -71,8 +72,9 @@ def test_mpf_batches_carry_the_task_token_and_label_of_each_row(ft_data):
         expected = pl.read_parquet(ft_data / "labels" / t / "finetune.parquet")
         got = frame.filter(pl.col("task") == t).drop("task")
         assert got.equals(expected)
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=32, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0)
+    )
     mixed = 0
     seen = 0
     for batch in loader:

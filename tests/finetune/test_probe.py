@@ -1,4 +1,5 @@
 """`ehrfm probe` (004's representation metrics) on a fabricated export of a tiny Llama."""
+
 from __future__ import annotations
 
 import json
@@ -31,14 +32,23 @@ def probe_setup(tmp_path_factory):
     prepare(generate_cohort(6, seed=11, age="55-90", threads=1), root / "data", cfg, progress=False)
     manifest = read_manifest(root / "data")
     torch.manual_seed(0)
-    model = build_model("llama", "tiny", vocab_size=manifest["vocab_size"], hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    model = build_model(
+        "llama",
+        "tiny",
+        vocab_size=manifest["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     export = root / "export"
     model.save_pretrained(export)
     for f in (root / "data" / "tokenizer").iterdir():
         shutil.copy(f, export / f.name)
-    (export / "ehrfm_export.json").write_text(json.dumps({"architecture": "llama", "size": "tiny",
-                                                          "vocab_fingerprint": manifest["vocab_fingerprint"]}))
+    (export / "ehrfm_export.json").write_text(
+        json.dumps({"architecture": "llama", "size": "tiny", "vocab_fingerprint": manifest["vocab_fingerprint"]})
+    )
     return root / "data", export, model.model.eval()
 
 
@@ -86,8 +96,24 @@ def test_vocabulary_mismatch_is_refused(probe_setup, tmp_path):
 def test_cli_writes_probe_json(probe_setup, tmp_path):
     data, export, _ = probe_setup
     exe = Path(sys.executable).with_name("ehrfm")
-    out = subprocess.run([str(exe), "probe", "--model", str(export), "--data", str(data), "--k", "4",
-                          "--context-length", "64", "--out", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(exe),
+            "probe",
+            "--model",
+            str(export),
+            "--data",
+            str(data),
+            "--k",
+            "4",
+            "--context-length",
+            "64",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "effective rank" in out.stdout
     assert json.loads((tmp_path / "probe.json").read_text())["k"] == 4

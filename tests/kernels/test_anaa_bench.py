@@ -1,4 +1,5 @@
 """`ehrfm bench anaa` runner: one small configuration end to end (subprocesses), result structure."""
+
 import pytest
 
 

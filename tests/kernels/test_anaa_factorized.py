@@ -1,4 +1,5 @@
 """Factorized ANAA vs the naive paper operator (fp64, 1e-10), conventions of the taps, masks, determinism."""
+
 import math
 
 import pytest
@@ -57,8 +58,9 @@ def test_factorized_equals_naive_fp64(ks, variant, layout):
     q, k, v, z = _inputs(ks)
     for mode in ("anaa", "rna", "smooth"):
         for training in (True, False):
-            kw = dict(sigma_eh=1.0, kernel_size=ks, variant=variant, training=training, noise=z, mode=mode,
-                      **_masks()[layout])
+            kw = dict(
+                sigma_eh=1.0, kernel_size=ks, variant=variant, training=training, noise=z, mode=mode, **_masks()[layout]
+            )
             ref = anaa_attention(q, k, v, impl="reference", **kw)
             fac = anaa_attention(q, k, v, impl="factorized", **kw)
             torch.testing.assert_close(fac, ref, rtol=0, atol=1e-10, msg=f"{mode} training={training}")
@@ -73,8 +75,17 @@ def test_factorized_grads_equal_autograd_of_naive(variant, detach_sigma, sigma_n
     grads = {}
     for impl in ("reference", "factorized"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = anaa_attention(*leaves, sigma_eh=0.5, variant=variant, training=True, noise=z, impl=impl,
-                             detach_sigma=detach_sigma, sigma_norm=sigma_norm, **_masks()["packing"])
+        out = anaa_attention(
+            *leaves,
+            sigma_eh=0.5,
+            variant=variant,
+            training=True,
+            noise=z,
+            impl=impl,
+            detach_sigma=detach_sigma,
+            sigma_norm=sigma_norm,
+            **_masks()["packing"],
+        )
         (out * w).sum().backward()
         grads[impl] = [t.grad for t in leaves]
     for name, a, b in zip("qkv", grads["factorized"], grads["reference"]):
@@ -87,8 +98,9 @@ def test_sigma_gradient_matters():
     gq = []
     for detach in (True, False):
         qq = q.clone().requires_grad_()
-        anaa_attention(qq, k, v, sigma_eh=0.5, training=True, noise=z, detach_sigma=detach,
-                       impl="factorized").square().sum().backward()
+        anaa_attention(
+            qq, k, v, sigma_eh=0.5, training=True, noise=z, detach_sigma=detach, impl="factorized"
+        ).square().sum().backward()
         gq.append(qq.grad)
     assert (gq[0] - gq[1]).abs().max() > 1e-6
 

@@ -1,5 +1,6 @@
 """The O(n d) noise sampler draws (Z . M) V' exactly in distribution: mean 0 and, per row i, covariance
 sum_{j allowed for i} v'_j v'_j^T, rows independent -- checked across chunk and document boundaries."""
+
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def test_noise_product_mean_std_covariance(causal):
     std = cov.diagonal(dim1=-2, dim2=-1).sqrt()  # (N, D)
     emp_mean = y.mean(0)
     emp_cov = torch.einsum("sid,sie->ide", y, y) / S
-    assert (emp_mean.abs() <= 5 * std / S ** 0.5 + 1e-12).all()
+    assert (emp_mean.abs() <= 5 * std / S**0.5 + 1e-12).all()
     torch.testing.assert_close(y.std(0), std, rtol=0.06, atol=1e-12)
     scale = std[:, :, None] * std[:, None, :]
     assert ((emp_cov - cov).abs() <= 0.08 * scale + 1e-12).all()
@@ -48,7 +49,7 @@ def test_noise_product_gradient_is_unbiased():
     y = sample_noise_product(vp, doc, True, torch.Generator().manual_seed(3), chunk=CHUNK)
     (y * w).sum().backward()
     g = vp.grad[0]
-    assert g.mean(0).abs().max() < 5 * g.std(0).max() / S ** 0.5
+    assert g.mean(0).abs().max() < 5 * g.std(0).max() / S**0.5
     y2 = sample_noise_product(2 * vp.detach(), doc, True, torch.Generator().manual_seed(3), chunk=CHUNK)
     torch.testing.assert_close(y2, 2 * y.detach(), rtol=1e-9, atol=1e-12)
 
@@ -66,5 +67,5 @@ def test_training_output_mean_is_eval_output(variant):
     z = torch.randn(reps, 2, 11, 11, generator=g, dtype=torch.float64)
     tz = anaa_attention(qr, kr, vr, training=True, noise=z, **kw)
     sd = tz.std(0)
-    assert ((tr.mean(0) - ev).abs() <= 5 * sd / reps ** 0.5 + 1e-12).all()
+    assert ((tr.mean(0) - ev).abs() <= 5 * sd / reps**0.5 + 1e-12).all()
     torch.testing.assert_close(tr.std(0), sd, rtol=0.12, atol=1e-9)

@@ -2,6 +2,7 @@
 
 Stated fp32 tolerance: atol 2e-5, rtol 1e-4 (values and gradients are O(1); the reference materialises A and
 runs conv2d, the kernel uses online softmax and separable taps, so only rounding differs)."""
+
 import pytest
 import torch
 
@@ -51,8 +52,15 @@ def test_triton_debug_mode_matches_reference(variant, layout, detach_sigma):
 def test_triton_modes_and_eval_match_reference(mode, training):
     q, k, v, z = _inputs(1)
     w = torch.randn(B, H, N, D)
-    kw = dict(sigma_eh=0.33, variant="causal", training=training, noise=z, mode=mode, sigma_norm="entries",
-              **LAYOUTS["padding"])
+    kw = dict(
+        sigma_eh=0.33,
+        variant="causal",
+        training=training,
+        noise=z,
+        mode=mode,
+        sigma_norm="entries",
+        **LAYOUTS["padding"],
+    )
     ref = _run("reference", q.double(), k.double(), v.double(), w.double(), **{**kw, "noise": z.double()})
     tri = _run("triton", q, k, v, w, **kw)
     for name, a, b in zip(["out", "dq", "dk", "dv"], tri, ref):
@@ -123,8 +131,10 @@ def test_fp16_operands_match_reference(layout):
     from ehrfm.kernels.anaa.triton_kernel import NOISE_EXPLICIT, _FusedANAA
 
     doc32 = LAYOUTS["packing"]["document_ids"].to(torch.int32)
-    fused = [_FusedANAA.apply(*(t.to(dtype) for t in (q, k, v)), doc32, z, 0, True, NOISE_EXPLICIT, "ieee")
-             for dtype in (torch.float16, torch.float32)]
+    fused = [
+        _FusedANAA.apply(*(t.to(dtype) for t in (q, k, v)), doc32, z, 0, True, NOISE_EXPLICIT, "ieee")
+        for dtype in (torch.float16, torch.float32)
+    ]
     for name, a, b in zip(["Y_A", "Y_Z"], *fused):  # r comes from the same fp16 q, k: identical
         assert ((a - b).abs().max() / b.abs().max()) > 1e-5, f"{name}: fp16 inputs were computed in fp32"
 

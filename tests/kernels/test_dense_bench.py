@@ -1,4 +1,5 @@
 """kernels/dense/bench.py: the JSON it returns for `ehrfm bench dense`."""
+
 import pytest
 import torch
 

@@ -5,6 +5,7 @@ moments) and global N < d (all-gathered rows). Gradient convention (see distribu
 world_size * dL/dz_r, and the rank-average of a shared encoder's parameter gradient (what DDP does) equals
 the single-process gradient.
 """
+
 import socket
 
 import pytest

@@ -1,4 +1,5 @@
 """Reference dense losses and metrics: hand-computed values, Gram-trick == direct forms, gradcheck."""
+
 import math
 
 import pytest
@@ -15,6 +16,7 @@ def _t(rows):
 
 
 # ---- hand-computed values ------------------------------------------------------------------------------
+
 
 def test_spec_diag_2x2_by_hand():
     # Z = diag(1, 2): Sigma / tr = diag(1, 4) / 5, minus I/2 = diag(-3/10, 3/10) -> 2 * 9/100 = 0.18
@@ -91,6 +93,7 @@ def test_metrics_by_hand():
 
 # ---- Gram trick == direct forms ------------------------------------------------------------------------
 
+
 def _spec_direct(z):
     n, d = z.shape
     sigma = z.T @ z / n
@@ -136,6 +139,7 @@ def test_dense_losses_api_keys_dtypes():
 
 
 # ---- gradients vs finite differences -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n,d", [(4, 7), (8, 3), (5, 5)])
 def test_spec_orth_gradcheck(n, d):

@@ -1,4 +1,5 @@
 """TopKSubspace: projector gradient vs finite differences, stability under (near-)degenerate spectra."""
+
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ def _with_spectrum(n, lam, seed):
 
 def _naive_sub(za, zb, k):
     """Same loss through torch.linalg.eigh's own backward (per-eigenvector gradient)."""
+
     def u(z):
         return torch.linalg.eigh(z.T @ z / z.shape[0]).eigenvectors[:, -k:]
 

@@ -1,4 +1,5 @@
 """Triton kernel (run by the interpreter on CPU, TRITON_INTERPRET=1 from conftest) == fp32 reference."""
+
 import pytest
 import torch
 
@@ -81,4 +82,5 @@ def test_gpu_matmul_autotuner_prunes_to_the_dtype_candidates(dtype, kind):
     tuner = triton_kernel._AUTOTUNED["matmul"]
     kept = tuner.early_config_prune(tuner.configs, {"Z": torch.empty(0, dtype=dtype)})
     assert sorted((c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in kept) == sorted(
-        triton_kernel.MATMUL_TILES[kind])
+        triton_kernel.MATMUL_TILES[kind]
+    )

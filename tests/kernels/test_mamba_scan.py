@@ -1,5 +1,6 @@
 """Fast Mamba v1 selective scan vs HF's sequential reference (values and gradients) and document resets vs
 running each document alone."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """The `ehrfm bench mamba-scan` entry point on a tiny shape: runs both paths and they agree."""
+
 from ehrfm.kernels.mamba_scan.bench import run
 
 

@@ -8,6 +8,7 @@ registers; this runs the real compiler (``python -m ehrfm.kernels.aot``, a subpr
 TRITON_INTERPRET) and prints the register/spill table. Before this check, ANAA's backward dK/dV kernel with fp32
 inputs (IEEE dots) spilled 520 bytes at head dim 64 and 7 KB at 128 on sm_80.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,15 +23,29 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "triton_cache"), OMP_NUM_THREADS="1")
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "ehrfm.kernels.aot", "--json", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ehrfm.kernels.aot", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(proc.stdout)
     rows = json.loads(out.read_text())
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_anaa_fwd", "_anaa_noise_fwd", "_anaa_bwd_dkdv", "_anaa_noise_bwd_dv", "_anaa_bwd_dq",
-                       "_philox_noise_kernel", "_col_stats_kernel", "_dual_gram_kernel", "_dual_matmul_kernel",
-                       "_orth_finish_kernel"}
+    assert kernels == {
+        "_anaa_fwd",
+        "_anaa_noise_fwd",
+        "_anaa_bwd_dkdv",
+        "_anaa_noise_bwd_dv",
+        "_anaa_bwd_dq",
+        "_philox_noise_kernel",
+        "_col_stats_kernel",
+        "_dual_gram_kernel",
+        "_dual_matmul_kernel",
+        "_orth_finish_kernel",
+    }
     assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, spilling

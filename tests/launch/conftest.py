@@ -3,6 +3,7 @@
 The suite skips only when the cluster cannot be brought up here (not root, apt or daemons unavailable), and
 says so loudly in the terminal summary; when it runs, the summary shows the bring-up and job timings.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,7 +45,9 @@ def slurm_data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("slurm-data")
     exe = Path(sys.executable).with_name("build_sample_MEDS_dataset")
-    subprocess.run([str(exe), f"output_dir={root / 'meds'}", "N_subjects=300", "seed=5"], check=True, capture_output=True)
+    subprocess.run(
+        [str(exe), f"output_dir={root / 'meds'}", "N_subjects=300", "seed=5"], check=True, capture_output=True
+    )
     prepare(root / "meds", root / "prepared", PrepareConfig(tasks=[]), progress=False)
     return root / "prepared"
 

@@ -12,6 +12,7 @@ lines added to /etc/hosts and removed at teardown. Ports are picked free so para
 
 Daemons started here are stopped here, by their pid files. Requires root.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,7 +58,10 @@ def ensure_installed() -> float:
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
         result = subprocess.run(
             ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-            env=env, capture_output=True, text=True, timeout=600,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     except (OSError, subprocess.TimeoutExpired) as err:
         raise TestbedUnavailable(f"apt-get failed: {err}") from None
@@ -89,7 +93,7 @@ class SlurmTestbed:
         self._hosts_added = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def __enter__(self) -> "SlurmTestbed":
+    def __enter__(self) -> SlurmTestbed:
         try:
             self.start()
         except BaseException:
@@ -259,7 +263,9 @@ class SlurmTestbed:
                 parts.append(f"--- {log.name} ---\n" + "\n".join(lines[-60:]))
         return "\n".join(parts)
 
-    def wait(self, job: int, timeout: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")) -> str:
+    def wait(
+        self, job: int, timeout: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+    ) -> str:
         deadline = time.time() + timeout
         state = "UNKNOWN"
         while time.time() < deadline:

@@ -1,4 +1,5 @@
 """`ehrfm launch slurm --dry-run`: the rendered script, checked against a reviewed snapshot and by bash -n."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,17 +12,49 @@ from ehrfm.launch.local import torchrun_command
 from ehrfm.launch.slurm import SlurmJob, render
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "pretrain_2x8gpu.sbatch"
-ARGS = ["--data", "/data/ehr/prepared", "--model", "llama", "--size", "medium", "--out", "/scratch/runs/llama-medium",
-        "--strategy", "fsdp", "--config", "configs/pretrain.yaml", "train.max_steps=100000"]
+ARGS = [
+    "--data",
+    "/data/ehr/prepared",
+    "--model",
+    "llama",
+    "--size",
+    "medium",
+    "--out",
+    "/scratch/runs/llama-medium",
+    "--strategy",
+    "fsdp",
+    "--config",
+    "configs/pretrain.yaml",
+    "train.max_steps=100000",
+]
 
 
 def test_dry_run_for_2_nodes_x_8_gpus_matches_the_reviewed_snapshot():
     exe = Path(sys.executable).with_name("ehrfm")
     out = subprocess.run(
-        [str(exe), "launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "12",
-         "--partition", "gpu", "--time", "2-00:00:00", "--setup", "source /opt/envs/ehrfm/bin/activate",
-         "--dry-run", "--", *ARGS],
-        capture_output=True, text=True, check=True,
+        [
+            str(exe),
+            "launch",
+            "slurm",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--cpus-per-task",
+            "12",
+            "--partition",
+            "gpu",
+            "--time",
+            "2-00:00:00",
+            "--setup",
+            "source /opt/envs/ehrfm/bin/activate",
+            "--dry-run",
+            "--",
+            *ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert out == SNAPSHOT.read_text()
     syntax = subprocess.run(["bash", "-n"], input=out, capture_output=True, text=True)

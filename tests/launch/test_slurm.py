@@ -1,4 +1,5 @@
 """The sbatch script rendered by `ehrfm launch slurm`, run on a real two-node SLURM cluster (CPU, gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,49 @@ from ehrfm.pretrain.parallel import free_port
 pytestmark = pytest.mark.slurm
 
 TRAIN = [
-    "--model", "llama", "--size", "tiny",
-    "model.overrides.hidden_size=32", "model.overrides.intermediate_size=64", "model.overrides.num_hidden_layers=2",
-    "data.context_length=64", "data.batch_size=2", "train.max_steps=24", "checkpoint.every=4",
-    "train.val_every=1000", "train.progress_bar=false", "train.save_probe=false",
+    "--model",
+    "llama",
+    "--size",
+    "tiny",
+    "model.overrides.hidden_size=32",
+    "model.overrides.intermediate_size=64",
+    "model.overrides.num_hidden_layers=2",
+    "data.context_length=64",
+    "data.batch_size=2",
+    "train.max_steps=24",
+    "checkpoint.every=4",
+    "train.val_every=1000",
+    "train.progress_bar=false",
+    "train.save_probe=false",
 ]
 
 
 def _submit(cluster, data: Path, run: Path, *extra: str) -> int:
     exe = Path(sys.executable).with_name("ehrfm")
     cmd = [
-        str(exe), "launch", "slurm", "--nodes", "2", "--procs-per-node", "1", "--cpus-per-task", "1",
-        "--master-port", str(free_port()), "--setup", f"export PATH={Path(sys.executable).parent}:$PATH",
-        "--job-name", run.name, *extra, "--submit", "--", "--data", str(data), "--out", str(run), *TRAIN,
+        str(exe),
+        "launch",
+        "slurm",
+        "--nodes",
+        "2",
+        "--procs-per-node",
+        "1",
+        "--cpus-per-task",
+        "1",
+        "--master-port",
+        str(free_port()),
+        "--setup",
+        f"export PATH={Path(sys.executable).parent}:$PATH",
+        "--job-name",
+        run.name,
+        *extra,
+        "--submit",
+        "--",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        *TRAIN,
     ]
     out = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1])

@@ -13,8 +13,13 @@ from ehrfm.pretrain.models.embeddings import EhrEmbeddings, Time2Vec
 def make_embeddings(combine, positions=False):
     torch.manual_seed(0)
     config = EhrLlamaConfig.from_preset(
-        "tiny", hidden_size=16, num_attention_heads=2, time_embedding_size=4, embedding_combine=combine,
-        embedding_dropout=0.0, max_position_embeddings=32,
+        "tiny",
+        hidden_size=16,
+        num_attention_heads=2,
+        time_embedding_size=4,
+        embedding_combine=combine,
+        embedding_dropout=0.0,
+        max_position_embeddings=32,
     )
     return EhrEmbeddings(config, use_position_embeddings=positions).eval()
 

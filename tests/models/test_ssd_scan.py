@@ -1,5 +1,6 @@
 """Mamba2's pure-torch chunked SSD scan with document resets vs HF's chunked scan (values and gradients),
 and resets vs running each document alone."""
+
 import pytest
 import torch
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
@@ -23,8 +24,15 @@ def make_inputs(batch=2, length=19, heads=4, head_dim=3, groups=2, state=5, seed
 def run(fn, inputs, upstream, chunk_size, **kwargs):
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     y = fn(
-        leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=chunk_size, D=leaves["D"],
-        dt_bias=leaves["dt_bias"], **kwargs,
+        leaves["x"],
+        leaves["dt"],
+        leaves["A"],
+        leaves["B"],
+        leaves["C"],
+        chunk_size=chunk_size,
+        D=leaves["D"],
+        dt_bias=leaves["dt_bias"],
+        **kwargs,
     )
     grads = torch.autograd.grad(y, list(leaves.values()), upstream)
     return y.detach(), dict(zip(leaves, grads))

@@ -1,5 +1,6 @@
 """Pretraining fixtures: a small prepared MEDS corpus, tiny model overrides, a CLI runner (one process or
 torchrun with 2 gloo ranks on a free port) and a single-process reference of a 2-rank step."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,14 @@ import pytest
 TINY = {
     "llama": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
     "mamba": {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 4},
-    "mamba2": {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 4, "head_dim": 16, "state_size": 8, "chunk_size": 16},
+    "mamba2": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_heads": 4,
+        "head_dim": 16,
+        "state_size": 8,
+        "chunk_size": 16,
+    },
     "bert": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
 }
 COMMON = [
@@ -38,7 +46,9 @@ def pt_data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("pt")
     exe = Path(sys.executable).with_name("build_sample_MEDS_dataset")
-    subprocess.run([str(exe), f"output_dir={root / 'meds'}", "N_subjects=60", "seed=1"], check=True, capture_output=True)
+    subprocess.run(
+        [str(exe), f"output_dir={root / 'meds'}", "N_subjects=60", "seed=1"], check=True, capture_output=True
+    )
     cfg = PrepareConfig(format="meds", tasks=[])
     cfg.splits.respect_meds_splits = False
     prepare(root / "meds", root / "data", cfg, progress=False)
@@ -63,11 +73,35 @@ def _free_port() -> int:
 
 def command(data, out, arch, *overrides, strategy="ddp", nproc=1, driver=None) -> list[str]:
     target = [str(driver)] if driver else ["-m", "ehrfm.cli"]
-    args = ["pretrain", "--data", str(data), "--model", arch, "--size", "tiny", "--out", str(out),
-            "--strategy", strategy, *tiny_overrides(arch), *overrides]
+    args = [
+        "pretrain",
+        "--data",
+        str(data),
+        "--model",
+        arch,
+        "--size",
+        "tiny",
+        "--out",
+        str(out),
+        "--strategy",
+        strategy,
+        *tiny_overrides(arch),
+        *overrides,
+    ]
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *target, *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            *target,
+            *args,
+        ]
     return [sys.executable, *target, *args]
 
 
@@ -88,9 +122,13 @@ def run_pretrain():
 
     def run(data, out, arch, *overrides, strategy="ddp", nproc=1, expect=0, driver=None, timeout=400):
         cmd = command(data, out, arch, *overrides, strategy=strategy, nproc=nproc, driver=driver)
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(Path(out).parent))
+        proc = subprocess.run(
+            cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(Path(out).parent)
+        )
         if expect is not None and proc.returncode != expect:
-            raise AssertionError(f"exit {proc.returncode} != {expect}\n{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            raise AssertionError(
+                f"exit {proc.returncode} != {expect}\n{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            )
         return proc
 
     return run
@@ -129,14 +167,24 @@ def reference_losses():
         from ehrfm.pretrain.train import build_model_for, first_code_id, stream_config
 
         # resolved as `ehrfm pretrain` does: the size's recipe sits below the overrides
-        cfg = load_pretrain_config(None, [f"model.architecture={arch}", f"data.path={data}",
-                                          f"train.max_steps={steps}", *tiny_overrides(arch), *overrides])
+        cfg = load_pretrain_config(
+            None,
+            [
+                f"model.architecture={arch}",
+                f"data.path={data}",
+                f"train.max_steps={steps}",
+                *tiny_overrides(arch),
+                *overrides,
+            ],
+        )
         model = build_model_for(cfg, read_manifest(data)["vocab_size"])
         o = cfg.optim
         opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         ranks = []
         for r in range(world_size):
-            loader = EhrDataLoader(PatientStream(data, "pretrain", stream_config(cfg, True), rank=r, world_size=world_size))
+            loader = EhrDataLoader(
+                PatientStream(data, "pretrain", stream_config(cfg, True), rank=r, world_size=world_size)
+            )
             objective = Objective(arch, model, seed=cfg.train.seed, rank=r, first_code_id=first_code_id(data))
             ranks.append((iter(loader), objective))
         out = []
@@ -160,7 +208,7 @@ def reference_losses():
     return run
 
 
-REMOTE_SCRIPT = r'''
+REMOTE_SCRIPT = r"""
 import importlib.abc, json, sys
 
 class BlockEhrfm(importlib.abc.MetaPathFinder):
@@ -182,7 +230,7 @@ with torch.no_grad():
     diff = float((model(**batch).logits - probe["logits"]).abs().max())
 print(json.dumps({"diff": diff, "module": type(model).__module__, "base": type(base).__name__,
                   "ehrfm_imported": any(k == "ehrfm" or k.startswith("ehrfm.") for k in sys.modules)}))
-'''
+"""
 
 
 @pytest.fixture
@@ -194,10 +242,15 @@ def remote_check(tmp_path):
         script.write_text(REMOTE_SCRIPT)
         env = _env()
         env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-        proc = subprocess.run([sys.executable, str(script), str(hf_dir), str(probe), auto_name], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        proc = subprocess.run(
+            [sys.executable, str(script), str(hf_dir), str(probe), auto_name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=str(tmp_path),
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     return check
-

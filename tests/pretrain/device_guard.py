@@ -11,6 +11,7 @@ tensor. Explicit ``device=`` is trusted: the check is about tensors that forgot 
 Run as a driver (``python device_guard.py pretrain ...``): the guard is active inside ``Trainer.train_step``
 and ``Trainer.validate`` (the loop's collectives), the rest of ``ehrfm`` runs unchanged.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,10 +23,31 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 MARK = "_ehrfm_host_tensor"
-FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
-             torch.rand, torch.randn, torch.randint, torch.linspace, torch.eye, torch.scalar_tensor}
-COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
-               "reduce_scatter_tensor", "all_to_all_single"]
+FACTORIES = {
+    torch.tensor,
+    torch.as_tensor,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.arange,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.linspace,
+    torch.eye,
+    torch.scalar_tensor,
+}
+COLLECTIVES = [
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+]
 
 
 class HostTensorInCollective(RuntimeError):
@@ -80,7 +102,8 @@ def _checked(name, fn):
             if is_host(t):
                 raise HostTensorInCollective(
                     f"torch.distributed.{name} got a tensor created without device= (shape {tuple(t.shape)}, "
-                    f"{t.dtype}): on a GPU rank it sits on the host and NCCL rejects it")
+                    f"{t.dtype}): on a GPU rank it sits on the host and NCCL rejects it"
+                )
         return fn(*args, **kwargs)
 
     wrapper._ehrfm_checked = True

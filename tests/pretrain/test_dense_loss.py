@@ -1,4 +1,5 @@
 """pretrain.dense_loss: picks the right tokens on a hand-built (packed) batch and weights the terms."""
+
 import socket
 
 import pytest
@@ -97,7 +98,11 @@ def _rank_worker(rank, port, results):
         h = _hidden()[rank : rank + 1].clone().requires_grad_()
         rows = slice(rank, rank + 1)
         total, logs = dense_aux_loss(
-            h, CFG_BOTH, attention_mask=ATTENTION[rows], document_ids=DOC_IDS[rows], type_ids=TYPE_IDS[rows],
+            h,
+            CFG_BOTH,
+            attention_mask=ATTENTION[rows],
+            document_ids=DOC_IDS[rows],
+            type_ids=TYPE_IDS[rows],
             group=dist.group.WORLD,
         )
         total.backward()

@@ -1,4 +1,5 @@
 """The fake-device guard itself (tests/pretrain/device_guard.py) must catch what it is there to catch."""
+
 from __future__ import annotations
 
 import importlib.util

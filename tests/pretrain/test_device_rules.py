@@ -1,6 +1,7 @@
 """GPU rules that CPU runs do not enforce by themselves, made checkable on CPU (issue 14).
 
 Each test here failed on the code before its fix (noted per test)."""
+
 from __future__ import annotations
 
 import socket
@@ -10,9 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TINY_LLAMA = ["model.overrides.hidden_size=32", "model.overrides.num_hidden_layers=2",
-              "model.overrides.num_attention_heads=2", "model.overrides.intermediate_size=64",
-              "model.overrides.time_embedding_size=8"]
+TINY_LLAMA = [
+    "model.overrides.hidden_size=32",
+    "model.overrides.num_hidden_layers=2",
+    "model.overrides.num_attention_heads=2",
+    "model.overrides.intermediate_size=64",
+    "model.overrides.time_embedding_size=8",
+]
 
 
 def _free_port() -> int:
@@ -28,15 +33,17 @@ def _fsdp_inputs_worker(rank, port, results):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
     try:
-        cfg = load_pretrain_config(None, ["model.architecture=llama", "train.strategy=fsdp", "train.precision=bf16",
-                                          *TINY_LLAMA])
+        cfg = load_pretrain_config(
+            None, ["model.architecture=llama", "train.strategy=fsdp", "train.precision=bf16", *TINY_LLAMA]
+        )
         module = build_model_for(cfg, vocab_size=40)
         device = torch.device("cpu")
         engine = build_engine(cfg, module, DistInfo(0, 1, 0, device))
         seen = {}
         # EhrEmbeddings.forward(concept_embeds, type_ids, ages, times, ...)
         module.model.ehr_embeddings.register_forward_pre_hook(
-            lambda mod, args: seen.update(ages=args[2].clone(), times=args[3].clone()))
+            lambda mod, args: seen.update(ages=args[2].clone(), times=args[3].clone())
+        )
         g = torch.Generator().manual_seed(0)
         times = 2870.0 + torch.rand(2, 8, generator=g, dtype=torch.float64).float() * 3.0  # weeks since 1970
         ages = 60.0 + torch.rand(2, 8, generator=g) * 20.0  # years
@@ -65,8 +72,17 @@ def test_deepspeed_offload_optimizer_trains(pt_data, tmp_path, run_pretrain, los
     """ZeRO-2 with the optimizer offloaded to the CPU and torch AdamW: DeepSpeed 0.19 refused it at
     initialisation (zero_force_ds_cpu_optimizer) before the fix."""
     run = tmp_path / "run"
-    run_pretrain(pt_data, run, "llama", "train.max_steps=2", "train.val_every=0", "checkpoint.every=2",
-                 "train.save_probe=false", "deepspeed.offload_optimizer=true", strategy="deepspeed-zero2")
+    run_pretrain(
+        pt_data,
+        run,
+        "llama",
+        "train.max_steps=2",
+        "train.val_every=0",
+        "checkpoint.every=2",
+        "train.save_probe=false",
+        "deepspeed.offload_optimizer=true",
+        strategy="deepspeed-zero2",
+    )
     losses = losses_of(run)
     assert sorted(losses) == [1, 2] and all(v == v for v in losses.values())
 
@@ -96,8 +112,18 @@ def test_rank_without_validation_batches(pt_data, tmp_path, run_pretrain):
     driver = tmp_path / "empty_val_driver.py"
     driver.write_text(EMPTY_VAL_DRIVER)
     run = tmp_path / "run"
-    run_pretrain(pt_data, run, "llama", "train.max_steps=1", "train.val_every=1", "checkpoint.every=1",
-                 "train.save_probe=false", strategy="fsdp", nproc=2, driver=driver)
+    run_pretrain(
+        pt_data,
+        run,
+        "llama",
+        "train.max_steps=1",
+        "train.val_every=1",
+        "checkpoint.every=1",
+        "train.save_probe=false",
+        strategy="fsdp",
+        nproc=2,
+        driver=driver,
+    )
     vals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert vals and vals[-1]["val_targets"] > 0 and vals[-1]["val_ppl"] == vals[-1]["val_ppl"]
 
@@ -111,8 +137,18 @@ def test_deepspeed_bf16_checkpoint_keeps_fp32_masters(pt_data, tmp_path, run_pre
     from ehrfm.pretrain import checkpoint as ckpt
 
     run = tmp_path / "run"
-    run_pretrain(pt_data, run, "llama", "train.max_steps=2", "train.val_every=0", "checkpoint.every=2",
-                 "train.save_probe=false", "train.precision=bf16", strategy="deepspeed-zero2", nproc=2)
+    run_pretrain(
+        pt_data,
+        run,
+        "llama",
+        "train.max_steps=2",
+        "train.val_every=0",
+        "checkpoint.every=2",
+        "train.save_probe=false",
+        "train.precision=bf16",
+        strategy="deepspeed-zero2",
+        nproc=2,
+    )
     weights = load_file(str(ckpt.latest_checkpoint(run) / "model.safetensors"))
     layer = weights["model.layers.0.self_attn.q_proj.weight"]
     assert layer.dtype == torch.float32
@@ -125,15 +161,24 @@ def test_right_padded_causal_rows_need_no_mask():
     from ehrfm.pretrain.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("llama", "tiny", head=False, vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64).eval()
+    model = build_model(
+        "llama",
+        "tiny",
+        head=False,
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ).eval()
     assert model.config._attn_implementation == "sdpa"
     lengths = torch.tensor([9, 5, 7])
     attention_mask = (torch.arange(9)[None] < lengths[:, None]).long()
     ids = torch.randint(5, 40, (3, 9)) * attention_mask
     seen = []
-    model.layers[0].register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs.get("attention_mask")),
-                                              with_kwargs=True)
+    model.layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
     with torch.no_grad():
         fast = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
         masked = model(input_ids=ids, attention_mask=attention_mask, document_ids=attention_mask).last_hidden_state

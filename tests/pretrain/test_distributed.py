@@ -4,6 +4,7 @@ model really got the wrapper of its strategy, and the export of the run reproduc
 Tolerance: fp32 on CPU, differences come only from the order of gradient reductions (all-reduce vs
 reduce-scatter vs flat ZeRO buckets); after 4 AdamW steps they stay below 1e-4 absolute on losses of ~3.8.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,7 +30,7 @@ def check_export(run_dir, out, auto_cls_name, guard):
         export(run_dir, out)
         model = getattr(transformers, auto_cls_name).from_pretrained(str(out)).eval()
     probe = load_file(str(run_dir / "probe.safetensors"))
-    batch = {k[len("batch."):]: v for k, v in probe.items() if k.startswith("batch.")}
+    batch = {k[len("batch.") :]: v for k, v in probe.items() if k.startswith("batch.")}
     with torch.no_grad():
         logits = model(**batch).logits
     assert torch.allclose(logits, probe["logits"], atol=1e-6, rtol=0), (logits - probe["logits"]).abs().max()
@@ -41,14 +42,28 @@ def check_export(run_dir, out, auto_cls_name, guard):
     [
         ("ddp", [], {"is_ddp": True, "wrapper": "torch.nn.parallel.distributed.DistributedDataParallel"}),
         # accumulation (FSDP2's deferred gradient sync) and activation checkpointing must not change the math
-        ("fsdp", ["train.grad_accum=2", "train.activation_checkpointing=true"],
-         {"is_fsdp2": True, "fsdp_blocks": 2, "grad_accum": 2, "activation_checkpointing": True}),
+        (
+            "fsdp",
+            ["train.grad_accum=2", "train.activation_checkpointing=true"],
+            {"is_fsdp2": True, "fsdp_blocks": 2, "grad_accum": 2, "activation_checkpointing": True},
+        ),
         ("deepspeed-zero2", ["train.grad_accum=2"], {"is_deepspeed": True, "zero_stage": 2, "grad_accum": 2}),
         ("deepspeed-zero3", [], {"is_deepspeed": True, "zero_stage": 3}),
     ],
 )
-def test_strategy_matches_single_process_and_exports(strategy, extra, expect, pt_data, tmp_path, run_pretrain, losses_of,
-                                                     engine_info, reference_losses, remote_check, guard):
+def test_strategy_matches_single_process_and_exports(
+    strategy,
+    extra,
+    expect,
+    pt_data,
+    tmp_path,
+    run_pretrain,
+    losses_of,
+    engine_info,
+    reference_losses,
+    remote_check,
+    guard,
+):
     run = tmp_path / "run"
     overrides = [f"train.max_steps={STEPS}", "train.val_every=2", "checkpoint.every=2", *extra]
     run_pretrain(pt_data, run, "llama", *overrides, strategy=strategy, nproc=2)
@@ -77,8 +92,9 @@ def test_strategy_matches_single_process_and_exports(strategy, extra, expect, pt
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_mamba_distributed(strategy, pt_data, tmp_path, run_pretrain, losses_of, engine_info, reference_losses,
-                           remote_check, guard):
+def test_mamba_distributed(
+    strategy, pt_data, tmp_path, run_pretrain, losses_of, engine_info, reference_losses, remote_check, guard
+):
     run = tmp_path / "run"
     overrides = ["train.max_steps=3", "train.val_every=3", "checkpoint.every=0"]
     run_pretrain(pt_data, run, "mamba", *overrides, strategy=strategy, nproc=2)
@@ -122,20 +138,41 @@ def test_reshard_two_ranks_to_one(pt_data, tmp_path, run_pretrain, losses_of):
     from ehrfm.pretrain import checkpoint as ckpt
 
     run = tmp_path / "run"
-    run_pretrain(pt_data, run, "llama", "train.max_steps=2", "train.val_every=0", "checkpoint.every=2",
-                 "train.save_probe=false", strategy="fsdp", nproc=2)
+    run_pretrain(
+        pt_data,
+        run,
+        "llama",
+        "train.max_steps=2",
+        "train.val_every=0",
+        "checkpoint.every=2",
+        "train.save_probe=false",
+        strategy="fsdp",
+        nproc=2,
+    )
     two = ckpt.find_checkpoint(run, 2)
     saved = ckpt.read_state(two)
     assert saved.world_size == 2 and len(saved.ranks) == 2
 
     # a driver resumes with 1 rank, compares the restored state with the shards, then trains 2 more steps
-    proc = run_pretrain(pt_data, run, "llama", "train.max_steps=4", "train.val_every=0", "checkpoint.every=2",
-                        "train.save_probe=false", strategy="ddp", nproc=1, driver=_reshard_driver(tmp_path))
+    proc = run_pretrain(
+        pt_data,
+        run,
+        "llama",
+        "train.max_steps=4",
+        "train.val_every=0",
+        "checkpoint.every=2",
+        "train.save_probe=false",
+        strategy="ddp",
+        nproc=1,
+        driver=_reshard_driver(tmp_path),
+    )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["model_max_abs_diff"] == 0.0
     assert report["exp_avg_max_abs_diff"] == 0.0 and report["exp_avg_checked"] > 0
     merged = merge_states([r["loader"] for r in saved.ranks])
-    assert report["loader_global"] == {str(k): v for k, v in merged["global"].items()}  # both ranks' consumed samples, nothing repeated or lost
+    assert report["loader_global"] == {
+        str(k): v for k, v in merged["global"].items()
+    }  # both ranks' consumed samples, nothing repeated or lost
     losses = losses_of(run)
     assert sorted(losses) == [1, 2, 3, 4]
     assert ckpt.read_state(ckpt.latest_checkpoint(run)).world_size == 1
@@ -144,7 +181,7 @@ def test_reshard_two_ranks_to_one(pt_data, tmp_path, run_pretrain, losses_of):
 def _reshard_driver(tmp_path):
     path = tmp_path / "reshard_driver.py"
     path.write_text(
-        '''
+        """
 import json, sys
 import torch
 from ehrfm.pretrain import checkpoint as ckpt, train as train_mod
@@ -185,7 +222,7 @@ def fit(self):
 train_mod.Trainer.fit = fit
 from ehrfm.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
     )
     return path
 
@@ -198,7 +235,19 @@ def test_collectives_get_tensors_on_the_engine_device(strategy, arch, extra, pt_
     from pathlib import Path
 
     driver = Path(__file__).with_name("device_guard.py")
-    proc = run_pretrain(pt_data, tmp_path / "run", arch, "train.max_steps=2", "train.val_every=1", "checkpoint.every=2",
-                        "train.save_probe=false", *extra, strategy=strategy, nproc=2, driver=driver, expect=None)
+    proc = run_pretrain(
+        pt_data,
+        tmp_path / "run",
+        arch,
+        "train.max_steps=2",
+        "train.val_every=1",
+        "checkpoint.every=2",
+        "train.save_probe=false",
+        *extra,
+        strategy=strategy,
+        nproc=2,
+        driver=driver,
+        expect=None,
+    )
     assert "HostTensorInCollective" not in proc.stderr, proc.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]

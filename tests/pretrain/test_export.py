@@ -1,6 +1,7 @@
 """Export round trip for the other backbones (single process; llama and mamba under every distributed
 strategy are in test_distributed.py): the HF folder layout, Auto* loading after `import ehrfm`, and
 trust_remote_code loading in a process that cannot import ehrfm, all equal to the trained model (1e-6)."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-HEAD_AUTO = {"llama": "AutoModelForCausalLM", "mamba": "AutoModelForCausalLM", "mamba2": "AutoModelForCausalLM",
-             "bert": "AutoModelForMaskedLM"}
+HEAD_AUTO = {
+    "llama": "AutoModelForCausalLM",
+    "mamba": "AutoModelForCausalLM",
+    "mamba2": "AutoModelForCausalLM",
+    "bert": "AutoModelForMaskedLM",
+}
 BASE_CLS = {"llama": "EhrLlamaModel", "mamba": "EhrMambaModel", "mamba2": "EhrMamba2Model", "bert": "EhrBertModel"}
 
 
-@pytest.mark.parametrize("arch, extra", [
-    ("mamba2", ["dense.enabled=true", "dense.k=4", "dense.lam=0.1"]),  # + the auxiliary-loss extension point
-    ("bert", []),
-    pytest.param("mamba", [], marks=pytest.mark.slow),  # default run: mamba export in test_distributed
-])
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        ("mamba2", ["dense.enabled=true", "dense.k=4", "dense.lam=0.1"]),  # + the auxiliary-loss extension point
+        ("bert", []),
+        pytest.param("mamba", [], marks=pytest.mark.slow),  # default run: mamba export in test_distributed
+    ],
+)
 def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_check):
     import transformers
 
@@ -35,8 +43,16 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     records = read_metrics(run)
     train = [r for r in records if r.get("split") != "val"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
-    assert {"loss", "lr", "grad_norm", "real_tokens", "padded_tokens", "tokens_per_s", "step_time_s",
-            "peak_memory_mb"} <= set(train[0])
+    assert {
+        "loss",
+        "lr",
+        "grad_norm",
+        "real_tokens",
+        "padded_tokens",
+        "tokens_per_s",
+        "step_time_s",
+        "peak_memory_mb",
+    } <= set(train[0])
     assert 0 < train[0]["real_tokens"] <= train[0]["padded_tokens"]
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     val = [r for r in records if r.get("split") == "val"]
@@ -79,13 +95,29 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
         export(run, hf)
         model = getattr(transformers, HEAD_AUTO[arch]).from_pretrained(str(hf)).eval()
     names = {p.name for p in hf.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "ehrfm_vocab.json",
-            "ehrfm_export.json", "README.md"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "ehrfm_vocab.json",
+        "ehrfm_export.json",
+        "README.md",
+    } <= names
     assert ("generation_config.json" in names) == (arch != "bert")
     meta = json.loads((hf / "ehrfm_export.json").read_text())
     manifest = read_manifest(pt_data)
-    assert set(meta) == {"architecture", "size", "vocab_fingerprint", "data_fingerprint", "step", "strategy",
-                         "final_metrics", "reference_perplexity", "config"}
+    assert set(meta) == {
+        "architecture",
+        "size",
+        "vocab_fingerprint",
+        "data_fingerprint",
+        "step",
+        "strategy",
+        "final_metrics",
+        "reference_perplexity",
+        "config",
+    }
     card = (hf / "README.md").read_text()
     assert "unigram count model" in card and (arch == "bert") != ("bigram count model" in card)
     assert meta["architecture"] == arch and meta["step"] == 3 and meta["strategy"] == "ddp"
@@ -94,7 +126,7 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     assert "auto_map" in json.loads((hf / "config.json").read_text())
 
     probe = load_file(str(run / "probe.safetensors"))
-    batch = {k[len("batch."):]: v for k, v in probe.items() if k.startswith("batch.")}
+    batch = {k[len("batch.") :]: v for k, v in probe.items() if k.startswith("batch.")}
     with torch.no_grad():
         logits = model(**batch).logits
     assert (logits - probe["logits"]).abs().max() <= 1e-6
@@ -118,7 +150,7 @@ def test_export_refuses_missing_checkpoint(tmp_path):
 def test_vendored_code_has_no_package_imports():
     import re
 
-    from ehrfm.pretrain.export import VENDORED, _ROOT, vendored_source
+    from ehrfm.pretrain.export import _ROOT, VENDORED, vendored_source
 
     for name, source in VENDORED.items():
         text = vendored_source((_ROOT / source).read_text())
@@ -137,8 +169,25 @@ def test_study_convergence_runs_each_backbone_and_draws_the_curves(pt_data, tmp_
 
     out = tmp_path / "conv"
     exe = Path(sys.executable).with_name("ehrfm")
-    args = [str(exe), "study", "convergence", "--data", str(pt_data), "--out", str(out), "--models", "llama,bert",
-            "--size", "mini", "--steps", "4", "--context-length", "32", "--pretrain-option", "train.val_every=2"]
+    args = [
+        str(exe),
+        "study",
+        "convergence",
+        "--data",
+        str(pt_data),
+        "--out",
+        str(out),
+        "--models",
+        "llama,bert",
+        "--size",
+        "mini",
+        "--steps",
+        "4",
+        "--context-length",
+        "32",
+        "--pretrain-option",
+        "train.val_every=2",
+    ]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = {r["run"]: r for r in json.loads((out / "convergence.json").read_text())["rows"]}

@@ -1,5 +1,6 @@
 """Checkpoint / resume: bit-identical loss trajectory after a crash, preemption by signal (exit 75), and
 atomicity (a checkpoint killed mid-write is never resumed from)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ from ehrfm.pretrain import checkpoint as ckpt
 from ehrfm.pretrain.config import PREEMPTION_EXIT_CODE
 
 # dropout on: resuming must restore the RNG too, not only weights and data position
-RESUME = ["train.max_steps=6", "checkpoint.every=3", "train.val_every=3", "model.overrides.embedding_dropout=0.1",
-          "train.save_probe=false"]
+RESUME = [
+    "train.max_steps=6",
+    "checkpoint.every=3",
+    "train.val_every=3",
+    "model.overrides.embedding_dropout=0.1",
+    "train.save_probe=false",
+]
 
 
 def _records(run):
@@ -124,8 +130,18 @@ def test_rng_state_round_trip():
 def test_early_stopping_with_patience_keeps_best(pt_data, tmp_path, run_pretrain):
     """lr = 0: validation never improves after the first evaluation, so patience 2 stops at the third."""
     run = tmp_path / "run"
-    run_pretrain(pt_data, run, "llama", "optim.lr=0", "train.max_steps=50", "train.val_every=1", "train.patience=2",
-                 "checkpoint.every=0", "checkpoint.keep=1", "train.save_probe=false")
+    run_pretrain(
+        pt_data,
+        run,
+        "llama",
+        "optim.lr=0",
+        "train.max_steps=50",
+        "train.val_every=1",
+        "train.patience=2",
+        "checkpoint.every=0",
+        "checkpoint.keep=1",
+        "train.save_probe=false",
+    )
     state = ckpt.read_state(ckpt.latest_checkpoint(run))
     assert state.stopped_early and state.step == 3 and state.best_step == 1 and state.bad_evals == 2
     assert [v["step"] for v in state.val_history] == [1, 2, 3]

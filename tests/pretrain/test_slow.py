@@ -1,4 +1,5 @@
 """Longer end-to-end checks (``-m slow``): multi-rank resume bit-identity and resharding 1 -> 2 ranks."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def test_fsdp_two_rank_resume_is_bit_identical(pt_data, tmp_path, run_pretrain, losses_of):
-    args = ["train.max_steps=4", "checkpoint.every=2", "train.val_every=0", "train.save_probe=false",
-            "model.overrides.embedding_dropout=0.1"]
+    args = [
+        "train.max_steps=4",
+        "checkpoint.every=2",
+        "train.val_every=0",
+        "train.save_probe=false",
+        "model.overrides.embedding_dropout=0.1",
+    ]
     straight, crashed = tmp_path / "a", tmp_path / "b"
     run_pretrain(pt_data, straight, "llama", *args, strategy="fsdp", nproc=2)
     run_pretrain(pt_data, crashed, "llama", *args, "train.crash_after_step=3", strategy="fsdp", nproc=2, expect=None)
@@ -34,8 +40,9 @@ def test_deepspeed_refuses_world_size_change(pt_data, tmp_path, run_pretrain):
     run = tmp_path / "run"
     args = ["checkpoint.every=2", "train.val_every=0", "train.save_probe=false"]
     run_pretrain(pt_data, run, "llama", "train.max_steps=2", *args, strategy="deepspeed-zero2", nproc=2)
-    proc = run_pretrain(pt_data, run, "llama", "train.max_steps=4", *args, strategy="deepspeed-zero2", nproc=1,
-                        expect=None)
+    proc = run_pretrain(
+        pt_data, run, "llama", "train.max_steps=4", *args, strategy="deepspeed-zero2", nproc=1, expect=None
+    )
     assert proc.returncode != 0 and "resharding the ZeRO optimizer state" in proc.stderr
 
 

@@ -1,4 +1,5 @@
 """Objectives, schedule and configuration pieces of the pretraining engine (no training runs)."""
+
 from __future__ import annotations
 
 import json
@@ -117,12 +118,20 @@ def test_accelerate_config_maps_strategies(tmp_path):
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
     files = {
-        "fsdp.yaml": ("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\n"
-                      "num_processes: 2\nfsdp_config:\n  fsdp_version: 2\n", "fsdp"),
-        "ds.yaml": (f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\n"
-                    "num_processes: 2\n", "deepspeed-zero3"),
-        "ds2.yaml": ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  gradient_accumulation_steps: 4\n"
-                     "  gradient_clipping: 0.5\n", "deepspeed-zero2"),
+        "fsdp.yaml": (
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\n"
+            "num_processes: 2\nfsdp_config:\n  fsdp_version: 2\n",
+            "fsdp",
+        ),
+        "ds.yaml": (
+            f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\nnum_processes: 2\n",
+            "deepspeed-zero3",
+        ),
+        "ds2.yaml": (
+            "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  gradient_accumulation_steps: 4\n"
+            "  gradient_clipping: 0.5\n",
+            "deepspeed-zero2",
+        ),
         "ddp.yaml": ("distributed_type: MULTI_CPU\nnum_processes: 2\nmixed_precision: 'no'\n", "ddp"),
     }
     for name, (text, strategy) in files.items():
@@ -145,28 +154,40 @@ def test_accelerate_config_fields_are_mapped_accepted_or_refused(tmp_path):
     from ehrfm.config import ConfigError
     from ehrfm.pretrain.accelerate_config import apply_accelerate_config
 
-    typical = ("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\nnum_machines: 2\n"
-               "num_processes: 16\nmachine_rank: 0\nmain_training_function: main\nrdzv_backend: static\n"
-               "same_network: true\nuse_cpu: false\ndynamo_config:\n  dynamo_backend: INDUCTOR\nfsdp_config:\n"
-               "  fsdp_activation_checkpointing: true\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
-               "  fsdp_cpu_ram_efficient_loading: true\n  fsdp_offload_params: false\n"
-               "  fsdp_reshard_after_forward: true\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n  fsdp_version: 2\n")
+    typical = (
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\nnum_machines: 2\n"
+        "num_processes: 16\nmachine_rank: 0\nmain_training_function: main\nrdzv_backend: static\n"
+        "same_network: true\nuse_cpu: false\ndynamo_config:\n  dynamo_backend: INDUCTOR\nfsdp_config:\n"
+        "  fsdp_activation_checkpointing: true\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+        "  fsdp_cpu_ram_efficient_loading: true\n  fsdp_offload_params: false\n"
+        "  fsdp_reshard_after_forward: true\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n  fsdp_version: 2\n"
+    )
     (tmp_path / "ok.yaml").write_text(typical)
     cfg = PretrainConfig()
     apply_accelerate_config(cfg, tmp_path / "ok.yaml")
     assert (cfg.train.strategy, cfg.train.precision, cfg.train.activation_checkpointing, cfg.train.compile) == (
-        "fsdp", "bf16", True, True)
+        "fsdp",
+        "bf16",
+        True,
+        True,
+    )
     refused = {
         "unknown top": ("distributed_type: FSDP\nfsdp_plugin_magic: 3\n", "fsdp_plugin_magic"),
         "unknown fsdp": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_new_knob: 1\n", "fsdp_new_knob"),
         "offload": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_offload_params: true\n", "fsdp_offload_params=True"),
-        "grad-op": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n",
-                    "fsdp_sharding_strategy"),
+        "grad-op": (
+            "distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n",
+            "fsdp_sharding_strategy",
+        ),
         "fp16": ("distributed_type: MULTI_GPU\nmixed_precision: fp16\n", "mixed_precision"),
-        "param offload": ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_param_device: cpu\n",
-                          "offload_param_device"),
-        "beside file": ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: ds.json\n"
-                        "  zero_stage: 3\n", "zero_stage beside deepspeed_config_file"),
+        "param offload": (
+            "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_param_device: cpu\n",
+            "offload_param_device",
+        ),
+        "beside file": (
+            "distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: ds.json\n  zero_stage: 3\n",
+            "zero_stage beside deepspeed_config_file",
+        ),
     }
     for name, (text, named) in refused.items():
         path = tmp_path / f"{name.replace(' ', '_')}.yaml"
@@ -179,8 +200,12 @@ def test_accelerate_config_fields_are_mapped_accepted_or_refused(tmp_path):
 def test_deepspeed_json_kept_and_autos_filled(tmp_path):
     from ehrfm.pretrain.parallel import deepspeed_config
 
-    user = {"zero_optimization": {"stage": 3, "overlap_comm": False, "reduce_bucket_size": "auto"},
-            "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.3, "custom": {"keep": 1}}
+    user = {
+        "zero_optimization": {"stage": 3, "overlap_comm": False, "reduce_bucket_size": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_clipping": 0.3,
+        "custom": {"keep": 1},
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     cfg = PretrainConfig()
@@ -203,8 +228,24 @@ def test_cli_builds_typed_config(tmp_path):
     yaml_file = tmp_path / "p.yaml"
     yaml_file.write_text("optim:\n  lr: 0.001\ntrain:\n  max_steps: 7\n")
     args = build_parser().parse_args(
-        ["pretrain", "--data", "D", "--model", "bert", "--size", "small", "--out", "R", "--strategy", "fsdp",
-         "--config", str(yaml_file), "train.max_steps=9", "model.overrides.hidden_size=64", "dense.enabled=true"]
+        [
+            "pretrain",
+            "--data",
+            "D",
+            "--model",
+            "bert",
+            "--size",
+            "small",
+            "--out",
+            "R",
+            "--strategy",
+            "fsdp",
+            "--config",
+            str(yaml_file),
+            "train.max_steps=9",
+            "model.overrides.hidden_size=64",
+            "dense.enabled=true",
+        ]
     )
     cfg = build_config(args)
     assert (cfg.model.architecture, cfg.model.size, cfg.data.path, cfg.out) == ("bert", "small", "D", "R")
@@ -217,8 +258,21 @@ def test_dense_lambda_spelling_and_overrides_between_options():
     from ehrfm.pretrain.cli_train import build_config
 
     # overrides may stand anywhere, also before a later option
-    args = parse_args(["pretrain", "--data", "D", "dense.enabled=true", "dense.k=4", "--out", "R", "dense.lambda=0.3",
-                       "dense.lambda_sub=0.2", "dense.lambda_orth=0.01", "dense.k=8"])
+    args = parse_args(
+        [
+            "pretrain",
+            "--data",
+            "D",
+            "dense.enabled=true",
+            "dense.k=4",
+            "--out",
+            "R",
+            "dense.lambda=0.3",
+            "dense.lambda_sub=0.2",
+            "dense.lambda_orth=0.01",
+            "dense.k=8",
+        ]
+    )
     dense = build_config(args).dense
     assert (dense.enabled, dense.lam, dense.lam_sub, dense.lam_orth, dense.k) == (True, 0.3, 0.2, 0.01, 8)
     assert build_config(args).out == "R"
@@ -250,7 +304,10 @@ def test_size_recipes_sit_between_the_defaults_and_the_users_settings(tmp_path):
 
     mini = config("--size", "mini")
     assert (mini.optim.lr, mini.data.context_length, mini.train.max_steps) == (
-        RECIPES["mini"]["optim.lr"], RECIPES["mini"]["data.context_length"], RECIPES["mini"]["train.max_steps"])
+        RECIPES["mini"]["optim.lr"],
+        RECIPES["mini"]["data.context_length"],
+        RECIPES["mini"]["train.max_steps"],
+    )
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: {size: mini}\noptim: {lr: 0.0001}\n")
     from_yaml = config("--config", str(yaml_file))
@@ -261,11 +318,21 @@ def test_size_recipes_sit_between_the_defaults_and_the_users_settings(tmp_path):
     assert small.data.context_length == PretrainConfig().data.context_length
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA H200", 989e12),
-    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA B200", 2250e12), ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 0.0),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA B200", 2250e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A10G", 0.0),
+    ],
+)
 def test_peak_flops_lookup_matches_whole_names(name, peak):
     """Before issue 14: "L40" matched L4's peak, H200/GH200/B200 had none."""
     from ehrfm.pretrain.metrics import peak_flops
@@ -281,12 +348,20 @@ def test_flops_per_token_counts_the_head_and_causal_attention(arch, attention):
     from ehrfm.pretrain.metrics import flops_per_token
     from ehrfm.pretrain.models import build_model
 
-    sizes = {"llama": dict(num_attention_heads=2, intermediate_size=64), "bert": dict(num_attention_heads=2, intermediate_size=64),
-             "mamba": dict(state_size=4)}[arch]
+    sizes = {
+        "llama": dict(num_attention_heads=2, intermediate_size=64),
+        "bert": dict(num_attention_heads=2, intermediate_size=64),
+        "mamba": dict(state_size=4),
+    }[arch]
     model = build_model(arch, "tiny", head=True, vocab_size=50, hidden_size=32, num_hidden_layers=2, **sizes)
     context = 64
-    body = sum(p.numel() for name, p in model.named_parameters()
-               if "embeddings" not in name and "embed_tokens" not in name and "lm_head" not in name
-               and p is not model.get_output_embeddings().weight)
+    body = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "embeddings" not in name
+        and "embed_tokens" not in name
+        and "lm_head" not in name
+        and p is not model.get_output_embeddings().weight
+    )
     expected = 6.0 * (body + 32 * 50) + attention * 2 * 32 * context
     assert flops_per_token(model, context) == expected
