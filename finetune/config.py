@@ -14,7 +14,7 @@ METHODS = ("per-task", "mpf", "alfia")
 
 
 @dataclass
-class LoraSettings:
+class LoRAConfig:
     enabled: bool = False
     r: int = 16
     alpha: int = 16
@@ -23,7 +23,7 @@ class LoraSettings:
 
 
 @dataclass
-class AlfiaSettings:
+class ALFIAConfig:
     num_fuse_layers: int = 4  # N_f: top hidden layers fused (002: 4); clamped to layers + embeddings
     layer_heads: int = 4  # n_h of the inter-layer attention (eqs. 3-6)
     gating: bool = True  # eq. 7 sigmoid gate; False: mean attention scores over heads (sum to 1)
@@ -72,8 +72,8 @@ class FinetuneConfig:
     # as pretraining's train.precision (ehrfm.devices): "auto" = bf16 autocast on GPU, fp32 on CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 42
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    alfia: AlfiaSettings = field(default_factory=AlfiaSettings)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    alfia: ALFIAConfig = field(default_factory=ALFIAConfig)
     anaa: ANAAConfig = field(default_factory=ANAAConfig)
 
     def validate(self) -> None:

@@ -24,7 +24,7 @@ PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, a checkpoint was written, r
 
 
 @dataclasses.dataclass
-class ModelSection:
+class ModelConfig:
     """Backbone and preset; ``overrides`` are config fields of the HF config (e.g. hidden_size, num_hidden_layers)."""
 
     architecture: Architecture = "llama"
@@ -33,7 +33,7 @@ class ModelSection:
 
 
 @dataclasses.dataclass
-class DataSection:
+class PretrainDataConfig:
     """Stream settings (see ``ehrfm.data_shards.stream.StreamConfig``); batch_size is rows per rank per micro-step."""
 
     path: str = ""
@@ -55,7 +55,7 @@ class DataSection:
 
 
 @dataclasses.dataclass
-class OptimSection:
+class OptimConfig:
     """AdamW and the schedule: linear warmup over ``warmup_fraction`` of the steps, then linear or cosine decay
     to ``min_lr_ratio * lr``."""
 
@@ -82,7 +82,7 @@ class OptimSection:
 
 
 @dataclasses.dataclass
-class TrainSection:
+class TrainConfig:
     """Loop, precision and parallelism.
 
     strategy: how the model is wrapped (``parallel.py``). precision "auto" = bf16 autocast on GPU, fp32 on CPU.
@@ -119,7 +119,7 @@ class TrainSection:
 
 
 @dataclasses.dataclass
-class CheckpointSection:
+class CheckpointConfig:
     """Sharded checkpoints every ``every`` steps (0 = only at the end), keeping the last ``keep`` (+ the best)."""
 
     every: int = 500
@@ -132,7 +132,7 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass
-class DeepSpeedSection:
+class DeepSpeedConfig:
     """``config_file``: a user's DeepSpeed JSON used as-is; our values only fill its missing or "auto" keys."""
 
     config_file: str = ""
@@ -141,12 +141,12 @@ class DeepSpeedSection:
 
 @dataclasses.dataclass
 class PretrainConfig:
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
-    train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     dense: DenseLossConfig = dataclasses.field(default_factory=DenseLossConfig)
     out: str = ""
     accelerate_config: str = ""  # a user's `accelerate config` YAML; see accelerate_config.py
