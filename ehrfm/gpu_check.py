@@ -116,10 +116,9 @@ def check_triton_kernels(ctx: Context) -> dict:
     import torch
 
     from .kernels import anaa_attention
-    from .kernels.anaa.triton_kernel import tuned_tiles
     from .kernels.dense.reference import orthogonality_loss, spectral_loss
     from .kernels.dense.triton_kernel import spec_orth_triton
-    from .kernels.dense.triton_kernel import tuned_tiles as dense_tuned_tiles
+    from .kernels.tuning import tuned_tiles
 
     batch, heads, n = (2, 4, 512) if ctx.gpu else (1, 2, 37)
     head_dims = (64, 128) if ctx.gpu else (16,)
@@ -166,8 +165,10 @@ def check_triton_kernels(ctx: Context) -> dict:
         "shape": [batch, heads, n, list(head_dims)],
         "relative_error": results,
         "tolerance": {k: TOL[k] for k in worst},
-        "anaa_tiles_chosen": tuned_tiles(),
-        "dense_tiles_chosen": dense_tuned_tiles(),
+        **{
+            f"{family}_tiles_chosen": {k: v for k, v in tuned_tiles().items() if k.startswith(f"{family}:")}
+            for family in ("anaa", "dense")
+        },
     }
 
 

@@ -61,10 +61,11 @@ def anaa_case(kernel: str, dtype: str, head_dim: int, tile: tuple[int, int, int,
 
     from .anaa import tiles
     from .anaa.triton_kernel import dot_precision
+    from .tuning import operand_dtype
 
     torch_dtype = getattr(torch, _TORCH_DTYPE[dtype])
     operand = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-        tiles.operand_dtype(torch_dtype, on_gpu=True)
+        operand_dtype(torch_dtype, on_gpu=True)
     ]
     operands, others, scalars = _ANAA_SIGNATURES[kernel]
     types = {name: f"*{operand}" for name in operands}
@@ -75,7 +76,7 @@ def anaa_case(kernel: str, dtype: str, head_dim: int, tile: tuple[int, int, int,
         "CAUSAL": True,
         "BM": bm,
         "BN": bn,
-        "BD": max(16, 1 << (head_dim - 1).bit_length()),
+        "BD": tiles.block_d(head_dim),
         "PREC": dot_precision(torch_dtype, on_gpu=True),
     }
     if "noise" in kernel:

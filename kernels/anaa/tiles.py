@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tuning import operand_kind
+
 Tile = tuple[int, int, int, int]  # (BM, BN, num_warps, num_stages)
 
 INTERPRETER_TILE: Tile = (16, 16, 4, 1)
@@ -71,20 +73,11 @@ GRID_TILE = {
     "_anaa_noise_bwd_dv": "BN",
     "_anaa_bwd_dq": "BM",
 }
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def operand_dtype(dtype: torch.dtype, on_gpu: bool) -> torch.dtype:
-    """The dtype the kernels read q, k, V' and the output gradients in: bf16/fp16 stay, all else is fp32.
-    The interpreter (CPU) computes in numpy, which has no bfloat16 (it returned values off by 1e9): there bf16
-    inputs are read as fp32; fp16 stays fp16, so the CPU tests cover the half-operand casts."""
-    if dtype == torch.bfloat16 and not on_gpu:
-        return torch.float32
-    return dtype if dtype in HALF_DTYPES else torch.float32
-
-
-def operand_kind(dtype: torch.dtype) -> str:
-    return "half" if dtype in HALF_DTYPES else "fp32"
+def block_d(head_dim: int) -> int:
+    """The padded head-dim tile (BD) of a launch: the next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def head_dim_class(block_d: int) -> int | None:

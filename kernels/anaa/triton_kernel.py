@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import autotuner, operand_dtype
 from . import tiles
 from .factorized import noise_statistics
 from .gaussian import conv_rows
@@ -201,6 +202,28 @@ def _anaa_noise_fwd(
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, DR, R, bh, n, offs, ok):
+    """Per query row of head ``bh``: lse, Delta = dY_A . Y_A, dr and r (0 outside)."""
+    at = bh * n + offs
+    return (
+        tl.load(LSE + at, mask=ok, other=0.0),
+        tl.load(DELTA + at, mask=ok, other=0.0),
+        tl.load(DR + at, mask=ok, other=0.0),
+        tl.load(R + at, mask=ok, other=0.0),
+    )
+
+
+@triton.jit
+def _probs_and_score_grads(q, k, v, dya, ok, lse, delta, dr, r, scale, PREC: tl.constexpr):
+    """One tile's softmax P (recomputed from lse) and dS = P (dP - Delta + 2 dr (P - r)), dP = dY_A V'^T: the
+    backward formula both backward kernels use."""
+    s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, NEG)
+    p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(dya, tl.trans(v), input_precision=PREC)
+    return p, p * (dp - delta[:, None] + 2.0 * dr[:, None] * (p - r[:, None]))
+
+
+@triton.jit
 def _anaa_bwd_dkdv(
     Q,
     K,
@@ -241,16 +264,10 @@ def _anaa_bwd_dkdv(
         q = _load_rows(Q, base, offs_m, row_ok, offs_d, d)
         dya = _load_rows(DYA, base, offs_m, row_ok, offs_d, d)
         doc_q = tl.load(DOC + b * n + offs_m, mask=row_ok, other=0)
-        lse = tl.load(LSE + bh * n + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * n + offs_m, mask=row_ok, other=0.0)
-        dr = tl.load(DR + bh * n + offs_m, mask=row_ok, other=0.0)
-        r = tl.load(R + bh * n + offs_m, mask=row_ok, other=0.0)
+        lse, delta, dr, r = _row_stats(LSE, DELTA, DR, R, bh, n, offs_m, row_ok)
         ok = _tile_mask(doc_q, doc_k, offs_m, offs_n, CAUSAL)
-        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, NEG)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        p, ds = _probs_and_score_grads(q, k, v, dya, ok, lse, delta, dr, r, scale, PREC)
         dv += tl.dot(tl.trans(p.to(dya.dtype)), dya, input_precision=PREC)
-        dp = tl.dot(dya, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None] + 2.0 * dr[:, None] * (p - r[:, None]))
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
     _store_rows(DK, base, offs_n, col_ok, offs_d, d, dk)
     _store_rows(DV, base, offs_n, col_ok, offs_d, d, dv)
@@ -322,10 +339,7 @@ def _anaa_bwd_dq(
     q = _load_rows(Q, base, offs_m, row_ok, offs_d, d)
     dya = _load_rows(DYA, base, offs_m, row_ok, offs_d, d)
     doc_q = tl.load(DOC + b * n + offs_m, mask=row_ok, other=0)
-    lse = tl.load(LSE + bh * n + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * n + offs_m, mask=row_ok, other=0.0)
-    dr = tl.load(DR + bh * n + offs_m, mask=row_ok, other=0.0)
-    r = tl.load(R + bh * n + offs_m, mask=row_ok, other=0.0)
+    lse, delta, dr, r = _row_stats(LSE, DELTA, DR, R, bh, n, offs_m, row_ok)
     dq = tl.zeros((BM, BD), tl.float32)
     lo, hi = _key_range(DSTART, DEND, b, n, offs_m, row_ok, BN)
     if CAUSAL:
@@ -337,10 +351,7 @@ def _anaa_bwd_dq(
         v = _load_rows(V, base, offs_n, col_ok, offs_d, d)
         doc_k = tl.load(DOC + b * n + offs_n, mask=col_ok, other=-1)
         ok = _tile_mask(doc_q, doc_k, offs_m, offs_n, CAUSAL)
-        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, NEG)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(dya, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None] + 2.0 * dr[:, None] * (p - r[:, None]))
+        _, ds = _probs_and_score_grads(q, k, v, dya, ok, lse, delta, dr, r, scale, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
     _store_rows(DQ, base, offs_m, row_ok, offs_d, d, dq)
 
@@ -376,35 +387,19 @@ def dot_precision(dtype: torch.dtype, on_gpu: bool) -> str:
     return "ieee"
 
 
-_AUTOTUNED: dict[str, triton.runtime.Autotuner] = {}
-
-
 def _autotuned(name: str):
     """The GPU autotuner of kernel ``name``: candidates from :mod:`.tiles`, pruned to the launch's operand
     dtype and head dim, timed once per (head dim, causal, argument dtypes) and cached for the process."""
-    if name not in _AUTOTUNED:
-        every = sorted(
-            {tile for lists in tiles.GPU_TILES[name].values() for tile in lists} | {tiles.LARGE_HEAD_DIM_TILE}
-        )
-        configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in every]
+    every = sorted({tile for lists in tiles.GPU_TILES[name].values() for tile in lists} | {tiles.LARGE_HEAD_DIM_TILE})
+    configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in every]
 
-        def prune(configs, named_args, **kwargs):
-            keep = tiles.gpu_candidates(name, _torch_dtype(named_args[tiles.OPERAND_ARG[name]]), kwargs["BD"])
-            return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in keep]
+    def prune(configs, named_args, **kwargs):
+        operand = named_args[tiles.OPERAND_ARG[name]]
+        dtype = operand.dtype if isinstance(operand, torch.Tensor) else torch.float32
+        keep = tiles.gpu_candidates(name, dtype, kwargs["BD"])
+        return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in keep]
 
-        _AUTOTUNED[name] = triton.autotune(
-            configs=configs, key=["d", "CAUSAL"], prune_configs_by={"early_config_prune": prune}
-        )(globals()[name])
-    return _AUTOTUNED[name]
-
-
-def _torch_dtype(arg) -> torch.dtype:
-    return arg.dtype if isinstance(arg, torch.Tensor) else torch.float32
-
-
-def tuned_tiles() -> dict[str, dict[str, str]]:
-    """The tile each autotuned kernel chose in this process, per tuning key (for ``scripts/gpu-check``)."""
-    return {name: {str(key): str(cfg) for key, cfg in tuner.cache.items()} for name, tuner in _AUTOTUNED.items()}
+    return autotuner(f"anaa:{name}", globals()[name], configs, key=["d", "CAUSAL"], prune=prune)
 
 
 def _launch(name: str, n: int, programs: int, *args, **constexprs) -> None:
@@ -426,9 +421,9 @@ class _FusedANAA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, vp, doc32, z, seed: int, causal: bool, noise_mode: int, prec: str):
         B, H, n, d = q.shape
-        op = tiles.operand_dtype(q.dtype, q.is_cuda)
+        op = operand_dtype(q.dtype, q.is_cuda)
         q, k, vp = (t.to(op).contiguous() for t in (q, k, vp))
-        bd = max(16, triton.next_power_of_2(d))
+        bd = tiles.block_d(d)
         ya = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         r = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
         lse = torch.empty_like(r)
@@ -486,7 +481,7 @@ class _FusedANAA(torch.autograd.Function):
     def backward(ctx, dya, dyz, dr):
         q, k, vp, doc32, zz, ya, r, lse = ctx.saved_tensors
         B, H, n, d = q.shape
-        bd = max(16, triton.next_power_of_2(d))
+        bd = tiles.block_d(d)
         dstart, dend = document_bounds(doc32)
         dya = torch.zeros_like(ya) if dya is None else dya.float()
         delta = (dya * ya).sum(-1).contiguous()  # from the fp32 gradient, before it is read in the operand dtype

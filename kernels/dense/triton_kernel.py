@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuning import HALF_DTYPES, autotuner, operand_dtype, operand_kind
 from .reference import DEFAULT_EPS
 
 BLOCK = 32  # tl.dot needs >= 16 per dimension; 32 keeps the interpreter fast and registers modest
@@ -248,50 +249,33 @@ def dot_precision(device: torch.device) -> str:
     return "tf32x3" if device.type == "cuda" else "ieee"
 
 
-_AUTOTUNED: dict = {}
-
-
-def _kind(dtype: torch.dtype) -> str:
-    return "half" if dtype in (torch.bfloat16, torch.float16) else "fp32"
-
-
 def _half_gram(z: torch.Tensor) -> bool:
-    """Whether the Gram of z runs on half operands: bf16/fp16 on a GPU; fp16 under the interpreter too (numpy
-    has no bfloat16, so there bf16 is read as fp32), which lets the CPU tests cover the half path."""
-    return z.dtype == torch.float16 or (z.dtype == torch.bfloat16 and z.is_cuda)
+    """Whether the Gram of z runs on half operands (:func:`ehrfm.kernels.tuning.operand_dtype`: bf16/fp16 on a
+    GPU, fp16 under the interpreter too, so the CPU tests cover the half path)."""
+    return operand_dtype(z.dtype, z.is_cuda) in HALF_DTYPES
 
 
 def _gram_launcher(on_gpu: bool, grid: tuple[int, int]):
     """(kernel launcher, constexprs the caller adds): the autotuner on a GPU, fixed 32 x 32 tiles on CPU."""
     if not on_gpu:
         return _dual_gram_kernel[grid], {"BLOCK_R": BLOCK, "num_warps": 4}
-    if "gram" not in _AUTOTUNED:
-        configs = [triton.Config({"BLOCK_R": BLOCK}, num_warps=w, num_stages=st) for w, st in GRAM_TILES]
-        _AUTOTUNED["gram"] = triton.autotune(configs=configs, key=["PREC", "HALF_GRAM"])(_dual_gram_kernel)
-    return _AUTOTUNED["gram"][grid], {}
+    configs = [triton.Config({"BLOCK_R": BLOCK}, num_warps=w, num_stages=st) for w, st in GRAM_TILES]
+    return autotuner("dense:gram", _dual_gram_kernel, configs, key=["PREC", "HALF_GRAM"])[grid], {}
 
 
 def _matmul_launcher(on_gpu: bool, dtype: torch.dtype, d: int, n_row_blocks: int):
     """As :func:`_gram_launcher`; the grid's column count follows the tuned BLOCK_D."""
     if not on_gpu:
         return _dual_matmul_kernel[(n_row_blocks, triton.cdiv(d, BLOCK))], {"BLOCK_D": BLOCK, "num_warps": 4}
-    if "matmul" not in _AUTOTUNED:
-        every = sorted({t for tiles in MATMUL_TILES.values() for t in tiles})
-        configs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in every]
+    every = sorted({t for tiles in MATMUL_TILES.values() for t in tiles})
+    configs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=st) for bd, w, st in every]
 
-        def prune(configs, named_args, **kwargs):
-            keep = MATMUL_TILES[_kind(named_args["Z"].dtype)]
-            return [c for c in configs if (c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) in keep]
+    def prune(configs, named_args, **kwargs):
+        keep = MATMUL_TILES[operand_kind(named_args["Z"].dtype)]
+        return [c for c in configs if (c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) in keep]
 
-        _AUTOTUNED["matmul"] = triton.autotune(
-            configs=configs, key=["PREC"], prune_configs_by={"early_config_prune": prune}
-        )(_dual_matmul_kernel)
-    return _AUTOTUNED["matmul"][lambda meta: (n_row_blocks, triton.cdiv(d, meta["BLOCK_D"]))], {}
-
-
-def tuned_tiles() -> dict[str, dict[str, str]]:
-    """The configuration each autotuned dense kernel chose in this process (for ``scripts/gpu-check``)."""
-    return {name: {str(key): str(cfg) for key, cfg in tuner.cache.items()} for name, tuner in _AUTOTUNED.items()}
+    tuner = autotuner("dense:matmul", _dual_matmul_kernel, configs, key=["PREC"], prune=prune)
+    return tuner[lambda meta: (n_row_blocks, triton.cdiv(d, meta["BLOCK_D"]))], {}
 
 
 class _SpecOrthFunction(torch.autograd.Function):

@@ -76,10 +76,11 @@ def test_fp16_gram_on_half_operands_matches_reference(n, d):
 
 @pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "half"), (torch.float16, "half"), (torch.float32, "fp32")])
 def test_gpu_matmul_autotuner_prunes_to_the_dtype_candidates(dtype, kind):
+    from ehrfm.kernels import tuning
     from ehrfm.kernels.dense import triton_kernel
 
     triton_kernel._matmul_launcher(True, dtype, 64, 2)  # builds the autotuner (launches nothing)
-    tuner = triton_kernel._AUTOTUNED["matmul"]
+    tuner = tuning._AUTOTUNERS["dense:matmul"]
     kept = tuner.early_config_prune(tuner.configs, {"Z": torch.empty(0, dtype=dtype)})
     assert sorted((c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in kept) == sorted(
         triton_kernel.MATMUL_TILES[kind]
