@@ -55,9 +55,9 @@ def flag_name(key: str) -> str:
 class _RecordOverride(argparse.Action):
     """Appends ``key=value`` to the namespace's override list (a fresh list: defaults are never mutated)."""
 
-    def __init__(self, option_strings, dest, key: str, const=None, **kwargs):
+    def __init__(self, option_strings, dest, key: str, **kwargs):
         self.key = key
-        super().__init__(option_strings, dest, const=const, **kwargs)
+        super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, value, option_string=None):
         if self.nargs == 0:  # a switch: --x / --no-x
