@@ -103,7 +103,7 @@ def add_parser(subparsers) -> None:
 
 def pretraining_summary(run_dir: Path) -> dict:
     """The last validation record of a pretraining run (val_ppl, step, and the count-model references)."""
-    from .pretrain.metrics import read_metrics
+    from .metrics_log import read_metrics
 
     vals = [r for r in read_metrics(run_dir) if r.get("split") == "val"]
     return vals[-1] if vals else {"val_ppl": float("nan"), "step": 0}

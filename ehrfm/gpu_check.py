@@ -268,7 +268,7 @@ def check_flash_varlen(ctx: Context) -> dict:
 
 
 def _last(run: Path, split: str | None) -> dict:
-    from .pretrain.metrics import read_metrics
+    from .metrics_log import read_metrics
 
     records = [r for r in read_metrics(run) if (r.get("split") == split) or (split is None and "split" not in r)]
     return records[-1] if records else {}

@@ -105,7 +105,7 @@ def convergence_rows(runs: dict[str, Path]) -> list[dict]:
 
 
 def _run_seconds(run: Path) -> float | None:
-    from .pretrain.metrics import read_metrics
+    from .metrics_log import read_metrics
 
     times = [r["step_time_s"] for r in read_metrics(run) if "step_time_s" in r]
     return round(sum(times), 1) if times else None

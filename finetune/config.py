@@ -72,6 +72,7 @@ class FinetuneConfig:
     # as pretraining's train.precision (ehrfm.devices): "auto" = bf16 autocast on GPU, fp32 on CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 42
+    progress_bar: bool = True  # a tqdm bar over the optimizer steps of all epochs
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     alfia: ALFIAConfig = field(default_factory=ALFIAConfig)
     anaa: ANAAConfig = field(default_factory=ANAAConfig)

@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ehrfm.callbacks import KeepBestWeights, LogTrainRecords, Throughput, Validation, fault_injection_from_env
 from ehrfm.data_shards.shards import read_manifest
 from ehrfm.devices import autocast, compute_device, to_device, use_fast_attention
+from ehrfm.loop import Loop, LoopState
+from ehrfm.metrics_log import MetricsLogger
 from ehrfm.outputs import check_output_dir
 from ehrfm.seeding import derive_seed, seed_everything
 
@@ -207,43 +210,61 @@ def finetune(
         device,
         " (ANAA)" if regs.anaa_active else "",
     )
-    best_score, best_state, best_epoch, bad, history = -np.inf, None, -1, 0, []
+    trainable = [p for g in groups for p in g["params"]]
+
+    def train_step(batches) -> dict:
+        """One optimizer step on the next batch (raises StopIteration at the end of the epoch)."""
+        batch = to_device(next(batches), device)
+        model.train()
+        if cfg.freeze:
+            model.backbone.eval()
+        with autocast(cfg.precision, device):
+            out_ = model(batch)
+        weight = None
+        if pw is not None:
+            weight = torch.where(batch["label"] > 0, pw[batch["task"]], torch.ones_like(batch["label"]))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            out_["logits"].float(), batch["label"], weight=weight
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        mask = batch["attention_mask"]
+        return {
+            "loss": float(loss.detach()),
+            "grad_norm": float(grad_norm),
+            "real_tokens": int(mask.sum()),
+            "padded_tokens": mask.numel(),
+        }
+
+    def evaluate(loop: Loop) -> dict:
+        score, per_task = validation_score(predict(model, val_set, cfg.batch_size, cfg.precision), tasks)
+        train_loss = float(np.mean([r["loss"] for r in loop.epoch_records]))
+        log.info("epoch %d: train loss %.4f, val AUPRC %.4f", loop.state.epoch, train_loss, score)
+        return {"train_loss": train_loss, "val_auprc": score, "val": per_task}
+
+    sink = MetricsLogger(
+        None, enabled=True, total_steps=cfg.epochs * len(loader), progress=cfg.progress_bar, desc="finetune"
+    )
+    best = KeepBestWeights(model)
+    callbacks = [
+        Throughput(),
+        LogTrainRecords(sink),
+        *fault_injection_from_env(),
+        Validation(evaluate, score="val_auprc", higher_is_better=True, at_epoch_end=True, patience=cfg.patience),
+        best,
+    ]
+    state = LoopState()
     try:
-        for epoch in range(cfg.epochs):
-            model.train()
-            if cfg.freeze:
-                model.backbone.eval()
-            losses = []
-            for batch in loader:
-                batch = to_device(batch, device)
-                with autocast(cfg.precision, device):
-                    out_ = model(batch)
-                weight = None
-                if pw is not None:
-                    weight = torch.where(batch["label"] > 0, pw[batch["task"]], torch.ones_like(batch["label"]))
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    out_["logits"].float(), batch["label"], weight=weight
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            score, per_task = validation_score(predict(model, val_set, cfg.batch_size, cfg.precision), tasks)
-            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auprc": score, "val": per_task})
-            log.info("epoch %d: train loss %.4f, val AUPRC %.4f", epoch, np.mean(losses), score)
-            if score > best_score or best_state is None:
-                best_score, best_epoch, bad = score, epoch, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    log.info("early stop after epoch %d (best epoch %d)", epoch, best_epoch)
-                    break
+        Loop(state, train_step, callbacks, max_epochs=cfg.epochs).fit(lambda epoch: iter(loader))
     finally:
         regs.remove()
     model.to("cpu")  # saved from the host
-    model.load_state_dict(best_state)
+    best.restore()
+    best_entry = next(v for v in state.val_history if v["step"] == state.best_step)
+    best_epoch, best_score = best_entry["epoch"], state.best_score
+    history = [{k: v for k, v in entry.items() if k != "step"} for entry in state.val_history]
     meta = {
         "method": cfg.method,
         "tasks": tasks,

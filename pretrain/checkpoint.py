@@ -41,6 +41,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -52,6 +53,7 @@ import torch.distributed as dist
 
 from ..errors import EhrfmError
 from ..logging import get_logger
+from ..loop import LoopState
 from ..outputs import file_sha256, write_text_atomic
 
 log = get_logger(__name__)
@@ -59,7 +61,8 @@ log = get_logger(__name__)
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "checkpoint_manifest.json"
-STATE_VERSION = 2  # 2: data identity in the state, integrity manifest beside it
+STATE_VERSION = 3  # 2: data identity in the state, integrity manifest beside it; 3: LoopState fields
+READABLE_STATE_VERSIONS = (2, 3)  # 2 is read by renaming best_val_loss to best_score (inf: None)
 QUARANTINE_PREFIX = "corrupt-"
 
 
@@ -68,20 +71,15 @@ class CheckpointError(EhrfmError, RuntimeError):
 
 
 @dataclasses.dataclass
-class TrainerState:
-    """Everything besides weights and optimizer moments that a resume needs (mirrored by tests)."""
+class TrainerState(LoopState):
+    """Everything besides weights and optimizer moments that a resume needs (mirrored by tests): the loop's
+    progress (:class:`ehrfm.loop.LoopState`; ``best_score`` is the best validation loss) and the rest below."""
 
-    step: int = 0  # optimizer steps done
     micro_steps: int = 0
     tokens_seen: int = 0  # real (non-pad) tokens over all ranks
-    best_val_loss: float = float("inf")
-    best_step: int = -1
-    bad_evals: int = 0  # validations since the last improvement (early stopping)
-    stopped_early: bool = False
     strategy: str = ""
     world_size: int = 1
     schedule: dict = dataclasses.field(default_factory=dict)  # lr schedule parameters (stateless in step)
-    val_history: list = dataclasses.field(default_factory=list)  # [{"step", "val_loss", "val_ppl"}]
     data: dict = dataclasses.field(default_factory=dict)  # data_identity() of the training data folder
     ranks: list = dataclasses.field(default_factory=list)  # per rank: {"rank", "rng", "loader"}
 
@@ -173,11 +171,14 @@ def read_state(path: Path) -> TrainerState:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{file}: unreadable trainer state ({err})") from None
     version = data.pop("version", None)
-    if version != STATE_VERSION:
+    if version not in READABLE_STATE_VERSIONS:
         raise CheckpointError(
-            f"{file}: trainer state version {version} is not {STATE_VERSION} (written by another "
-            "ehrfm version); start a new run, or export it with the ehrfm version that wrote it"
+            f"{file}: trainer state version {version} is not one of {READABLE_STATE_VERSIONS} (written by "
+            "another ehrfm version); start a new run, or export it with the ehrfm version that wrote it"
         )
+    if version == 2:
+        best = data.pop("best_val_loss", None)
+        data["best_score"] = None if best is None or math.isinf(best) else best
     return TrainerState(**data)
 
 

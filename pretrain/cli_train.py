@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from .config import ARCHITECTURE_NAMES, PREEMPTION_EXIT_CODE, SIZE_NAMES, STRATEGIES
+from ..loop import PREEMPTION_EXIT_CODE
+from .config import ARCHITECTURE_NAMES, SIZE_NAMES, STRATEGIES
 
 
 def add_parser(subparsers) -> None:

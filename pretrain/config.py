@@ -20,7 +20,6 @@ ARCHITECTURE_NAMES = get_args(Architecture)
 Size = Literal["mini", "tiny", "small", "medium"]
 SIZE_NAMES = get_args(Size)
 STRATEGIES = get_args(Strategy)
-PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, a checkpoint was written, requeue the same command
 
 
 @dataclasses.dataclass
@@ -89,7 +88,6 @@ class TrainConfig:
     grad_accum: micro-steps per optimizer step. val_every / log_every (and checkpoint.every) in optimizer steps.
     patience: validations without improvement before early stopping (0 = never stop early).
     mlm_probability: masked fraction for BERT (80% [MASK], 10% random, 10% unchanged).
-    crash_after_step: fault injection for tests, the process dies (exit 137, no checkpoint) after this step.
     """
 
     strategy: Strategy = "ddp"
@@ -108,12 +106,11 @@ class TrainConfig:
     mlm_probability: float = 0.15
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU name (no MFU on CPU)
     save_probe: bool = True  # after training, save a validation batch and the model's logits (export check)
-    crash_after_step: int = 0
 
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every"):
             check_range(self, name, ge=1)
-        for name in ("val_every", "val_max_batches", "patience", "peak_flops", "crash_after_step"):
+        for name in ("val_every", "val_max_batches", "patience", "peak_flops"):
             check_range(self, name, ge=0)
         check_range(self, "mlm_probability", gt=0, lt=1)
 

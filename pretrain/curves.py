@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..metrics_log import read_metrics
 from ..outputs import save_figure_atomic
-from .metrics import read_metrics
 
 # record key -> (label, colour, line style) of the horizontal reference lines
 REFERENCE_LINES = {

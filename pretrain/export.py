@@ -163,7 +163,7 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
             shutil.copy2(data_dir / "tokenizer" / name, tmp / name)
     final_metrics = {
         "val_history": state.val_history[-1:],
-        "best_val_loss": state.best_val_loss,
+        "best_val_loss": state.best_score,
         "best_step": state.best_step,
         "tokens_seen": state.tokens_seen,
     }

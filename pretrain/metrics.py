@@ -1,5 +1,5 @@
-"""Observability on rank 0: per-step JSONL (``RUN/metrics.jsonl``), TensorBoard (``RUN/tensorboard``) and a
-tqdm progress bar. FLOP counts give MFU on GPU.
+"""What pretraining measures: FLOPs per token and device peaks (for MFU), and the one-line validation summary.
+Records are written by :class:`ehrfm.metrics_log.MetricsLogger` and read back by ``ehrfm.metrics_log.read_metrics``.
 
 JSONL record of a training step (units in the names where not obvious): step, loss, lr, grad_norm,
 real_tokens and padded_tokens (summed over ranks and micro-steps of this step), tokens_per_s (real tokens),
@@ -9,11 +9,8 @@ auxiliary-loss terms. Validation records carry ``"split": "val"``, val_loss and 
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import resource
-from pathlib import Path
 
 import torch
 
@@ -74,65 +71,6 @@ def peak_flops(override: float = 0.0, device_name: str | None = None) -> float:
     return 0.0
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class MetricsLogger:
-    """Writes records on rank 0 only (other ranks get a no-op logger)."""
-
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, progress: bool) -> None:
-        self.enabled = enabled
-        self.file = None
-        self.tb = None
-        self.bar = None
-        if not enabled:
-            return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:  # tensorboard is a dependency; keep training if an environment lacks it
-            self.tb = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", dynamic_ncols=True)
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        step = clean.get("step", 0)
-        if self.tb is not None:
-            prefix = "val/" if clean.get("split") == "val" else "train/"
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(float(value)):
-                    self.tb.add_scalar(prefix + key, value, step)
-        if self.bar is not None:
-            if clean.get("split") == "val":
-                self.bar.write(f"step {step}: val_loss {clean['val_loss']:.4f} " + validation_summary(clean))
-            else:
-                self.bar.n = step
-                self.bar.set_postfix(
-                    loss=f"{clean['loss']:.4f}", lr=f"{clean['lr']:.2e}", tok_s=f"{clean['tokens_per_s']:.0f}"
-                )
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
 def validation_summary(record: dict) -> str:
     """One line of a validation record: the model's perplexities beside the count-model references, e.g.
     ``val_ppl 4.10 (unigram 284.87, bigram 5.63); codes 6.02 (unigram 434.11, bigram 7.58)``."""
@@ -145,8 +83,3 @@ def validation_summary(record: dict) -> str:
     if "ref_code_unigram_ppl" in record and math.isfinite(record.get("val_code_ppl", float("nan"))):
         text += f"; codes {record['val_code_ppl']:.2f}" + refs(("ref_code_unigram_ppl", "ref_code_bigram_ppl"))
     return text
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

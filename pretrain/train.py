@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
 
+from ..callbacks import Checkpointing, LogTrainRecords, Preemption, Throughput, Validation, fault_injection_from_env
 from ..config import ConfigError, save_config, to_dict
 from ..data_shards.reference_ppl import for_data_dir, reference_for
 from ..data_shards.schema import SPECIAL_TOKENS
@@ -36,12 +34,14 @@ from ..data_shards.shards import read_manifest
 from ..data_shards.stream import EhrDataLoader, PatientStream, StreamConfig
 from ..errors import EhrfmError
 from ..logging import get_logger
+from ..loop import Loop
+from ..metrics_log import MetricsLogger
 from ..outputs import claim_run_dir, write_text_atomic
 from ..seeding import derive_seed, seed_everything
 from . import checkpoint as ckpt
-from .config import PREEMPTION_EXIT_CODE, PretrainConfig
+from .config import PretrainConfig
 from .curves import plot_validation_curves
-from .metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_mb
+from .metrics import flops_per_token, peak_flops, validation_summary
 from .objectives import Objective, dense_aux
 from .parallel import DistInfo, autocast_context, build_engine, describe_engine, init_distributed, lr_at
 
@@ -86,34 +86,6 @@ def first_code_id(data_dir: Path) -> int:
     """Ids below are special and task tokens (never MLM replacements)."""
     vocab = json.loads((Path(data_dir) / "tokenizer" / "ehrfm_vocab.json").read_text())
     return len(SPECIAL_TOKENS) + len(vocab.get("task_tokens", []))
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits with code 75.
-
-    Under a launcher that cannot signal the workers themselves (SLURM: USR1 reaches only the batch shell, and
-    torchrun would die of it), the launcher creates the file named by ``$EHRFM_PREEMPT_FILE`` instead; its
-    existence counts as the same request. Ranks agree on it through the loop's per-step all-reduce.
-    """
-
-    def __init__(self) -> None:
-        self._signalled = False
-        self._file = os.environ.get("EHRFM_PREEMPT_FILE") or None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    @property
-    def requested(self) -> bool:
-        return self._signalled or (self._file is not None and os.path.exists(self._file))
-
-    def _handle(self, signum, frame) -> None:
-        self._signalled = True
-        log.warning("received signal %d: finishing the step, then checkpointing", signum)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _private_generator() -> torch.Generator:
@@ -251,7 +223,7 @@ class Trainer:
             "pad_fraction": 1.0 - vector[1].item() / max(1.0, vector[2].item()),
         }
         record.update({k: vector[5 + i].item() / world for i, k in enumerate(keys)})
-        record["_preempt"] = bool(flag.item())
+        record["preempt"] = bool(flag.item())  # the ranks' verdict, read by the Preemption callback
         return record
 
     # -- validation -------------------------------------------------------------------------------------
@@ -346,89 +318,64 @@ class Trainer:
             save_file(tensors, str(self.run_dir / "probe.safetensors"))
 
     # -- loop -------------------------------------------------------------------------------------------
+    def callbacks(self, sink: MetricsLogger) -> list:
+        """The run's rules, in the order they apply after each step (``ehrfm.callbacks``)."""
+        cfg = self.cfg
+        return [
+            self.preemption,
+            Throughput(self.flops_per_token, peak_flops(cfg.train.peak_flops), self.info.world_size),
+            LogTrainRecords(sink, cfg.train.log_every),
+            *fault_injection_from_env(),
+            Validation(
+                lambda loop: self.validate(),
+                score="val_loss",
+                every_steps=cfg.train.val_every,
+                at_last_step=True,
+                patience=cfg.train.patience,
+                sink=sink,
+            ),
+            Checkpointing(lambda best: self.save(best=best), cfg.checkpoint.every),
+        ]
+
+    def train_step_counted(self, batches) -> dict:
+        """:meth:`train_step` plus the state's micro-step and token counters."""
+        record = self.train_step(batches)
+        self.state.micro_steps += self.cfg.train.grad_accum
+        self.state.tokens_seen += record["real_tokens"]
+        return record
+
     def fit(self) -> int:
         cfg, info = self.cfg, self.info
         engine_info = describe_engine(self.engine)
         self.maybe_resume()  # first: a refused resume (integrity, data identity) leaves the run folder as it was
-        self.preemption = Preemption()
         ckpt.barrier()  # every rank has checked the run folder (run()) before rank 0 claims it
         if info.rank == 0:
             claim_run_dir(self.run_dir, "pretrain", inputs=run_inputs(cfg))
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "engine.json").write_text(json.dumps(engine_info, indent=2))
             log.info("engine: %s", engine_info)
-        metrics = MetricsLogger(
+        sink = MetricsLogger(
             self.run_dir,
             enabled=info.rank == 0,
             total_steps=cfg.train.max_steps,
             start_step=self.state.step,
             progress=cfg.train.progress_bar,
+            desc="pretrain",
+            describe_validation=lambda r: f"val_loss {r['val_loss']:.4f} {validation_summary(r)}",
         )
-        peak = peak_flops(cfg.train.peak_flops)
+        self.preemption = Preemption()
+        loop = Loop(self.state, self.train_step_counted, self.callbacks(sink), max_steps=cfg.train.max_steps)
         batches = iter(self.loader)
-        exit_code = 0
-        try:
-            while self.state.step < cfg.train.max_steps and not self.state.stopped_early:
-                t0 = time.perf_counter()
-                record = self.train_step(batches)
-                self.state.step += 1
-                self.state.micro_steps += cfg.train.grad_accum
-                self.state.tokens_seen += record["real_tokens"]
-                dt = time.perf_counter() - t0
-                preempt = record.pop("_preempt")
-                record.update(
-                    step=self.state.step,
-                    step_time_s=dt,
-                    tokens_per_s=record["real_tokens"] / dt,
-                    peak_memory_mb=peak_memory_mb(),
-                )
-                if peak > 0:
-                    record["mfu"] = self.flops_per_token * record["padded_tokens"] / dt / (peak * info.world_size)
-                if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.max_steps:
-                    metrics.log(record)
-                if cfg.train.crash_after_step and self.state.step == cfg.train.crash_after_step:
-                    os._exit(137)  # fault injection (tests): die like a SIGKILL, no checkpoint
-                final = self.state.step == cfg.train.max_steps
-                best = False
-                if (cfg.train.val_every and self.state.step % cfg.train.val_every == 0) or final:
-                    val = self.validate()
-                    self.state.val_history.append({"step": self.state.step, **val})
-                    metrics.log({"split": "val", "step": self.state.step, **val})
-                    if val["val_loss"] < self.state.best_val_loss:
-                        self.state.best_val_loss, self.state.best_step, self.state.bad_evals = (
-                            val["val_loss"],
-                            self.state.step,
-                            0,
-                        )
-                        best = True
-                    else:
-                        self.state.bad_evals += 1
-                        if cfg.train.patience and self.state.bad_evals >= cfg.train.patience:
-                            self.state.stopped_early = True
-                            log.info(
-                                "early stopping at step %d (best %.4f at %d)",
-                                self.state.step,
-                                self.state.best_val_loss,
-                                self.state.best_step,
-                            )
-                every = cfg.checkpoint.every
-                if best or final or preempt or self.state.stopped_early or (every and self.state.step % every == 0):
-                    self.save(best=best)
-                if preempt:
-                    exit_code = PREEMPTION_EXIT_CODE
-                    break
-            if exit_code == 0 and cfg.train.save_probe:
-                self.save_probe()
-            if exit_code == 0 and info.rank == 0:
-                self._compare_with_references()
-                plot_validation_curves(
-                    {f"{cfg.model.architecture}-{cfg.model.size}": self.run_dir},
-                    self.run_dir / "val_ppl.png",
-                    title=str(self.run_dir),
-                )
-        finally:
-            metrics.close()
-            self.preemption.restore()
+        exit_code = loop.fit(lambda epoch: batches)
+        if exit_code == 0 and cfg.train.save_probe:
+            self.save_probe()
+        if exit_code == 0 and info.rank == 0:
+            self._compare_with_references()
+            plot_validation_curves(
+                {f"{cfg.model.architecture}-{cfg.model.size}": self.run_dir},
+                self.run_dir / "val_ppl.png",
+                title=str(self.run_dir),
+            )
         return exit_code
 
     def _compare_with_references(self) -> None:

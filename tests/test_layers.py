@@ -20,7 +20,18 @@ FOLDERS = {
     "finetune": "ehrfm.finetune",
     "launch": "ehrfm.launch",
 }
-CORE = {"config", "config_flags", "errors", "logging", "seeding", "outputs", "devices"}
+CORE = {
+    "config",
+    "config_flags",
+    "errors",
+    "logging",
+    "seeding",
+    "outputs",
+    "devices",
+    "loop",
+    "callbacks",
+    "metrics_log",
+}
 APPS = {"cli", "demo", "ablate", "pipeline", "bench", "study", "gpu_check"}
 LAYERS = ("core", "kernels", "data_shards", "pretrain", "finetune", "launch", "apps")
 

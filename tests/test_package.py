@@ -24,6 +24,18 @@ def test_stage_folders_map_into_one_namespace():
         assert Path(module.__file__).resolve().parent == REPO / stage
 
 
+def test_the_checkout_ehrfm_folder_is_the_whole_package():
+    """ehrfm/<stage> links the stage folders, so Python, mypy and IDEs started in the checkout see every
+    subpackage; in Python started there, `kernels` is a bare folder that transformers does not take for HF's."""
+    for stage in ("data_shards", "pretrain", "finetune", "kernels", "launch"):
+        link = REPO / "ehrfm" / stage
+        assert link.is_symlink() and link.resolve() == REPO / stage, link
+    code = "import ehrfm.pretrain.train as t, transformers.utils as u; print(t.__file__, u.is_kernels_available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    file, kernels_available = out.split()
+    assert Path(file).resolve() == REPO / "pretrain" / "train.py" and kernels_available == "False"
+
+
 def test_no_top_level_kernels_package_is_installed():
     dist = importlib.metadata.distribution("ehrfm")
     top_level = {Path(f).parts[0] for f in (dist.files or [])}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ehrfm.callbacks import FAULT_CRASH_ENV
+
 TINY = {
     "llama": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
     "mamba": {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 4},
@@ -115,16 +117,19 @@ def pretrain_popen():
 
 @pytest.fixture
 def run_pretrain():
-    """run_pretrain(data, out, arch, *overrides, strategy="ddp", nproc=1, expect=0, driver=None) -> CompletedProcess.
+    """run_pretrain(data, out, arch, *overrides, strategy="ddp", nproc=1, expect=0, driver=None, crash_after=0)
+    -> CompletedProcess.
 
     nproc > 1 launches torchrun (gloo, 127.0.0.1, a free port). ``driver`` replaces ``-m ehrfm.cli`` with a
-    script path (fault-injection drivers)."""
+    script path (fault-injection drivers); ``crash_after`` > 0 makes every rank die (exit 137, no checkpoint)
+    after that step (``ehrfm.callbacks.CrashAfterStep`` through its environment variable)."""
 
-    def run(data, out, arch, *overrides, strategy="ddp", nproc=1, expect=0, driver=None, timeout=400):
+    def run(data, out, arch, *overrides, strategy="ddp", nproc=1, expect=0, driver=None, crash_after=0, timeout=400):
         cmd = command(data, out, arch, *overrides, strategy=strategy, nproc=nproc, driver=driver)
-        proc = subprocess.run(
-            cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(Path(out).parent)
-        )
+        env = _env()
+        if crash_after:
+            env[FAULT_CRASH_ENV] = str(crash_after)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(Path(out).parent))
         if expect is not None and proc.returncode != expect:
             raise AssertionError(
                 f"exit {proc.returncode} != {expect}\n{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -135,7 +140,7 @@ def run_pretrain():
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    from ehrfm.pretrain.metrics import read_metrics
+    from ehrfm.metrics_log import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("split") != "val"}
 

@@ -32,8 +32,8 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     import transformers
 
     from ehrfm.data_shards.shards import read_manifest
+    from ehrfm.metrics_log import read_metrics
     from ehrfm.pretrain.export import export
-    from ehrfm.pretrain.metrics import read_metrics
     from ehrfm.pretrain.models import register_auto_classes
 
     register_auto_classes()

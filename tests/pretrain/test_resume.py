@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from ehrfm.loop import PREEMPTION_EXIT_CODE
 from ehrfm.pretrain import checkpoint as ckpt
-from ehrfm.pretrain.config import PREEMPTION_EXIT_CODE
 
 # dropout on: resuming must restore the RNG too, not only weights and data position
 RESUME = [
@@ -23,7 +23,7 @@ RESUME = [
 
 
 def _records(run):
-    from ehrfm.pretrain.metrics import read_metrics
+    from ehrfm.metrics_log import read_metrics
 
     return {r["step"]: r for r in read_metrics(run) if r.get("split") != "val"}
 
@@ -32,7 +32,7 @@ def test_resume_after_crash_is_bit_identical(pt_data, tmp_path, run_pretrain):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run_pretrain(pt_data, straight, "llama", *RESUME)
     # steps 1-3, checkpoint at 3, step 4, then the process dies without a checkpoint
-    run_pretrain(pt_data, crashed, "llama", *RESUME, "train.crash_after_step=4", expect=137)
+    run_pretrain(pt_data, crashed, "llama", *RESUME, expect=137, crash_after=4)
     assert ckpt.read_state(ckpt.latest_checkpoint(crashed)).step == 3
     run_pretrain(pt_data, crashed, "llama", *RESUME)  # the same command again: resumes from step 3
 
@@ -148,3 +148,18 @@ def test_early_stopping_with_patience_keeps_best(pt_data, tmp_path, run_pretrain
     root = ckpt.checkpoint_root(run)
     assert (root / "best").read_text().strip() == "step_00000001" and ckpt.is_complete(root / "step_00000001")
     assert sorted(_records(run)) == [1, 2, 3]
+
+
+def test_version_2_trainer_state_still_reads(tmp_path):
+    """State version 2 named the best validation loss best_val_loss (inf before any validation); it is read
+    as LoopState.best_score (None for inf)."""
+    import json
+
+    for saved, expected in ((2.5, 2.5), (float("inf"), None)):
+        payload = {"version": 2, "step": 7, "best_val_loss": saved, "best_step": 4, "bad_evals": 1, "val_history": []}
+        (tmp_path / ckpt.STATE_FILE).write_text(json.dumps(payload))
+        state = ckpt.read_state(tmp_path)
+        assert (state.step, state.best_score, state.best_step, state.bad_evals, state.epoch) == (7, expected, 4, 1, 0)
+    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps({"version": 1, "step": 7}))
+    with pytest.raises(ckpt.CheckpointError, match="version 1"):
+        ckpt.read_state(tmp_path)

@@ -19,7 +19,7 @@ def test_fsdp_two_rank_resume_is_bit_identical(pt_data, tmp_path, run_pretrain, 
     ]
     straight, crashed = tmp_path / "a", tmp_path / "b"
     run_pretrain(pt_data, straight, "llama", *args, strategy="fsdp", nproc=2)
-    run_pretrain(pt_data, crashed, "llama", *args, "train.crash_after_step=3", strategy="fsdp", nproc=2, expect=None)
+    run_pretrain(pt_data, crashed, "llama", *args, strategy="fsdp", nproc=2, expect=None, crash_after=3)
     assert ckpt.read_state(ckpt.latest_checkpoint(crashed)).step == 2
     run_pretrain(pt_data, crashed, "llama", *args, strategy="fsdp", nproc=2)
     assert losses_of(straight) == losses_of(crashed)
