@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import check_range
 from ..seeding import derive_seed
 from .collate import assemble_rows, best_fit_pack, cut_document
 from .errors import DataError
@@ -136,15 +137,35 @@ class ConsumedSet:
 
 
 @dataclasses.dataclass
-class StreamConfig:
-    context_length: int = 512
+class StreamSettings:
+    """What a user chooses about a stream; pretraining's ``data.*`` keys are these fields (``PretrainDataConfig``
+    extends this class, so each is declared once)."""
+
+    context_length: int = 512  # tokens per row
     batch_size: int = 8  # rows per batch
     mode: Literal["packed", "padded"] = "packed"
     long_sequences: Literal["truncate", "split"] = "split"
-    shuffle_buffer: int = 1024
+    shuffle_buffer: int = 1024  # documents
     pack_window: int = 64  # documents considered together by best-fit packing / length bucketing
+
+    def validate(self) -> None:
+        check_range(self, "context_length", ge=2)
+        for name in ("batch_size", "shuffle_buffer", "pack_window"):
+            check_range(self, name, ge=1)
+
+
+@dataclasses.dataclass
+class StreamConfig(StreamSettings):
+    """A stream's full configuration: the user's settings plus what the caller decides."""
+
     seed: int = 0
     infinite: bool = True  # loop over epochs (training); False = one pass over the remaining rows
+
+    @classmethod
+    def from_settings(cls, settings: StreamSettings, *, seed: int, infinite: bool) -> StreamConfig:
+        """The stream fields of ``settings`` (any StreamSettings subclass) with ``seed`` and ``infinite``."""
+        chosen = {f.name: getattr(settings, f.name) for f in dataclasses.fields(StreamSettings)}
+        return cls(**chosen, seed=seed, infinite=infinite)
 
 
 class PatientStream(IterableDataset):

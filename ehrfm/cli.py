@@ -22,10 +22,10 @@ SUBCOMMAND_MODULES = (
     "ehrfm.pretrain.cli",  # models (presets / parameter counts)
     "ehrfm.pretrain.cli_train",  # pretrain, export
     "ehrfm.launch.cli",  # launch
-    "ehrfm.demo",  # demo
-    "ehrfm.ablate",  # ablate
-    "ehrfm.study",  # study convergence, study pretraining-benefit
-    "ehrfm.bench",  # bench
+    "ehrfm.apps.demo",  # demo
+    "ehrfm.apps.ablate",  # ablate
+    "ehrfm.apps.study",  # study convergence, study pretraining-benefit
+    "ehrfm.apps.bench",  # bench
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed
     "ehrfm.finetune.probe",  # probe
 )

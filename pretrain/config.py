@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal, get_args
 
 from ..config import check_range
+from ..data_shards.stream import StreamSettings
 from .dense_loss import DenseLossConfig
 
 Architecture = Literal["llama", "mamba", "mamba2", "bert"]
@@ -32,24 +33,18 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
-class PretrainDataConfig:
-    """Stream settings (see ``ehrfm.data_shards.stream.StreamConfig``); batch_size is rows per rank per micro-step."""
+class PretrainDataConfig(StreamSettings):
+    """The prepared data folder and its splits, plus the stream settings it inherits (context_length,
+    batch_size -- rows per rank per micro-step --, mode, long_sequences, shuffle_buffer, pack_window; see
+    ``ehrfm.data_shards.stream``)."""
 
     path: str = ""
-    context_length: int = 512
-    batch_size: int = 8
-    mode: Literal["packed", "padded"] = "packed"
-    long_sequences: Literal["truncate", "split"] = "split"
-    shuffle_buffer: int = 1024
-    pack_window: int = 64
     num_workers: int = 0
     train_split: str = "pretrain"
     val_split: str = "pretrain_val"
 
     def validate(self) -> None:
-        check_range(self, "context_length", ge=2)
-        for name in ("batch_size", "shuffle_buffer", "pack_window"):
-            check_range(self, name, ge=1)
+        super().validate()
         check_range(self, "num_workers", ge=0)
 
 

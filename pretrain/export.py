@@ -37,11 +37,13 @@ VENDORED = {
     "ehrfm_schema.py": "data_shards/schema.py",
     "ehrfm_scan_reference.py": "kernels/mamba_scan/reference.py",
     "ehrfm_scan.py": "kernels/mamba_scan/scan.py",
+    "ehrfm_ssd.py": "kernels/mamba_scan/ssd.py",
     "ehrfm_configuration.py": "pretrain/models/configuration.py",
     "ehrfm_masking.py": "pretrain/models/masking.py",
     "ehrfm_hf_cache_compat.py": "pretrain/models/hf_cache_compat.py",
     "ehrfm_embeddings.py": "pretrain/models/embeddings.py",
     "ehrfm_common.py": "pretrain/models/common.py",
+    "ehrfm_ssm.py": "pretrain/models/ssm.py",
     "ehrfm_llama.py": "pretrain/models/llama.py",
     "ehrfm_mamba.py": "pretrain/models/mamba.py",
     "ehrfm_mamba2.py": "pretrain/models/mamba2.py",
@@ -50,8 +52,10 @@ VENDORED = {
 # import path as written in the sources -> shipped module
 _IMPORT_MAP = {
     "...data_shards.schema": "ehrfm_schema",
-    "...kernels.mamba_scan": "ehrfm_scan",
+    "...kernels.mamba_scan.scan": "ehrfm_scan",
+    "...kernels.mamba_scan.ssd": "ehrfm_ssd",
     ".reference": "ehrfm_scan_reference",
+    ".scan": "ehrfm_scan",
     **{
         f".{name}": f"ehrfm_{name}"
         for name in (
@@ -60,6 +64,7 @@ _IMPORT_MAP = {
             "hf_cache_compat",
             "embeddings",
             "common",
+            "ssm",
             "llama",
             "mamba",
             "mamba2",

@@ -69,17 +69,7 @@ def model_overrides(cfg: PretrainConfig) -> dict:
 
 
 def stream_config(cfg: PretrainConfig, infinite: bool) -> StreamConfig:
-    d = cfg.data
-    return StreamConfig(
-        context_length=d.context_length,
-        batch_size=d.batch_size,
-        mode=d.mode,
-        long_sequences=d.long_sequences,
-        shuffle_buffer=d.shuffle_buffer,
-        pack_window=d.pack_window,
-        seed=cfg.train.seed,
-        infinite=infinite,
-    )
+    return StreamConfig.from_settings(cfg.data, seed=cfg.train.seed, infinite=infinite)
 
 
 def first_code_id(data_dir: Path) -> int:

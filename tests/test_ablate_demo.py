@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ehrfm.ablate import BASE_VALUES, ablation_plots, ablation_tables, cells, concept_groups, full_grid, quick_grid
-from ehrfm.demo import chance_verdict
-from ehrfm.study import benefit_plots, benefit_table, convergence_rows, convergence_table
+from ehrfm.apps.ablate import BASE_VALUES, ablation_plots, ablation_tables, cells, concept_groups, full_grid, quick_grid
+from ehrfm.apps.demo import chance_verdict
+from ehrfm.apps.study import benefit_plots, benefit_table, convergence_rows, convergence_table
 
 TASKS_YAML = Path(__file__).parent / "finetune" / "tasks_synthea.yaml"
 SMALL_SPLITS = [

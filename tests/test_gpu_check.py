@@ -16,7 +16,7 @@ def test_gpu_check_rehearses_its_numerical_checks_on_cpu(tmp_path):
         [
             sys.executable,
             "-m",
-            "ehrfm.gpu_check",
+            "ehrfm.apps.gpu_check",
             "--device",
             "cpu",
             "--out",

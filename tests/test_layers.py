@@ -32,7 +32,7 @@ CORE = {
     "callbacks",
     "metrics_log",
 }
-APPS = {"cli", "demo", "ablate", "pipeline", "bench", "study", "gpu_check"}
+APPS = {"cli", "__main__", "apps"}  # the command, `python -m ehrfm`, and the ehrfm.apps package
 LAYERS = ("core", "kernels", "data_shards", "pretrain", "finetune", "launch", "apps")
 
 

@@ -107,7 +107,7 @@ def test_bf16_inputs_are_computed_in_fp32():
 
 @pytest.mark.parametrize("kernel", [2, 4])
 def test_masked_causal_conv_equals_per_document_conv(kernel):
-    from ehrfm.pretrain.models.mamba import causal_depthwise_conv
+    from ehrfm.pretrain.models.ssm import causal_depthwise_conv
 
     g = torch.Generator().manual_seed(10)
     x, weight, bias = torch.randn(1, 3, 12, generator=g), torch.randn(3, 1, kernel, generator=g), torch.randn(3)

@@ -13,7 +13,7 @@ import math
 import time
 from pathlib import Path
 
-from .pretrain.config import SIZE_NAMES
+from ..pretrain.config import SIZE_NAMES
 
 DEMO_TASKS = ["los_7d", "readmission_30d", "mortality_1y"]
 METHOD_LABELS = {"per-task": "per-task heads", "mpf": "MPF"}
@@ -103,7 +103,7 @@ def add_parser(subparsers) -> None:
 
 def pretraining_summary(run_dir: Path) -> dict:
     """The last validation record of a pretraining run (val_ppl, step, and the count-model references)."""
-    from .metrics_log import read_metrics
+    from ..metrics_log import read_metrics
 
     vals = [r for r in read_metrics(run_dir) if r.get("split") == "val"]
     return vals[-1] if vals else {"val_ppl": float("nan"), "step": 0}
@@ -129,12 +129,13 @@ def chance_verdict(metrics: dict, tasks: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .data_shards.config import PrepareConfig
-    from .data_shards.prepare import prepare
-    from .data_shards.shards import read_manifest, write_json_atomic, write_text_atomic
-    from .data_shards.synthea import generate_cohort
-    from .outputs import claim_run_dir
+    from ..config import load_config
+    from ..data_shards.config import PrepareConfig
+    from ..data_shards.prepare import prepare
+    from ..data_shards.shards import read_manifest, write_json_atomic, write_text_atomic
+    from ..data_shards.synthea import generate_cohort
+    from ..outputs import claim_run_dir
+    from ..pretrain.metrics import validation_summary
     from .pipeline import (
         PretrainSpec,
         StageTimer,
@@ -145,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
         pretrain_stage,
         results_table,
     )
-    from .pretrain.metrics import validation_summary
 
     started = time.time()
     backbones = [m.strip() for m in args.model.split(",") if m.strip()]

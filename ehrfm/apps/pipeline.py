@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import EhrfmError
-from .logging import get_logger
-from .outputs import claim_run_dir
+from ..errors import EhrfmError
+from ..logging import get_logger
+from ..outputs import claim_run_dir
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -98,7 +98,7 @@ def pretrain_stage(data: Path, run: Path, spec: PretrainSpec, *, quiet: bool = F
 
 
 def export_stage(run: Path, hf_dir: Path) -> Path:
-    from .pretrain.export import export
+    from ..pretrain.export import export
 
     if not _done(hf_dir, "ehrfm_export.json"):
         export(run, hf_dir)
@@ -120,8 +120,8 @@ def finetune_stage(
     seed: int = 42,
     init: str = "pretrained",
 ) -> Path:
-    from .finetune.config import FinetuneConfig
-    from .finetune.train import finetune
+    from ..finetune.config import FinetuneConfig
+    from ..finetune.train import finetune
 
     if not _done(ft_dir, "finetune.json"):
         cfg = FinetuneConfig(
@@ -144,7 +144,7 @@ def dropping_one_class_tasks(stage: Callable[[list[str]], T], tasks: list[str], 
     """Run ``stage(tasks)``; when it refuses a task the data leaves with one class in training (a
     ``FinetuneInputError`` naming the task, e.g. at a small data fraction), drop that task and run it again.
     Returns the stage's result and {dropped task: reason}; the last task's refusal is raised."""
-    from .finetune.data import FinetuneInputError
+    from ..finetune.data import FinetuneInputError
 
     kept, dropped = list(tasks), {}
     while True:
@@ -159,7 +159,7 @@ def dropping_one_class_tasks(stage: Callable[[list[str]], T], tasks: list[str], 
 
 
 def evaluate_stage(ft_dir: Path, data: Path, out: Path, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    from .finetune.evaluate import evaluate, load_metrics
+    from ..finetune.evaluate import evaluate, load_metrics
 
     if _done(out, "metrics.json"):
         return load_metrics(out)
@@ -176,8 +176,8 @@ def baseline_stage(
     name: str = "xgboost",
     train_fraction: float = 1.0,
 ) -> dict:
-    from .finetune.baselines import run_baseline
-    from .finetune.evaluate import load_metrics
+    from ..finetune.baselines import run_baseline
+    from ..finetune.evaluate import load_metrics
 
     if _done(out, "metrics.json"):
         return load_metrics(out)

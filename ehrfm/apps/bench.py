@@ -15,7 +15,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .outputs import write_text_atomic
+from ..outputs import write_text_atomic
 
 BENCHMARKS = {
     "prepare": "ehrfm.data_shards.bench:run",

@@ -179,9 +179,9 @@ def cells(grid: Grid) -> list[Cell]:
 def _prepare_variant(
     source: Path, fmt: str, folder: Path, overrides: tuple, tasks: list[str], user_options: list[str]
 ) -> Path:
-    from .config import load_config
-    from .data_shards.config import PrepareConfig
-    from .data_shards.prepare import prepare
+    from ..config import load_config
+    from ..data_shards.config import PrepareConfig
+    from ..data_shards.prepare import prepare
 
     if (folder / "manifest.json").exists():
         return folder
@@ -209,8 +209,8 @@ def run_grid(
     """Run (or resume) every cell; returns one record per cell (also appended to ``out/results.jsonl``)."""
     from tqdm.auto import tqdm
 
-    from .data_shards.shards import read_manifest
-    from .outputs import claim_run_dir
+    from ..data_shards.shards import read_manifest
+    from ..outputs import claim_run_dir
     from .pipeline import (
         PretrainSpec,
         append_cell_result,
@@ -363,7 +363,7 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .outputs import save_figure_atomic
+    from ..outputs import save_figure_atomic
 
     written = []
     tasks = sorted({t for r in records for t in r["tasks"]})
@@ -436,8 +436,8 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .data_shards.shards import write_text_atomic
-    from .data_shards.synthea import generate_cohort
+    from ..data_shards.shards import write_text_atomic
+    from ..data_shards.synthea import generate_cohort
 
     started = time.time()
     if args.quick:

@@ -1,11 +1,12 @@
-"""Mamba2's pure-torch chunked SSD scan with document resets vs HF's chunked scan (values and gradients),
-and resets vs running each document alone."""
+"""Mamba2's chunked SSD scan with document resets vs its sequential reference and HF's chunked scan (values
+and gradients), resets vs running each document alone, and the dispatch to mamba_ssm's fused scan."""
 
 import pytest
 import torch
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
-from ehrfm.pretrain.models.mamba2 import ssd_chunk_scan
+from ehrfm.kernels.mamba_scan import ssd as ssd_module
+from ehrfm.kernels.mamba_scan import ssd_chunk_scan, ssd_scan_reference
 
 
 def make_inputs(batch=2, length=19, heads=4, head_dim=3, groups=2, state=5, seed=0):
@@ -93,3 +94,57 @@ def test_ssd_stays_float32_under_bf16_autocast():
     torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=1e-6)
     for name in got[1]:
         torch.testing.assert_close(got[1][name], expected[1][name], atol=1e-6, rtol=1e-6)
+
+
+def reference(x, dt, A, B, C, chunk_size, **kwargs):
+    return ssd_scan_reference(x, dt, A, B, C, **kwargs)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 7, 32])
+def test_chunked_scan_equals_the_sequential_reference_with_resets_and_dt_limit(chunk_size):
+    inputs = make_inputs(seed=4)
+    resets = torch.zeros(2, 19, dtype=torch.bool)
+    resets[0, [3, 4, 11]] = True
+    resets[1, [7]] = True
+    upstream = torch.randn(2, 19, 4, 3, generator=torch.Generator().manual_seed(5))
+    for extra in ({}, {"resets": resets}, {"resets": resets, "dt_limit": (0.05, 0.8)}):
+        got = run(ssd_chunk_scan, inputs, upstream, chunk_size, **extra)
+        expected = run(reference, inputs, upstream, chunk_size, **extra)
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+        for name in got[1]:
+            torch.testing.assert_close(got[1][name], expected[1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_reference_by_hand_one_head_one_state():
+    """x = 1, B = C = 1, A = -ln 2 and softplus(dt) = 1 (raw dt = ln(e - 1)): h_t = h_{t-1} / 2 + 1, so
+    y = 1, 1.5, 1.75 before a reset at t = 3 and 1, 1.5 after it (D = 0)."""
+    ones = torch.ones(1, 5, 1, 1)
+    dt = torch.full((1, 5, 1), float(torch.log(torch.expm1(torch.tensor(1.0)))))
+    A = -torch.log(torch.tensor([2.0]))
+    resets = torch.tensor([[False, False, False, True, False]])
+    y = ssd_scan_reference(ones, dt, A, ones, ones, resets=resets)
+    torch.testing.assert_close(y.flatten(), torch.tensor([1.0, 1.5, 1.75, 1.0, 1.5]))
+
+
+def test_cuda_dispatch_passes_documents_as_seq_idx(monkeypatch):
+    """On CUDA with mamba_ssm installed the fused scan gets the packed documents as seq_idx (the state resets
+    where seq_idx changes); a stand-in with that rule must reproduce the reset scan."""
+    calls = []
+
+    def fused(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, seq_idx=None, dt_softplus=False, dt_limit=None):
+        assert dt_softplus and seq_idx.dtype == torch.int32
+        calls.append(seq_idx)
+        changes = torch.zeros_like(seq_idx, dtype=torch.bool)
+        changes[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        return ssd_scan_reference(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_limit=dt_limit, resets=changes)
+
+    monkeypatch.setattr(ssd_module, "_mamba_ssm_chunk_scan", fused)
+    monkeypatch.setattr(ssd_module, "_fused_scan_applies", lambda x: True)
+    inputs = make_inputs(seed=6)
+    resets = torch.zeros(2, 19, dtype=torch.bool)
+    resets[0, [5, 6]] = True
+    upstream = torch.randn(2, 19, 4, 3, generator=torch.Generator().manual_seed(7))
+    got = run(ssd_chunk_scan, inputs, upstream, 8, resets=resets)
+    expected = run(reference, inputs, upstream, 8, resets=resets)
+    assert len(calls) == 1
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ import math
 import time
 from pathlib import Path
 
-from .pretrain.config import SIZE_NAMES
+from ..pretrain.config import SIZE_NAMES
 
 STUDY_TASKS = ("los_7d", "readmission_30d")
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
@@ -78,7 +78,7 @@ def _spec(args: argparse.Namespace, architecture: str):
 # -- convergence ------------------------------------------------------------------------------------------
 def convergence_rows(runs: dict[str, Path]) -> list[dict]:
     """One summary per run: last and best val ppl, code ppl, references, first step below the bigram."""
-    from .pretrain.curves import crossing_step, validation_records
+    from ..pretrain.curves import crossing_step, validation_records
 
     rows = []
     for label, run in runs.items():
@@ -105,7 +105,7 @@ def convergence_rows(runs: dict[str, Path]) -> list[dict]:
 
 
 def _run_seconds(run: Path) -> float | None:
-    from .metrics_log import read_metrics
+    from ..metrics_log import read_metrics
 
     times = [r["step_time_s"] for r in read_metrics(run) if "step_time_s" in r]
     return round(sum(times), 1) if times else None
@@ -133,10 +133,10 @@ def convergence_table(rows: list[dict]) -> str:
 
 
 def run_convergence(args: argparse.Namespace) -> int:
-    from .outputs import claim_run_dir, write_json_atomic, write_text_atomic
+    from ..outputs import claim_run_dir, write_json_atomic, write_text_atomic
+    from ..pretrain.config import ARCHITECTURE_NAMES
+    from ..pretrain.curves import plot_validation_curves
     from .pipeline import pretrain_stage
-    from .pretrain.config import ARCHITECTURE_NAMES
-    from .pretrain.curves import plot_validation_curves
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in ARCHITECTURE_NAMES]
@@ -207,7 +207,7 @@ def benefit_plots(records: list[dict], tasks: list[str], folder: Path) -> list[P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .outputs import save_figure_atomic
+    from ..outputs import save_figure_atomic
 
     written = []
     for metric in METRICS:
@@ -244,21 +244,21 @@ def benefit_plots(records: list[dict], tasks: list[str], folder: Path) -> list[P
 
 
 def _train_patients(data: Path, tasks: list[str], fraction: float, seed: int) -> int:
-    from .data_shards.examples import TaskExamples
-    from .finetune.data import TRAIN_SPLIT, sample_subjects
-    from .seeding import derive_seed
+    from ..data_shards.examples import TaskExamples
+    from ..finetune.data import TRAIN_SPLIT, sample_subjects
+    from ..seeding import derive_seed
 
     subjects = [TaskExamples(data, t, TRAIN_SPLIT, context_length=None).labels["subject_id"].to_numpy() for t in tasks]
     return len(sample_subjects(subjects, fraction, derive_seed(seed, "train_fraction")))
 
 
 def run_benefit(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .data_shards.config import PrepareConfig
-    from .data_shards.prepare import prepare
-    from .data_shards.shards import read_manifest
-    from .data_shards.synthea import generate_cohort
-    from .outputs import claim_run_dir, write_text_atomic
+    from ..config import load_config
+    from ..data_shards.config import PrepareConfig
+    from ..data_shards.prepare import prepare
+    from ..data_shards.shards import read_manifest
+    from ..data_shards.synthea import generate_cohort
+    from ..outputs import claim_run_dir, write_text_atomic
     from .pipeline import (
         StageTimer,
         append_cell_result,
@@ -373,8 +373,8 @@ def run_benefit(args: argparse.Namespace) -> int:
 
 
 def _pretraining_line(run: Path) -> str:
-    from .pretrain.curves import validation_records
-    from .pretrain.metrics import validation_summary
+    from ..pretrain.curves import validation_records
+    from ..pretrain.metrics import validation_summary
 
     records = validation_records(run)
     return validation_summary(records[-1]) if records else "no validation record"

@@ -17,7 +17,7 @@ Pass/fail thresholds are relative errors ``|a - b| / |b|`` (Frobenius): 2e-2 for
 6e-2 for bf16 inputs. Without CUDA, ``--device cpu`` runs the same checks at small sizes (Triton through its
 interpreter, gloo instead of NCCL): a rehearsal of the script, not a measurement.
 
-    python -m ehrfm.gpu_check --out gpu-check.json [--device cuda|cpu] [--work DIR]
+    python -m ehrfm.apps.gpu_check --out gpu-check.json [--device cuda|cpu] [--work DIR]
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ class Context:
     def data(self) -> Path:
         """A small prepared Synthea cohort with the demo tasks (generated once, cached by ehrfm)."""
         if self._data is None:
-            from .data_shards.config import PrepareConfig
-            from .data_shards.prepare import prepare
-            from .data_shards.synthea import generate_cohort
+            from ..data_shards.config import PrepareConfig
+            from ..data_shards.prepare import prepare
+            from ..data_shards.synthea import generate_cohort
 
             source = generate_cohort(40, seed=7, age="60-90", threads=max(1, os.cpu_count() or 1), progress=False)
             cfg = PrepareConfig(format="fhir", tasks=["demo"])
@@ -104,8 +104,8 @@ def check_environment(ctx: Context) -> dict:
         )
     for name in ("triton", "mamba_ssm", "causal_conv1d", "flash_attn", "deepspeed"):
         out[name] = _optional_version(name)
-    from .devices import preferred_attn_implementation
-    from .pretrain.metrics import peak_flops
+    from ..devices import preferred_attn_implementation
+    from ..pretrain.metrics import peak_flops
 
     out["attn_implementation"] = preferred_attn_implementation(ctx.device)
     out["peak_flops"] = peak_flops() if ctx.gpu else 0.0
@@ -115,10 +115,10 @@ def check_environment(ctx: Context) -> dict:
 def check_triton_kernels(ctx: Context) -> dict:
     import torch
 
-    from .kernels import anaa_attention
-    from .kernels.dense.reference import orthogonality_loss, spectral_loss
-    from .kernels.dense.triton_kernel import spec_orth_triton
-    from .kernels.tuning import tuned_tiles
+    from ..kernels import anaa_attention
+    from ..kernels.dense.reference import orthogonality_loss, spectral_loss
+    from ..kernels.dense.triton_kernel import spec_orth_triton
+    from ..kernels.tuning import tuned_tiles
 
     batch, heads, n = (2, 4, 512) if ctx.gpu else (1, 2, 37)
     head_dims = (64, 128) if ctx.gpu else (16,)
@@ -175,8 +175,8 @@ def check_triton_kernels(ctx: Context) -> dict:
 def check_mamba_scan_packed(ctx: Context) -> dict:
     import torch
 
-    from .kernels.mamba_scan import scan as scan_mod
-    from .kernels.mamba_scan import selective_scan, selective_scan_reference
+    from ..kernels.mamba_scan import scan as scan_mod
+    from ..kernels.mamba_scan import selective_scan, selective_scan_reference
 
     batch, channels, length, state = (4, 256, 512, 16) if ctx.gpu else (2, 16, 48, 4)
     g = torch.Generator().manual_seed(1)
@@ -232,8 +232,8 @@ def check_mamba_scan_packed(ctx: Context) -> dict:
 def check_flash_varlen(ctx: Context) -> dict:
     import torch
 
-    from .devices import preferred_attn_implementation
-    from .pretrain.models import build_model
+    from ..devices import preferred_attn_implementation
+    from ..pretrain.models import build_model
 
     if preferred_attn_implementation(ctx.device) != "flash_attention_2":
         return {"status": "skipped", "reason": "flash-attn not importable or the device is older than sm_80"}
@@ -268,7 +268,7 @@ def check_flash_varlen(ctx: Context) -> dict:
 
 
 def _last(run: Path, split: str | None) -> dict:
-    from .metrics_log import read_metrics
+    from ..metrics_log import read_metrics
 
     records = [r for r in read_metrics(run) if (r.get("split") == split) or (split is None and "split" not in r)]
     return records[-1] if records else {}
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         report = run_checks(device, work, args.only.split(",") if args.only else None)
-    from .outputs import write_text_atomic
+    from ..outputs import write_text_atomic
 
     write_text_atomic(args.out, json.dumps(report, indent=1, default=str) + "\n")
     print(f"[gpu-check] wrote {args.out}; failed: {report['failed'] or 'none'}", file=sys.stderr)
