@@ -5,6 +5,7 @@ ehrfm finetune --model HFDIR --data DIR --out FT --method per-task|mpf|alfia [--
 ehrfm evaluate --model FT --data DIR --split test --out EVAL
 ehrfm baseline --model xgboost|lightgbm|logreg --data DIR --out EVAL [--embeddings EMB]
 ehrfm embed    --model FT --data DIR --out EMB
+ehrfm forecast --model HFDIR --data DIR --out ZS [--tasks a,b] [--samples 20] [--split test]
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ FINETUNE_FLAG_ALIASES = {
     "anaa.variant": ["--anaa-variant"],
     "anaa.mode": ["--anaa-mode"],
     "anaa.sigma_norm": ["--anaa-sigma-norm"],
+}
+
+FORECAST_FLAG_ALIASES = {
+    "sampling.samples": ["--samples"],
+    "sampling.temperature": ["--temperature"],
+    "sampling.top_p": ["--top-p"],
+    "sampling.max_new_tokens": ["--max-new-tokens"],
+    "sampling.seed": ["--seed"],
 }
 
 
@@ -99,6 +108,23 @@ def add_parser(subparsers) -> None:
     add_overwrite_argument(m)
     m.set_defaults(func=run_embed)
 
+    from .forecast import ForecastConfig
+
+    f = subparsers.add_parser(
+        "forecast",
+        help="zero-shot predictions: sample patient futures from a pretrained causal model",
+        description="Roll each labelled patient's history forward with a pretrained Llama / Mamba / Mamba2 export "
+        "and read the task's outcome off the sampled futures (finetune/forecast.py).",
+    )
+    f.add_argument("--model", required=True, type=Path, help="exported model folder (ehrfm export --out)")
+    f.add_argument("--data", required=True, type=Path, help="prepared data folder with tasks")
+    f.add_argument("--out", required=True, type=Path, help="output folder (the ehrfm evaluate layout)")
+    f.add_argument("--config", type=Path, help="YAML ForecastConfig (flags and key=value override it)")
+    add_overwrite_argument(f)
+    f.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. sampling.top_p=0.9)")
+    add_config_arguments(f, ForecastConfig, aliases=FORECAST_FLAG_ALIASES)
+    f.set_defaults(func=run_forecast)
+
 
 def build_config(args: argparse.Namespace):
     """FinetuneConfig: defaults < --config YAML < flags < key=value overrides (``ehrfm.config_flags``)."""
@@ -150,6 +176,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
             tasks=_tasks(args.tasks),
         )
         print(f"attention diagnostics: {paths['histograms_png']}, {paths['distance_png']}")
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def run_forecast(args: argparse.Namespace) -> int:
+    from ehrfm.config import load_config
+    from ehrfm.config_flags import config_overrides
+
+    from .forecast import ForecastConfig, forecast
+
+    cfg = load_config(ForecastConfig, args.config, config_overrides(args))
+    forecast(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
     print((Path(args.out) / "report.md").read_text())
     return 0
 

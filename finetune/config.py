@@ -108,3 +108,52 @@ class FinetuneConfig:
             raise ConfigError("lora.enabled and freeze exclude each other (LoRA already freezes the base weights)")
         if self.neftune_alpha < 0:
             raise ConfigError(f"neftune_alpha: must be >= 0, got {self.neftune_alpha}")
+
+
+@dataclass
+class SamplingConfig:
+    """How rollouts are sampled (``finetune/rollout.py``). samples: rollouts per example (K); temperature
+    (0 = greedy) and top_p (nucleus mass) shape each token's distribution; max_new_tokens: the token budget of
+    one rollout; batch_rows: rows (examples x samples) decoded together; seed: the sampling generator's."""
+
+    samples: int = 20
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_rows: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        from ehrfm.config import check_range
+
+        for name in ("samples", "max_new_tokens", "batch_rows"):
+            check_range(self, name, ge=1)
+        check_range(self, "temperature", ge=0)
+        check_range(self, "top_p", gt=0, le=1)
+
+
+@dataclass
+class ForecastConfig:
+    """`ehrfm forecast` (``finetune/forecast.py``). tasks: empty = every task a rollout can answer; split: the
+    labels to predict; context_length: history plus rollout tokens the model sees at most (the history keeps
+    its most recent ``context_length - sampling.max_new_tokens`` tokens); max_examples: label rows per task
+    (0 = all); bootstrap: patient-level resamples of the metrics' CIs; precision as finetuning's."""
+
+    tasks: list[str] = field(default_factory=list)
+    split: str = "test"
+    context_length: int = 512
+    max_examples: int = 0
+    bootstrap: int = 1000
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self) -> None:
+        from ehrfm.config import ConfigError, check_range
+
+        check_range(self, "max_examples", ge=0)
+        check_range(self, "bootstrap", ge=0)
+        if self.context_length - self.sampling.max_new_tokens < 8:
+            raise ConfigError(
+                f"context_length: {self.context_length} leaves fewer than 8 history tokens beside "
+                f"sampling.max_new_tokens {self.sampling.max_new_tokens}"
+            )

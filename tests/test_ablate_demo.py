@@ -202,8 +202,11 @@ def test_demo_runs_every_stage_and_resumes(cohort, tmp_path):
     assert set(report["results"]) == {
         "llama-mini per-task heads",
         "llama-mini per-task heads, from scratch",
+        "llama-mini zero-shot (K=10)",
         "XGBoost (counts)",
     }
+    zero_shot = json.loads((out / "zero_shot_llama" / "forecast.json").read_text())
+    assert set(zero_shot["tasks"]) == set(report["tasks"]) and zero_shot["config"]["sampling"]["samples"] == 10
     pretraining = report["pretraining"]["llama"]
     assert pretraining["val_ppl"] > 0 and pretraining["ref_bigram_ppl"] > 0 and pretraining["ref_unigram_ppl"] > 0
     assert pretraining["val_code_ppl"] > 0 and pretraining["ref_code_bigram_ppl"] > 0

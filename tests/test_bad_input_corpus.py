@@ -451,6 +451,16 @@ def case_error_boundary(w: World, t: Path) -> dict[str, Case]:
             message=r"not a finetuned ehrfm model",
             out=t / "ev_none",
         ),
+        "forecast_foreign_out": Case(
+            ["forecast", "--model", str(w.hf), "--data", str(w.data), "--out", str(foreign_folder(t / "zs"))],
+            message="not an output of `ehrfm forecast`",
+            out=t / "zs",
+        ),
+        "forecast_zero_samples": Case(
+            ["forecast", "--model", str(w.hf), "--data", str(w.data), "--out", str(t / "zs0"), "--samples", "0"],
+            message=r"sampling\.samples",
+            out=t / "zs0",
+        ),
     }
 
 
@@ -708,6 +718,8 @@ CASE_NAMES = [
     "pretrain_not_prepared_data",
     "export_run_without_checkpoints",
     "evaluate_a_model_that_is_not_finetuned",
+    "forecast_foreign_out",
+    "forecast_zero_samples",
 ]
 
 

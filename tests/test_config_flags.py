@@ -23,7 +23,7 @@ def _subparser(*path: str) -> argparse.ArgumentParser:
 
 def _commands():
     from ehrfm.data_shards.config import PrepareConfig
-    from ehrfm.finetune.config import FinetuneConfig
+    from ehrfm.finetune.config import FinetuneConfig, ForecastConfig
     from ehrfm.launch.slurm import SlurmJob
     from ehrfm.pretrain.config import PretrainConfig
 
@@ -32,12 +32,14 @@ def _commands():
         "pretrain": ["--data", "D", "--out", "R"],
         "finetune": ["--model", "M", "--data", "D", "--out", "F"],
         "launch slurm": ["--dry-run"],
+        "forecast": ["--model", "M", "--data", "D", "--out", "Z"],
     }
     # (command, config class, keys whose flag the command writes by hand, one field to set, its flag value, parsed)
     return [
         ("prepare", PrepareConfig, {"format": None}, base["prepare"], "vocab.num_bins", "7", 7),
         ("pretrain", PretrainConfig, {"out": "--out"}, base["pretrain"], "train.max_steps", "11", 11),
         ("finetune", FinetuneConfig, {}, base["finetune"], "alfia.layer_heads", "2", 2),
+        ("forecast", ForecastConfig, {}, base["forecast"], "sampling.samples", "3", 3),
         (
             "launch slurm",
             SlurmJob,

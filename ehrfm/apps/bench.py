@@ -25,6 +25,7 @@ BENCHMARKS = {
     "dense": "ehrfm.kernels.dense.bench:run",
     "train-throughput": "ehrfm.pretrain.bench:run",
     "perplexity": "ehrfm.pretrain.curves:perplexity_report",
+    "generate": "ehrfm.finetune.bench:run",
 }
 
 

@@ -2,7 +2,8 @@
 
 cohort (Synthea, cached) -> prepare -> pretrain a Mini model (README 'Recipes') -> export to HF -> finetuning with one head
 per demo task (LOS > 7 days, 30-day readmission, 1-year mortality; --method mpf for prompted finetuning) -> evaluation on the test split with patient-level bootstrap
-CIs -> the XGBoost count baseline -> one table. Every stage is resumable: re-running the same command skips
+CIs -> the from-scratch control -> zero-shot forecasts of the pretrained model (no finetuning; LOS cannot be
+answered zero-shot) -> the XGBoost count baseline -> one table. Every stage is resumable: re-running the same command skips
 finished stages and resumes pretraining from its last checkpoint.
 """
 
@@ -32,6 +33,7 @@ DEMO_RECIPE = {
     "method": "per-task",
     "epochs": 5,
     "finetune_lr": 1e-3,
+    "zero_shot_samples": 10,
     "prepare": ["splits.pretrain=0.45", "splits.finetune=0.30", "splits.test=0.25"],
 }
 
@@ -90,6 +92,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap resamples for the CIs")
     p.add_argument(
+        "--zero-shot-samples",
+        type=int,
+        default=DEMO_RECIPE["zero_shot_samples"],
+        help=f"rollouts per example of the zero-shot forecast (`ehrfm forecast`, default "
+        f"{DEMO_RECIPE['zero_shot_samples']}; 0 skips it); half the context is history, half the rollout",
+    )
+    p.add_argument(
         "--prepare-option",
         action="append",
         default=[],
@@ -143,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate_stage,
         export_stage,
         finetune_stage,
+        forecast_stage,
         pretrain_stage,
         results_table,
     )
@@ -154,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--model: choose causal backbones among llama, mamba, mamba2 (got {args.model!r})")
     out = args.out
     claim_run_dir(out, "demo", inputs=[args.input])  # a new, empty or earlier demo folder (resumes), nothing else
-    timer = StageTimer(total=2 + 5 * len(backbones) + 1)
+    zero_shot = args.zero_shot_samples > 0
+    timer = StageTimer(total=2 + (6 if zero_shot else 5) * len(backbones) + 1)
 
     if args.input is None:
         timer.start(
@@ -228,6 +239,21 @@ def run(args: argparse.Namespace) -> int:
         results[f"{model_name(arch)}, from scratch"] = evaluate_stage(
             scratch_ft, data, scratch_eval, n_boot=args.bootstrap
         )
+        if zero_shot:
+            zs_dir = out / f"zero_shot_{arch}"
+            timer.start(
+                f"zero-shot {arch}",
+                f"{args.zero_shot_samples} sampled futures per test example, no finetuning -> {zs_dir}",
+            )
+            results[f"{arch}-{args.size} zero-shot (K={args.zero_shot_samples})"] = forecast_stage(
+                hf_dir,
+                data,
+                zs_dir,
+                samples=args.zero_shot_samples,
+                context_length=args.context_length,
+                max_new_tokens=args.context_length // 2,
+                n_boot=args.bootstrap,
+            )
         paths[arch] = {
             "pretrain run": run_dir,
             "exported HF model": hf_dir,
@@ -235,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
             "evaluation": eval_dir,
             "from scratch": scratch_eval,
         }
+        if zero_shot:
+            paths[arch]["zero-shot"] = zs_dir
     timer.start("XGBoost baseline", "code counts + ages")
     results["XGBoost (counts)"] = baseline_stage(data, out / "eval_xgboost", tasks=tasks, n_boot=args.bootstrap)
     timer.stop()
@@ -273,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
                 "method": args.method,
                 "epochs": args.epochs,
                 "finetune_lr": args.finetune_lr,
+                "zero_shot_samples": args.zero_shot_samples,
                 "prepare": DEMO_RECIPE["prepare"] + list(args.prepare_option),
             },
             "paths": {a: {k: str(v) for k, v in p.items()} for a, p in paths.items()},

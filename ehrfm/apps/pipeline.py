@@ -166,6 +166,33 @@ def evaluate_stage(ft_dir: Path, data: Path, out: Path, *, n_boot: int = 1000, s
     return evaluate(ft_dir, data, "test", out, n_boot=n_boot, seed=seed)
 
 
+def forecast_stage(
+    hf_dir: Path,
+    data: Path,
+    out: Path,
+    *,
+    samples: int,
+    context_length: int,
+    max_new_tokens: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Zero-shot forecasts of the test split (`ehrfm forecast`): every task a rollout can answer."""
+    from ..finetune.config import ForecastConfig, SamplingConfig
+    from ..finetune.evaluate import load_metrics
+    from ..finetune.forecast import forecast
+
+    if _done(out, "metrics.json"):
+        return load_metrics(out)
+    cfg = ForecastConfig(
+        context_length=context_length,
+        bootstrap=n_boot,
+        sampling=SamplingConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed),
+    )
+    cfg.validate()
+    return forecast(hf_dir, data, out, cfg)
+
+
 def baseline_stage(
     data: Path,
     out: Path,

@@ -1,0 +1,244 @@
+"""`ehrfm forecast`: zero-shot predictions from a pretrained causal model by sampling patient futures.
+
+For every label row of a split, the patient's history cut strictly before the prediction time (the same cut
+finetuning uses) is continued ``samples`` times (``finetune/rollout.py``) and each rollout is read with the
+task's own outcome definition (``data_shards.tasks``), so zero-shot and supervised predictions answer the same
+question. The predicted probability is the fraction of positive rollouts.
+
+Which outcomes a rollout can answer with today's token scheme:
+
+* ``death`` -- a generated death token (codes starting ``MEDS_DEATH``) before the window closes;
+* ``encounter_start`` -- an ``ENCOUNTER/<class>`` token in a visit the rollout started (the index stay's own
+  encounter token is history);
+* ``code`` -- a token of one of the codes (prefix match, value bins included);
+* ``stay_longer_than`` (length of stay) -- *not answerable*: the scheme keeps no clock inside a visit (times
+  are an input stream the model does not generate, and interval tokens sit only between visits), so a rollout
+  cannot say when a stay ends. Such tasks are skipped with a warning (an error when asked for by name).
+
+Output folder: the ``ehrfm evaluate`` layout (``<task>/predictions.parquet`` in the MEDS label schema,
+metrics.json with patient-level bootstrap CIs, report.md, plots) plus ``rollouts.parquet`` (per example:
+positives, truncated rollouts, the Wilson 95% interval of the fraction, the median sampled event time in
+days) and ``forecast.json`` (settings, per-task counts, tokens generated, wall time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from ehrfm.data_shards.shards import read_manifest, write_json_atomic
+
+from .config import ForecastConfig
+from .data import FinetuneInputError, check_vocabulary, plain_sample, read_export_metadata, resolve_tasks
+from .rollout import OutcomeRule, RolloutResult, TokenTable, rollout, wilson_interval
+
+log = logging.getLogger("ehrfm.finetune")
+
+DEATH_PREFIX = "MEDS_DEATH"
+ENCOUNTER_PREFIX = "ENCOUNTER/"
+
+
+def outcome_rule(task, tokens: list[str]) -> tuple[OutcomeRule | None, str]:
+    """The rule that reads ``task``'s outcome off a rollout, or (None, why it cannot be read)."""
+    outcome = task.outcome
+    death_ids = [i for i, t in enumerate(tokens) if t.startswith(DEATH_PREFIX)]
+    if outcome.kind == "stay_longer_than":
+        return None, "length of stay needs a clock inside a visit, which the token scheme does not keep"
+    if outcome.kind == "death":
+        hits, new_visit_only, ends = death_ids, False, []
+    elif outcome.kind == "encounter_start":
+        prefixes = tuple(f"{ENCOUNTER_PREFIX}{c}" for c in outcome.encounter_classes)
+        hits, new_visit_only, ends = [i for i, t in enumerate(tokens) if t.startswith(prefixes)], True, death_ids
+    else:
+        prefixes = tuple(outcome.codes)
+        hits, new_visit_only, ends = [i for i, t in enumerate(tokens) if t.startswith(prefixes)], False, death_ids
+    if not hits:
+        return None, f"no token of its {outcome.kind} outcome is in the vocabulary"
+    return OutcomeRule(hits, float(outcome.window_days), new_visit_only, ends), ""
+
+
+def task_definitions(data_dir: Path) -> dict:
+    """name -> TaskConfig of the tasks the data folder was prepared with (its config.yaml)."""
+    from ehrfm.config import load_config
+    from ehrfm.data_shards.config import PrepareConfig
+    from ehrfm.data_shards.tasks import load_tasks
+
+    path = Path(data_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    return {t.name: t for t in load_tasks(load_config(PrepareConfig, path, []).tasks)}
+
+
+def token_types(data_dir: Path, manifest: dict, split: str, vocab_size: int) -> dict[int, int]:
+    """The type the data gives each token id (its most frequent type_id in ``split``'s shards)."""
+    import pyarrow as pa
+
+    counts = np.zeros((vocab_size, 32), dtype=np.int64)
+    for shard in manifest["shards"][split]:
+        with pa.memory_map(str(Path(data_dir) / shard["path"])) as source:
+            table = pa.ipc.open_file(source).read_all()
+        ids = table["input_ids"].combine_chunks().flatten().to_numpy()
+        types = table["type_ids"].combine_chunks().flatten().to_numpy()
+        np.add.at(counts, (ids.astype(np.int64), types.astype(np.int64)), 1)
+    seen = counts.sum(1) > 0
+    return {int(i): int(counts[i].argmax()) for i in np.nonzero(seen)[0]}
+
+
+def load_causal_model(model_dir: Path, architecture: str):
+    """The pretraining head model (``AutoModelForCausalLM``) of an export, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from ehrfm.pretrain.models import register_auto_classes
+
+    if architecture == "bert":
+        raise FinetuneInputError(f"{model_dir}: a BERT export cannot sample futures; forecast needs Llama or Mamba")
+    register_auto_classes()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    except Exception as err:  # noqa: BLE001
+        raise FinetuneInputError(f"{model_dir}: cannot load the model with AutoModelForCausalLM ({err})") from None
+
+
+def forecast(model_dir: Path, data_dir: Path, out: Path, cfg: ForecastConfig, *, overwrite: bool = False) -> dict:
+    """Zero-shot predictions for the tasks of ``data_dir``'s ``cfg.split``; returns metrics.json."""
+    from ehrfm.data_shards.examples import TaskExamples
+    from ehrfm.data_shards.vocab import Vocabulary
+    from ehrfm.devices import autocast, compute_device
+    from ehrfm.outputs import check_output_dir
+
+    from .evaluate import write_evaluation
+
+    started = time.time()
+    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    check_output_dir(out, "forecast", inputs=[model_dir, data_dir], overwrite=overwrite)
+    cfg.validate()
+    meta = read_export_metadata(model_dir)
+    manifest = read_manifest(data_dir)
+    check_vocabulary(meta["vocab_fingerprint"], model_dir / "ehrfm_export.json", data_dir, manifest)
+    vocab = Vocabulary.load(data_dir / "tokenizer")
+    definitions = task_definitions(data_dir)
+    rules, skipped = {}, {}
+    for name in resolve_tasks(manifest, data_dir, cfg.tasks):
+        rule, why = outcome_rule(definitions[name], vocab.tokens) if name in definitions else (None, "")
+        if rule is None:
+            why = why or "no task definition (external labels): the outcome is unknown"
+            if cfg.tasks:
+                raise FinetuneInputError(f"task {name!r} cannot be forecast zero-shot: {why}", task=name)
+            skipped[name] = why
+            continue
+        rules[name] = rule
+    for name, why in skipped.items():
+        log.warning("forecast: skipping task %r: %s", name, why)
+    if not rules:
+        raise FinetuneInputError(f"{data_dir}: no task can be forecast zero-shot ({skipped})")
+
+    model = load_causal_model(model_dir, str(meta["architecture"]))
+    device = compute_device()
+    model.to(device)
+    pretrain_split = "pretrain" if "pretrain" in manifest["shards"] else cfg.split
+    table = TokenTable(vocab.tokens, vocab.task_tokens, token_types(data_dir, manifest, pretrain_split, len(vocab)))
+    table.to(device)
+    generator = torch.Generator().manual_seed(cfg.sampling.seed)
+    frames, rollout_rows, tallies, tokens = [], [], {}, 0
+    for name, rule in rules.items():
+        examples = TaskExamples(data_dir, name, cfg.split, cfg.context_length - cfg.sampling.max_new_tokens)
+        count = len(examples) if not cfg.max_examples else min(cfg.max_examples, len(examples))
+        with autocast(cfg.precision, device):
+            result = forecast_examples(model, examples, count, rule, table, cfg.sampling, generator, name)
+        tokens += result.tokens
+        labels = examples.labels.head(count).with_columns(task=pl.lit(name))
+        frames.append(
+            labels.select("subject_id", "prediction_time", "boolean_value", "task").with_columns(
+                predicted_boolean_probability=pl.Series(result.positives / cfg.sampling.samples)
+            )
+        )
+        low, high = wilson_interval(result.positives, cfg.sampling.samples)
+        rollout_rows.append(
+            labels.select("subject_id", "prediction_time", "task").with_columns(
+                samples=pl.lit(cfg.sampling.samples),
+                positives=pl.Series(result.positives),
+                truncated=pl.Series(result.truncated),
+                probability_ci_low=pl.Series(low),
+                probability_ci_high=pl.Series(high),
+                median_event_days=pl.Series(median_hit_days(result.hit_days)),
+            )
+        )
+        tallies[name] = {
+            "examples": count,
+            "rollouts": count * cfg.sampling.samples,
+            "truncated_rollouts": int(result.truncated.sum()),
+            "window_days": rule.window_days,
+        }
+    seconds = time.time() - started
+    summary = {
+        "model": str(model_dir.resolve()),
+        "data": str(data_dir.resolve()),
+        "split": cfg.split,
+        "config": dataclasses.asdict(cfg),
+        "tasks": tallies,
+        "skipped_tasks": skipped,
+        "tokens_generated": tokens,
+        "seconds": round(seconds, 2),
+        "device": str(device),
+    }
+
+    def extras(folder: Path) -> None:
+        pl.concat(rollout_rows).write_parquet(folder / "rollouts.parquet")
+        write_json_atomic(folder / "forecast.json", summary)
+
+    metrics = write_evaluation(
+        pl.concat(frames),
+        out,
+        model=f"zero-shot {model_dir}",
+        split=cfg.split,
+        n_boot=cfg.bootstrap,
+        seed=cfg.sampling.seed,
+        extra={"method": "zero-shot", "samples": cfg.sampling.samples},
+        command="forecast",
+        inputs=[model_dir, data_dir],
+        overwrite=overwrite,
+        also=extras,
+    )
+    log.info("forecast %s on %s/%s -> %s (%.1f s, %d tokens)", model_dir, data_dir, cfg.split, out, seconds, tokens)
+    return metrics
+
+
+def forecast_examples(
+    model, examples, count: int, rule: OutcomeRule, table: TokenTable, sampling, generator, name: str
+):
+    """Rollouts of the first ``count`` examples of a ``TaskExamples``, ``sampling.batch_rows // samples``
+    examples per batch, under a progress bar; returns one :class:`RolloutResult` over all of them."""
+    from tqdm import tqdm
+
+    per_batch = max(1, sampling.batch_rows // sampling.samples)
+    parts = []
+    with tqdm(total=count, desc=f"forecast {name}", unit="ex", dynamic_ncols=True) as bar:
+        for start in range(0, count, per_batch):
+            stop = min(count, start + per_batch)
+            prompts = [plain_sample(examples[i][0]) for i in range(start, stop)]
+            parts.append(rollout(model, prompts, [rule] * len(prompts), table, sampling, generator))
+            bar.update(stop - start)
+    empty = np.zeros(0, dtype=np.int64)
+    return RolloutResult(
+        positives=np.concatenate([p.positives for p in parts]) if parts else empty,
+        truncated=np.concatenate([p.truncated for p in parts]) if parts else empty,
+        hit_days=np.concatenate([p.hit_days for p in parts]) if parts else np.zeros((0, sampling.samples)),
+        tokens=sum(p.tokens for p in parts),
+    )
+
+
+def median_hit_days(hit_days: np.ndarray) -> np.ndarray:
+    """(examples, samples) days with NaN for rollouts without a hit -> (examples,) median over the hits (NaN
+    for an example without any)."""
+    out = np.full(len(hit_days), np.nan)
+    for i, days in enumerate(hit_days):
+        hits = days[~np.isnan(days)]
+        if len(hits):
+            out[i] = float(np.median(hits))
+    return out
