@@ -73,6 +73,8 @@ class FinetuneConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 42
     progress_bar: bool = True  # a tqdm bar over the optimizer steps of all epochs
+    # after each epoch a checkpoint beside --out (<out>.resume/); the same command resumes there (finetune/resume.py)
+    resume: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     alfia: ALFIAConfig = field(default_factory=ALFIAConfig)
     anaa: ANAAConfig = field(default_factory=ANAAConfig)

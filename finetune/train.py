@@ -41,6 +41,7 @@ from .data import (
 from .metrics import binary_metrics
 from .model import FinetuneModel, apply_lora, load_backbone, random_backbone, save_finetuned
 from .regularizers import attach_regularizers, hf_model
+from .resume import EpochCheckpoint, resume_folder, run_fingerprint
 
 log = logging.getLogger("ehrfm.finetune")
 
@@ -244,18 +245,31 @@ def finetune(
         log.info("epoch %d: train loss %.4f, val AUPRC %.4f", loop.state.epoch, train_loss, score)
         return {"train_loss": train_loss, "val_auprc": score, "val": per_task}
 
-    sink = MetricsLogger(
-        None, enabled=True, total_steps=cfg.epochs * len(loader), progress=cfg.progress_bar, desc="finetune"
-    )
     best = KeepBestWeights(model)
+    state = LoopState()
+    resume = None
+    if cfg.resume:
+        fingerprint = run_fingerprint(cfg, model_dir, data_dir, run["export"])
+        resume = EpochCheckpoint(
+            resume_folder(out), fingerprint, model, optimizer, generator, best, inputs=[model_dir, data_dir]
+        )
+        resume.restore(state)
+    sink = MetricsLogger(
+        None,
+        enabled=True,
+        total_steps=cfg.epochs * len(loader),
+        start_step=state.step,
+        progress=cfg.progress_bar,
+        desc="finetune",
+    )
     callbacks = [
         Throughput(),
         LogTrainRecords(sink),
         *fault_injection_from_env(),
         Validation(evaluate, score="val_auprc", higher_is_better=True, at_epoch_end=True, patience=cfg.patience),
         best,
+        *([resume] if resume is not None else []),
     ]
-    state = LoopState()
     try:
         Loop(state, train_step, callbacks, max_epochs=cfg.epochs).fit(lambda epoch: iter(loader))
     finally:
@@ -292,5 +306,7 @@ def finetune(
         "precision": cfg.precision,
     }
     save_finetuned(model, out, meta, cfg, model_dir, inputs=[model_dir, data_dir], overwrite=overwrite)
+    if resume is not None:
+        resume.finish()
     log.info("saved %s (best epoch %d, val AUPRC %.4f, %.1f s)", out, best_epoch, best_score, meta["seconds"])
     return meta
