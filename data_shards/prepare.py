@@ -338,13 +338,10 @@ def _write_labels(tmp: Path, tasks, labels) -> dict:
     for task in tasks:
         for split in splits_mod.SPLITS:
             parts = labels.get((task.name, split))
-            frame = (
-                pl.concat(parts).sort("subject_id", "prediction_time")
-                if parts
-                else pl.DataFrame(
-                    schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean}
-                )
-            )
+            schema = {"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean}
+            if getattr(task, "kind", "binary") == "time_to_event":
+                schema["time_to_event_days"] = pl.Float64
+            frame = pl.concat(parts).sort("subject_id", "prediction_time") if parts else pl.DataFrame(schema=schema)
             path = tmp / "labels" / task.name / f"{split}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             frame.write_parquet(path)

@@ -57,9 +57,14 @@ class OutcomeSpec:
 
 @dataclass
 class TaskConfig:
+    """A task. ``kind``: "binary" labels say whether the outcome happens within the window (anchors whose
+    window reaches past the data are excluded as censored); "time_to_event" labels also carry the days from the
+    prediction time to the outcome, or to censoring, with the window as the horizon (see :func:`compute_labels`)."""
+
     name: str = ""
     token: str = ""  # task token for multitask prompted finetuning, e.g. "[MOR]"
     description: str = ""
+    kind: Literal["binary", "time_to_event"] = "binary"
     anchor: AnchorSpec = field(default_factory=AnchorSpec)
     outcome: OutcomeSpec = field(default_factory=OutcomeSpec)
 
@@ -70,6 +75,10 @@ class TaskConfig:
             check_task_name(self.name, "name")
         if self.token:
             check_token(self.token, "token")
+        if self.kind == "time_to_event" and self.outcome.kind == "stay_longer_than":
+            raise ConfigError(
+                "kind: time_to_event needs an outcome event (death, encounter_start or code), not a stay length"
+            )
 
 
 def load_tasks(refs: list[str]) -> list[TaskConfig]:
@@ -252,14 +261,43 @@ def compute_labels(events: pl.DataFrame, task: TaskConfig, data_end, tally: Task
             after = stays.join(code_times, on="subject_id").filter(pl.col("code_time") >= pl.col("prediction_time"))
             first_after = after.group_by("subject_id", "encounter_id").agg(hit_time=pl.col("code_time").min())
             hit = stays.join(first_after, on=["subject_id", "encounter_id"], how="left")
-        labeled = hit.with_columns(boolean_value=pl.col("hit_time").is_not_null() & (pl.col("hit_time") <= window_end))
-        labeled = _exclude(labeled, pl.col("boolean_value") | (window_end <= pl.lit(data_end)), "censored", tally)
-    out = labeled.select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us")), "boolean_value").sort(
-        "subject_id", "prediction_time"
-    )
+        if task.kind == "time_to_event":
+            labeled = _time_to_event(hit, events, o.kind, window_end, data_end, tally)
+        else:
+            labeled = hit.with_columns(
+                boolean_value=pl.col("hit_time").is_not_null() & (pl.col("hit_time") <= window_end)
+            )
+            labeled = _exclude(labeled, pl.col("boolean_value") | (window_end <= pl.lit(data_end)), "censored", tally)
+    columns = ["subject_id", pl.col("prediction_time").cast(pl.Datetime("us")), "boolean_value"]
+    if task.kind == "time_to_event":
+        columns.append("time_to_event_days")
+    out = labeled.select(columns).sort("subject_id", "prediction_time")
     tally.labels += out.height
     tally.positives += int(out["boolean_value"].sum() or 0)
     return out
+
+
+def _time_to_event(
+    hit: pl.DataFrame, events: pl.DataFrame, outcome_kind: str, window_end: pl.Expr, data_end, tally: TaskTally
+) -> pl.DataFrame:
+    """Time-to-event labels from anchors with their first outcome time (``hit_time``, null if none).
+
+    Follow-up ends at the earliest of: the horizon (prediction time + window), the patient's last recorded
+    event, the data end, and -- for outcomes other than death -- death. ``boolean_value`` is True when the
+    outcome happens within follow-up; ``time_to_event_days`` counts the days from the prediction time to the
+    outcome, else to the end of follow-up. Anchors without follow-up (ending at the prediction time, no event)
+    are excluded as "no_follow_up"."""
+    last_seen = events.filter(pl.col("time").is_not_null()).group_by("subject_id").agg(last_seen=pl.col("time").max())
+    hit = hit.join(last_seen, on="subject_id", how="left")
+    ends = [window_end, pl.col("last_seen"), pl.lit(data_end)]
+    if outcome_kind != "death":
+        ends.append(pl.col("death"))
+    follow_up_end = pl.min_horizontal(ends)
+    event = pl.col("hit_time").is_not_null() & (pl.col("hit_time") <= follow_up_end)
+    until = pl.when(event).then(pl.col("hit_time")).otherwise(follow_up_end)
+    days = (until - pl.col("prediction_time")).dt.total_microseconds().cast(pl.Float64) / (24 * US_PER_HOUR)
+    labeled = hit.with_columns(boolean_value=event, time_to_event_days=days)
+    return _exclude(labeled, pl.col("boolean_value") | (pl.col("time_to_event_days") > 0), "no_follow_up", tally)
 
 
 def read_external_labels(path: Path) -> pl.DataFrame:

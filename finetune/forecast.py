@@ -18,7 +18,9 @@ Which outcomes a rollout can answer with today's token scheme:
 Output folder: the ``ehrfm evaluate`` layout (``<task>/predictions.parquet`` in the MEDS label schema,
 metrics.json with patient-level bootstrap CIs, report.md, plots) plus ``rollouts.parquet`` (per example:
 positives, truncated rollouts, the Wilson 95% interval of the fraction, the median sampled event time in
-days) and ``forecast.json`` (settings, per-task counts, tokens generated, wall time).
+days) and ``forecast.json`` (settings, per-task counts, tokens generated, wall time). For time-to-event tasks
+(labels with ``time_to_event_days``), forecast.json also holds the rollouts' time-to-event metrics
+(``finetune/survival_metrics.py``: Harrell's and Uno's C, time-dependent AUROC, integrated Brier score).
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def forecast(model_dir: Path, data_dir: Path, out: Path, cfg: ForecastConfig, *,
             "truncated_rollouts": int(result.truncated.sum()),
             "window_days": rule.window_days,
         }
+        if "time_to_event_days" in labels.columns:
+            tallies[name]["time_to_event"] = zero_shot_time_to_event(labels, result, rule.window_days, cfg)
     seconds = time.time() - started
     summary = {
         "model": str(model_dir.resolve()),
@@ -230,6 +234,29 @@ def forecast_examples(
         truncated=np.concatenate([p.truncated for p in parts]) if parts else empty,
         hit_days=np.concatenate([p.hit_days for p in parts]) if parts else np.zeros((0, sampling.samples)),
         tokens=sum(p.tokens for p in parts),
+    )
+
+
+def zero_shot_time_to_event(labels: pl.DataFrame, result: RolloutResult, horizon: float, cfg: ForecastConfig) -> dict:
+    """Time-to-event metrics of the rollouts against time-to-event labels: the risk is the fraction of rollouts
+    with the event within the horizon, and each example's survival curve the empirical one of its sampled event
+    times (S(t) = share of rollouts without an event by day t). Horizons: a third and two thirds of the window
+    (whole days; the window itself is the end of follow-up, where the time-dependent AUROC is undefined)."""
+    from .survival_metrics import bootstrap_survival_metrics
+
+    grid = np.linspace(horizon / 20, horizon, 20)
+    hits = np.nan_to_num(result.hit_days, nan=np.inf)
+    survival = 1.0 - (hits[:, None, :] <= grid[None, :, None]).mean(axis=2)
+    return bootstrap_survival_metrics(
+        labels["time_to_event_days"].to_numpy(),
+        labels["boolean_value"].to_numpy(),
+        result.positives / cfg.sampling.samples,
+        labels["subject_id"].to_numpy(),
+        [float(round(horizon / 3)), float(round(2 * horizon / 3))],
+        survival=survival,
+        survival_grid=grid,
+        n_boot=min(cfg.bootstrap, 200),
+        seed=cfg.sampling.seed,
     )
 
 

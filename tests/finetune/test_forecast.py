@@ -186,6 +186,12 @@ tasks:
     description: death within 30 days after an inpatient discharge
     anchor: {kind: encounter_end, encounter_classes: [IMP], select: all}
     outcome: {kind: death, window_days: 30}
+  - name: death_tte
+    token: "[DTE]"
+    description: days to death within 30 days after an inpatient discharge (time-to-event)
+    kind: time_to_event
+    anchor: {kind: encounter_end, encounter_classes: [IMP], select: all}
+    outcome: {kind: death, window_days: 30}
 """
 
 
@@ -301,9 +307,13 @@ def test_zero_shot_forecast_learns_a_rule_corpus(tmp_path):
         "predicted_boolean_value",
         "predicted_boolean_probability",
     ]
-    rollouts = pl.read_parquet(out / "rollouts.parquet")
+    rollouts = pl.read_parquet(out / "rollouts.parquet").filter(pl.col("task") == "death_30d")
     assert rollouts.height == predictions.height and (rollouts["samples"] == 8).all()
     # deaths follow discharge by 5 days: an [W0] interval (3.5 days) before the death token
     assert rollouts.filter(pl.col("positives") > 0)["median_event_days"].median() == 3.5
     summary = json.loads((out / "forecast.json").read_text())
     assert summary["tasks"]["death_30d"]["rollouts"] == 8 * predictions.height
+    # the same rollouts read as time-to-event forecasts: sampled death times order the patients
+    survival = summary["tasks"]["death_tte"]["time_to_event"]
+    assert survival["harrell_c"]["value"] >= 0.85 and survival["td_auroc@20"]["value"] >= 0.85, survival
+    assert 0 <= survival["ibs"]["value"] < 0.25
