@@ -32,6 +32,21 @@ class ALFIAConfig:
 
 
 @dataclass
+class SurvivalConfig:
+    """Heads of time-to-event tasks (labels with ``time_to_event_days``; ``finetune/survival.py``): a
+    piecewise-exponential or discrete-time head over ``bins`` equal bins from 0 to the task's horizon (the
+    longest follow-up in its training labels). Used with ``method=per-task``."""
+
+    head: Literal["piecewise_exponential", "discrete"] = "piecewise_exponential"
+    bins: int = 8
+
+    def validate(self) -> None:
+        from ehrfm.config import check_range
+
+        check_range(self, "bins", ge=1)
+
+
+@dataclass
 class ANAAConfig:
     """ANAA while finetuning (000; ``ehrfm.kernels.anaa_attention`` inside the swapped attention modules).
     ``enabled`` switches it on (flag ``--anaa``); the others are the operator's settings."""
@@ -78,6 +93,7 @@ class FinetuneConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     alfia: ALFIAConfig = field(default_factory=ALFIAConfig)
     anaa: ANAAConfig = field(default_factory=ANAAConfig)
+    survival: SurvivalConfig = field(default_factory=SurvivalConfig)
 
     def validate(self) -> None:
         """Raise ValueError naming the field for values outside their domain."""

@@ -236,12 +236,26 @@ class FinetuneDataset(torch.utils.data.Dataset):
                 if keep_subjects is None or int(sids[row]) in keep_subjects:
                     self.items.append(Example(t, row))
         self._labels = [s.labels["boolean_value"].to_numpy() for s in self.sources]
+        self._times = [
+            s.labels["time_to_event_days"].to_numpy().astype(np.float32)
+            if "time_to_event_days" in s.labels.columns
+            else np.full(len(s), np.nan, dtype=np.float32)
+            for s in self.sources
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def labels(self) -> np.ndarray:
         return np.array([self._labels[e.task_index][e.row] for e in self.items], dtype=bool)
+
+    def time_to_event_tasks(self) -> list[str]:
+        """Tasks whose labels carry ``time_to_event_days`` (time-to-event tasks)."""
+        return [t for t, s in zip(self.tasks, self.sources) if "time_to_event_days" in s.labels.columns]
+
+    def times(self) -> np.ndarray:
+        """(N,) days to the event or censoring of every item (NaN for binary tasks)."""
+        return np.array([self._times[e.task_index][e.row] for e in self.items], dtype=np.float32)
 
     def task_indices(self) -> np.ndarray:
         return np.array([e.task_index for e in self.items], dtype=np.int64)
@@ -257,25 +271,28 @@ class FinetuneDataset(torch.utils.data.Dataset):
                     _item=pl.Series([i for i, e in enumerate(self.items) if e.task_index == t], dtype=pl.Int64),
                 )
             )
-        return pl.concat(parts).sort("_item").drop("_item")
+        return pl.concat(parts, how="diagonal_relaxed").sort("_item").drop("_item")
 
-    def __getitem__(self, i: int) -> tuple[dict, bool, int]:
+    def __getitem__(self, i: int) -> tuple[dict, bool, int, float]:
+        """(model streams, label, task index, days to event or censoring -- NaN for a binary task)."""
         ex = self.items[i]
         sample, label = self.sources[ex.task_index][ex.row]
         if self.mpf_token_ids is not None:
             doc = mpf_prompt(sample, self.mpf_token_ids[self.tasks[ex.task_index]], self.context_length)
         else:
             doc = plain_sample(sample)
-        return doc, label, ex.task_index
+        return doc, label, ex.task_index, float(self._times[ex.task_index][ex.row])
 
 
-def collate(items: list[tuple[dict, bool, int]]) -> dict[str, torch.Tensor]:
-    """Right-padded batch: the model streams (B, L) plus ``label`` (B,) float and ``task`` (B,) long."""
-    length = max(len(doc["input_ids"]) for doc, _, _ in items)
-    batch = assemble_rows([[doc] for doc, _, _ in items], length)
+def collate(items: list[tuple[dict, bool, int, float]]) -> dict[str, torch.Tensor]:
+    """Right-padded batch: the model streams (B, L) plus ``label`` (B,) float, ``task`` (B,) long and ``time``
+    (B,) float days (NaN for binary tasks)."""
+    length = max(len(item[0]["input_ids"]) for item in items)
+    batch = assemble_rows([[item[0]] for item in items], length)
     out = {k: batch[k] for k in MODEL_KEYS}
-    out["label"] = torch.tensor([float(y) for _, y, _ in items])
-    out["task"] = torch.tensor([t for _, _, t in items], dtype=torch.long)
+    out["label"] = torch.tensor([float(item[1]) for item in items])
+    out["task"] = torch.tensor([item[2] for item in items], dtype=torch.long)
+    out["time"] = torch.tensor([float(item[3]) for item in items], dtype=torch.float32)
     return out
 
 

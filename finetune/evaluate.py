@@ -109,6 +109,7 @@ def write_evaluation(
     inputs: list | None = None,
     overwrite: bool = False,
     also=None,
+    time_to_event: dict | None = None,
 ) -> dict:
     """Score ``frame`` (subject_id, prediction_time, boolean_value, predicted_boolean_probability, task) into
     ``out`` (see the module docstring), atomically (temp folder renamed at the end; an existing ``out`` is
@@ -117,14 +118,24 @@ def write_evaluation(
     from ehrfm.outputs import atomic_output
 
     with atomic_output(Path(out), command, inputs=inputs or [], overwrite=overwrite) as tmp:
-        metrics = _write_evaluation_into(tmp, frame, model=model, split=split, n_boot=n_boot, seed=seed, extra=extra)
+        metrics = _write_evaluation_into(
+            tmp, frame, model=model, split=split, n_boot=n_boot, seed=seed, extra=extra, time_to_event=time_to_event
+        )
         if also is not None:
             also(tmp)
     return metrics
 
 
 def _write_evaluation_into(
-    tmp: Path, frame: pl.DataFrame, *, model: str, split: str, n_boot: int, seed: int, extra: dict | None
+    tmp: Path,
+    frame: pl.DataFrame,
+    *,
+    model: str,
+    split: str,
+    n_boot: int,
+    seed: int,
+    extra: dict | None,
+    time_to_event: dict | None = None,
 ) -> dict:
     results = {}
     for task in frame["task"].unique(maintain_order=True).to_list():
@@ -146,12 +157,84 @@ def _write_evaluation_into(
         )
         preds.write_parquet(folder / "predictions.parquet")
         _plots(y.astype(int), p, folder, task)
+        if time_to_event and task in time_to_event:
+            m["time_to_event"] = _time_to_event_metrics(time_to_event[task], part, folder, task, n_boot, seed)
     metrics = _clean(
         {"model": model, "split": split, "n_bootstrap": n_boot, "seed": seed, **(extra or {}), "tasks": results}
     )
     write_json_atomic(tmp / "metrics.json", metrics)
-    (tmp / "report.md").write_text(markdown_table(results, f"{model} on {split}"))
+    report = markdown_table(results, f"{model} on {split}")
+    survival = {t: m["time_to_event"] for t, m in results.items() if "time_to_event" in m}
+    if survival:
+        report += "\n" + survival_table(survival)
+    (tmp / "report.md").write_text(report)
     return metrics
+
+
+def survival_table(results: dict[str, dict]) -> str:
+    """Markdown table of time-to-event metrics, value [95% CI] per task."""
+    names = sorted({name for m in results.values() for name in m}, key=lambda n: (n != "harrell_c", n))
+    lines = ["## time-to-event", "", "| task | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for task, m in results.items():
+        lines.append(f"| {task} | " + " | ".join(_fmt(m, n) if n in m else "n/a" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _time_to_event_metrics(data: dict, part: pl.DataFrame, folder: Path, task: str, n_boot: int, seed: int) -> dict:
+    """Survival metrics of one time-to-event task (``survival_metrics``) and its calibration plot at the
+    horizon. ``data``: time (N,) days, curves (N, G) survival on ``grid`` (G,) days, rows in ``part``'s order."""
+    from .survival_metrics import bootstrap_survival_metrics
+
+    time, event = np.asarray(data["time"], float), part["boolean_value"].to_numpy().astype(bool)
+    risk = part["predicted_boolean_probability"].to_numpy().astype(float)
+    grid = np.asarray(data["grid"], float)
+    horizons = [float(round(grid[-1] / 3)), float(round(2 * grid[-1] / 3))]
+    metrics = bootstrap_survival_metrics(
+        time,
+        event,
+        risk,
+        part["subject_id"].to_numpy(),
+        horizons,
+        survival=data["curves"],
+        survival_grid=grid,
+        n_boot=min(n_boot, 200),
+        seed=seed,
+    )
+    _survival_calibration_plot(time, event, 1.0 - data["curves"][:, -1], grid[-1], folder, task)
+    return metrics
+
+
+def _survival_calibration_plot(time, event, predicted, horizon: float, folder: Path, title: str) -> None:
+    """Predicted probability of the event by the horizon against the Kaplan-Meier estimate, per quintile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    from ehrfm.outputs import save_figure_atomic
+
+    if len(time) < 10 or not event.any():
+        return
+    groups = np.array_split(np.argsort(predicted, kind="mergesort"), 5)
+    xs, ys = [], []
+    for rows in groups:
+        times, survival = kaplan_meier_estimator(event[rows], time[rows])
+        before = times <= horizon
+        ys.append(1.0 - (survival[before][-1] if before.any() else 1.0))
+        xs.append(float(np.mean(predicted[rows])))
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(xs, ys, marker="o")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    ax.set(
+        xlabel=f"predicted P(event by day {horizon:g})",
+        ylabel="Kaplan-Meier estimate",
+        title=f"{title} calibration at {horizon:g} days",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    fig.tight_layout()
+    save_figure_atomic(fig, folder / "survival_calibration.png")
 
 
 def evaluate(
@@ -199,6 +282,16 @@ def evaluate(
         if handle is not None:
             handle.remove()
     frame = dataset.label_frame().with_columns(predicted_boolean_probability=pl.Series(pred["probability"]))
+    survival = None
+    if meta.get("survival_edges"):
+        from .survival import SURVIVAL_GRID
+
+        times, task_of = dataset.times(), dataset.task_indices()
+        survival = {}
+        for name, edges in meta["survival_edges"].items():
+            rows = task_of == meta["tasks"].index(name)
+            grid = SURVIVAL_GRID.numpy() * edges[-1]
+            survival[name] = {"time": times[rows], "curves": pred["survival"][rows], "grid": grid}
     frame = frame.filter(pl.col("task").is_in(tasks))
     metrics = write_evaluation(
         frame,
@@ -210,6 +303,7 @@ def evaluate(
         extra={"method": meta["method"]},
         inputs=inputs,
         overwrite=overwrite,
+        time_to_event=survival,
     )
     log.info("evaluated %s on %s/%s -> %s", ft_dir, data_dir, split, out)
     return metrics

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ehrfm.data_shards.shards import write_json_atomic
@@ -26,6 +27,7 @@ from .config import FinetuneConfig
 from .data import EXPORT_FILE, FinetuneInputError, model_inputs, read_export_metadata
 from .heads import AlfiaHead, ClassificationHead
 from .regularizers import hf_model
+from .survival import SURVIVAL_GRID, SurvivalHead
 
 log = logging.getLogger("ehrfm.finetune")
 
@@ -110,18 +112,38 @@ class FinetuneModel(nn.Module):
     state). Rows are routed to their task's head by ``batch["task"]``.
     """
 
-    def __init__(self, backbone, method: str, tasks: list[str], cfg: FinetuneConfig, num_fuse: int | None = None):
+    def __init__(
+        self,
+        backbone,
+        method: str,
+        tasks: list[str],
+        cfg: FinetuneConfig,
+        num_fuse: int | None = None,
+        survival_edges: dict[str, list[float]] | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.method = method
         self.tasks = list(tasks)
+        self.survival_edges = dict(survival_edges or {})
+        if self.survival_edges and method != "per-task":
+            raise FinetuneInputError(
+                f"time-to-event tasks {sorted(self.survival_edges)} need --method per-task (a survival head per task)"
+            )
         base = hf_model(backbone)
         hidden = base.config.hidden_size
         self.pooling = getattr(base, "default_pooling", "last")
         if method == "mpf":
             self.heads = nn.ModuleList([ClassificationHead(hidden, cfg.head_hidden, cfg.dropout)])
         elif method == "per-task":
-            self.heads = nn.ModuleList([ClassificationHead(hidden, cfg.head_hidden, cfg.dropout) for _ in tasks])
+            self.heads = nn.ModuleList(
+                [
+                    SurvivalHead(hidden, self.survival_edges[t], cfg.survival.head, cfg.dropout)
+                    if t in self.survival_edges
+                    else ClassificationHead(hidden, cfg.head_hidden, cfg.dropout)
+                    for t in tasks
+                ]
+            )
         elif method == "alfia":
             available = len(layer_modules(backbone)) + 1
             self.num_fuse = num_fuse or min(cfg.alfia.num_fuse_layers, available)
@@ -192,10 +214,57 @@ class FinetuneModel(nn.Module):
             return {"logits": logits, "layer_weights": lam, "embedding": emb}
         pooled = self.pool(last, mask)
         if self.method == "mpf":
-            logits = self.heads[0](pooled)
-        else:
-            logits = torch.stack([head(pooled) for head in self.heads], 1).gather(1, task[:, None])[:, 0]
-        return {"logits": logits, "layer_weights": None, "embedding": pooled}
+            return {"logits": self.heads[0](pooled), "layer_weights": None, "embedding": pooled}
+        per_head, survival_out, curves = [], [], []
+        for head in self.heads:
+            if isinstance(head, SurvivalHead):
+                out = head(pooled)
+                grid = SURVIVAL_GRID.to(out.device) * head.edges[-1]
+                curve = head.survival(out, grid)  # (B, G); its last point is the horizon
+                at_horizon = curve[:, -1].clamp(1e-6, 1 - 1e-6)
+                per_head.append(torch.log1p(-at_horizon) - torch.log(at_horizon))  # logit of P(event by horizon)
+                survival_out.append(out)
+                curves.append(curve)
+            else:
+                per_head.append(head(pooled).float())
+                survival_out.append(None)
+                curves.append(None)
+        logits = torch.stack(per_head, 1).gather(1, task[:, None])[:, 0]
+        result = {"logits": logits, "layer_weights": None, "embedding": pooled}
+        if self.survival_edges:
+            blank = torch.full((len(task), len(SURVIVAL_GRID)), float("nan"), device=pooled.device)
+            stacked = torch.stack([c if c is not None else blank for c in curves], 1)
+            result["survival"] = stacked.gather(1, task[:, None, None].expand(-1, 1, stacked.shape[-1]))[:, 0]
+            result["survival_params"] = survival_out
+        return result
+
+    def loss(self, out: dict, batch: dict, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over rows of BCE-with-logits (binary tasks; ``pos_weight`` (T,) per task) and the censored
+        survival negative log-likelihood (time-to-event tasks, their head's likelihood)."""
+        label, task = batch["label"], batch["task"]
+        weight = None
+        if pos_weight is not None:
+            weight = torch.where(label > 0, pos_weight[task], torch.ones_like(label))
+        if not self.survival_edges:
+            return F.binary_cross_entropy_with_logits(out["logits"].float(), label, weight=weight)
+        binary = torch.ones_like(label, dtype=torch.bool)
+        total = out["logits"].new_zeros(())
+        for index, head in enumerate(self.heads):
+            if isinstance(head, SurvivalHead):
+                rows = task == index
+                binary &= ~rows
+                if rows.any():
+                    params = out["survival_params"][index][rows]
+                    total = total + head.loss(params, batch["time"][rows], label[rows]) * rows.sum()
+        if binary.any():
+            bce = F.binary_cross_entropy_with_logits(
+                out["logits"][binary].float(),
+                label[binary],
+                weight=None if weight is None else weight[binary],
+                reduction="sum",
+            )
+            total = total + bce
+        return total / len(label)
 
 
 def save_finetuned(
@@ -271,6 +340,13 @@ def load_finetuned(ft_dir: Path) -> tuple[FinetuneModel, dict]:
         backbone = PeftModel.from_pretrained(load_backbone(base_dir), str(ft_dir / "adapter"))
     else:
         backbone = load_backbone(ft_dir / "backbone")
-    model = FinetuneModel(backbone, meta["method"], meta["tasks"], cfg, num_fuse=meta.get("num_fuse"))
+    model = FinetuneModel(
+        backbone,
+        meta["method"],
+        meta["tasks"],
+        cfg,
+        num_fuse=meta.get("num_fuse"),
+        survival_edges=meta.get("survival_edges"),
+    )
     model.heads.load_state_dict(load_file(str(ft_dir / "heads.safetensors")), strict=True)
     return model.eval(), meta

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# survival curves are reported on these fractions of a task's horizon (20 points, the last = the horizon)
+SURVIVAL_GRID = torch.linspace(0.05, 1.0, 20)
+
 
 def _edges(edges: Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     edges = torch.as_tensor(edges, dtype=like.dtype, device=like.device)

@@ -61,7 +61,9 @@ def pos_weights(cfg: FinetuneConfig, counts: dict, tasks: list[str]) -> torch.Te
 def predict(
     model: FinetuneModel, dataset: FinetuneDataset, batch_size: int = 64, precision: str = "auto"
 ) -> dict[str, np.ndarray]:
-    """Probabilities (N,), labels (N,), task indices (N,), ALF/pooled embeddings (N, H), layer weights (N, N_f).
+    """Probabilities (N,), labels (N,), task indices (N,), ALF/pooled embeddings (N, H), layer weights (N, N_f),
+    and with time-to-event tasks survival curves (N, G) on ``SURVIVAL_GRID`` x each task's horizon (NaN rows
+    for binary tasks); the probability of a time-to-event row is that of the event by the horizon.
 
     Runs on the model's device under ``precision``'s autocast (``ehrfm.devices``); results come back to the
     host as float32 numpy arrays."""
@@ -70,10 +72,12 @@ def predict(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, pin_memory=device.type == "cuda"
     )
-    probs, labels, tasks, embs, lams = [], [], [], [], []
+    probs, labels, tasks, embs, lams, curves = [], [], [], [], [], []
     for batch in loader:
         with autocast(precision, device):
             out = model(to_device(batch, device))
+        if "survival" in out:
+            curves.append(out["survival"].float().cpu().numpy())
         probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
         labels.append(batch["label"].numpy().astype(bool))
         tasks.append(batch["task"].numpy())
@@ -87,6 +91,7 @@ def predict(
         "task": np.concatenate(tasks) if tasks else empty.astype(int),
         "embedding": np.concatenate(embs) if embs else empty,
         "layer_weights": np.concatenate(lams) if lams else None,
+        "survival": np.concatenate(curves) if curves else None,
     }
 
 
@@ -99,6 +104,17 @@ def validation_score(pred: dict, tasks: list[str]) -> tuple[float, dict]:
         per_task[name] = {"auprc": m["auprc"], "auroc": m["auroc"], "brier": m["brier"]}
     values = [v["auprc"] for v in per_task.values() if not np.isnan(v["auprc"])]
     return (float(np.mean(values)) if values else float("nan")), per_task
+
+
+def survival_edges(train_set: FinetuneDataset, cfg: FinetuneConfig) -> dict[str, list[float]]:
+    """Bin edges (days) of each time-to-event task's survival head: ``cfg.survival.bins`` equal bins from 0 to
+    the longest follow-up in its training labels (whole days)."""
+    times, task_of = train_set.times(), train_set.task_indices()
+    edges = {}
+    for name in train_set.time_to_event_tasks():
+        horizon = float(np.ceil(np.nanmax(times[task_of == train_set.tasks.index(name)])))
+        edges[name] = np.linspace(0.0, max(horizon, 1.0), cfg.survival.bins + 1).round(3).tolist()
+    return edges
 
 
 def prepare_run(model_dir: Path, data_dir: Path, cfg: FinetuneConfig) -> dict:
@@ -159,7 +175,6 @@ def finetune(
         backbone = apply_lora(backbone, cfg)
     elif cfg.freeze:
         backbone.requires_grad_(False)
-    model = FinetuneModel(backbone, cfg.method, tasks, cfg)
     train_set = FinetuneDataset(
         data_dir,
         tasks,
@@ -170,6 +185,8 @@ def finetune(
         derive_seed(cfg.seed, "train_fraction"),
     )
     val_set = FinetuneDataset(data_dir, tasks, VAL_SPLIT, cfg.context_length, run["token_ids"])
+    edges = survival_edges(train_set, cfg)
+    model = FinetuneModel(backbone, cfg.method, tasks, cfg, survival_edges=edges)
     for t, name in enumerate(tasks):
         y = train_set.labels()[train_set.task_indices() == t]
         if y.sum() == 0 or y.all():
@@ -221,12 +238,7 @@ def finetune(
             model.backbone.eval()
         with autocast(cfg.precision, device):
             out_ = model(batch)
-        weight = None
-        if pw is not None:
-            weight = torch.where(batch["label"] > 0, pw[batch["task"]], torch.ones_like(batch["label"]))
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            out_["logits"].float(), batch["label"], weight=weight
-        )
+        loss = model.loss(out_, batch, pw)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -289,6 +301,8 @@ def finetune(
         "freeze": cfg.freeze,
         "anaa": None if anaa is None else dataclasses.asdict(anaa),  # evaluate re-enables it (eq. 10 at inference)
         "neftune_alpha": cfg.neftune_alpha,
+        "survival_edges": edges or None,  # time-to-event tasks: bin edges (days) of their survival heads
+        "survival_head": cfg.survival.head if edges else None,
         "export": run["export"],
         "export_dir": str(model_dir.resolve()),
         "data_dir": str(data_dir.resolve()),

@@ -90,16 +90,16 @@ def test_mpf_batches_carry_the_task_token_and_label_of_each_row(ft_data):
     assert seen == len(ds) and mixed > 0
     # labels: item i of the dataset carries row i of the label frame
     for i in range(0, len(ds), 37):
-        doc, label, task = ds[i]
+        doc, label, task, _ = ds[i]
         assert label == frame["boolean_value"][i] and TASKS[task] == frame["task"][i]
         assert doc["input_ids"][-1] == token_ids[TASKS[task]]
 
 
 def test_per_task_items_are_the_cut_sequences(ft_data):
     ds = FinetuneDataset(ft_data, TASKS[:1], "finetune", 48)
-    doc, label, task = ds[0]
+    doc, label, task, days = ds[0]
     sample, label_direct = ds.sources[0][0]
-    assert label == label_direct and task == 0
+    assert label == label_direct and task == 0 and np.isnan(days)  # a binary task has no event time
     np.testing.assert_array_equal(doc["input_ids"], sample["input_ids"])
     pred_s = ds.sources[0]._pred_s[0]
     assert (doc["event_time_s"] < pred_s).all()

