@@ -22,7 +22,7 @@ def test_gpu_check_rehearses_its_numerical_checks_on_cpu(tmp_path):
             "--out",
             str(out),
             "--only",
-            "environment,triton_kernels,mamba_scan_packed,flash_varlen,benches",
+            "environment,triton_kernels,mamba_scan_packed,flash_varlen,forecast_rollouts,benches",
         ],
         capture_output=True,
         text=True,
@@ -47,5 +47,9 @@ def test_gpu_check_rehearses_its_numerical_checks_on_cpu(tmp_path):
     assert checks["triton_kernels"]["anaa_tiles_chosen"] == checks["triton_kernels"]["dense_tiles_chosen"] == {}
     assert max(checks["triton_kernels"]["relative_error"]["fp32"].values()) < 1e-4  # IEEE dots on the interpreter
     assert checks["mamba_scan_packed"]["status"] == "ok"
+    rollouts = checks["forecast_rollouts"]
+    assert rollouts["status"] == "ok" and all(
+        rollouts[a]["identical_share"] == 1.0 for a in ("llama", "mamba", "mamba2")
+    )
     assert max(checks["mamba_scan_packed"]["relative_error"].values()) < 1e-4
     assert checks["flash_varlen"]["status"] == "skipped" and checks["benches"]["status"] == "skipped"

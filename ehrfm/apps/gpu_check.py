@@ -354,23 +354,116 @@ def check_finetune_evaluate(ctx: Context) -> dict:
         "--overwrite",
         timeout=300,
     )
+    zero_shot = ctx.work / "zero_shot_llama"
+    _ehrfm(
+        "forecast",
+        "--model",
+        str(hf),
+        "--data",
+        str(ctx.data()),
+        "--out",
+        str(zero_shot),
+        "--samples",
+        "8",
+        "--max-examples",
+        "40",
+        "--max-new-tokens",
+        "128",
+        "--context-length",
+        "256",
+        "--overwrite",
+        timeout=600,
+    )
+    forecast = json.loads((zero_shot / "forecast.json").read_text())
     meta = json.loads((ft / "finetune.json").read_text())
     metrics = json.loads((ev / "metrics.json").read_text())
     auroc = {t: m.get("auroc", {}).get("value") for t, m in metrics.get("tasks", {}).items()}
-    ok = str(meta.get("device", "")).startswith(ctx.device.type)
+    ok = str(meta.get("device", "")).startswith(ctx.device.type) and forecast["device"].startswith(ctx.device.type)
     return {
         "status": "ok" if ok else "failed",
         "device": meta.get("device"),
         "seconds": round(time.perf_counter() - start, 1),
         "auroc": auroc,
+        "zero_shot": {"device": forecast["device"], "seconds": forecast["seconds"], "tasks": forecast["tasks"]},
     }
+
+
+def check_forecast_rollouts(ctx: Context) -> dict:
+    """Cached rollouts on the device (KV cache, Mamba / Mamba2 recurrent states and whatever fast decode kernels
+    are installed): greedy rollouts of left-padded prompts, rows leaving the batch as they hit, must equal each
+    prompt rolled out alone (token for token on CPU; on a GPU batch-size-dependent kernels may flip a near-tie, so
+    the share of identical rollout prefixes is reported and must stay >= 0.9); plus rollout throughput."""
+    import numpy as np
+    import torch
+
+    from ..data_shards.schema import SPECIAL_TOKENS
+    from ..finetune.config import SamplingConfig
+    from ..finetune.rollout import OutcomeRule, TokenTable, rollout
+    from ..pretrain.models import build_model
+
+    vocab = 64 if not ctx.gpu else 512
+    tokens = list(SPECIAL_TOKENS) + [f"C{i}" for i in range(vocab - len(SPECIAL_TOKENS))]
+    table = TokenTable(tokens, [], {}).to(ctx.device)
+    rng = np.random.default_rng(0)
+    lengths = (5, 9, 7) if not ctx.gpu else (60, 120, 90)
+    prompts = [
+        {
+            "input_ids": rng.integers(len(SPECIAL_TOKENS), vocab, n),
+            "type_ids": np.full(n, 7),
+            "ages": np.full(n, 50.0, dtype=np.float32),
+            "times": np.full(n, 2800.0, dtype=np.float32),
+            "visit_segments": np.ones(n, dtype=np.int64),
+            "visit_orders": np.ones(n, dtype=np.int64),
+        }
+        for n in lengths
+    ]
+    first = len(SPECIAL_TOKENS)
+    rules = [OutcomeRule(list(range(first + 5 * i, first + 5 * i + 8)), 1e9) for i in range(3)]
+    cfg = SamplingConfig(samples=1, temperature=0.0, max_new_tokens=16 if not ctx.gpu else 64)
+    out = {}
+    for arch in ("llama", "mamba", "mamba2"):
+        torch.manual_seed(0)
+        shapes = {"mamba2": dict(head_dim=16, num_heads=8, state_size=8, chunk_size=16)}.get(
+            arch, {}
+        )  # 8 x 16 = 2 x 64
+        model = build_model(arch, "tiny", vocab_size=vocab, hidden_size=64, num_hidden_layers=2, **shapes)
+        model = model.to(ctx.device).eval()
+        start = time.perf_counter()
+        together = rollout(model, prompts, rules, table, cfg, torch.Generator(), keep_tokens=True)
+        seconds = time.perf_counter() - start
+        alone = [
+            rollout(model, [p], [r], table, cfg, torch.Generator(), keep_tokens=True) for p, r in zip(prompts, rules)
+        ]
+        pairs = list(zip(together.sampled, (a.sampled[0] for a in alone)))
+        agree = sum(_common_prefix(x, y) for x, y in pairs) / max(1, sum(max(len(x), len(y)) for x, y in pairs))
+        out[arch] = {
+            "identical_share": round(agree, 4),
+            "tokens": together.tokens,
+            "tokens_per_s": round(together.tokens / seconds, 1),
+        }
+    ok = all(v["identical_share"] >= (0.9 if ctx.gpu else 1.0) for v in out.values())
+    return {"status": "ok" if ok else "failed", **out}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def check_benches(ctx: Context) -> dict:
     if not ctx.gpu:
         return {"status": "skipped", "reason": "benches measure GPUs"}
     out = {}
-    for name, args in (("anaa", ["--sizes", "512,2048", "--impls", "triton,sdpa"]), ("dense", [])):
+    benches = (
+        ("anaa", ["--sizes", "512,2048", "--impls", "triton,sdpa"]),
+        ("dense", []),
+        ("generate", ["--archs", "llama,mamba,mamba2", "--size", "tiny", "--history", "512", "--new", "64"]),
+    )
+    for name, args in benches:
         path = ctx.work / f"bench-{name}.json"
         _ehrfm("bench", name, "--json-out", str(path), *args, timeout=300)
         out[name] = json.loads(path.read_text())["results"]
@@ -384,6 +477,7 @@ CHECKS = {
     "flash_varlen": check_flash_varlen,
     "pretrain": check_pretrain,
     "finetune_evaluate": check_finetune_evaluate,
+    "forecast_rollouts": check_forecast_rollouts,
     "benches": check_benches,
 }
 
