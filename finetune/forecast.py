@@ -66,15 +66,24 @@ def outcome_rule(task, tokens: list[str]) -> tuple[OutcomeRule | None, str]:
 
 
 def task_definitions(data_dir: Path) -> dict:
-    """name -> TaskConfig of the tasks the data folder was prepared with (its config.yaml)."""
+    """name -> TaskConfig of the tasks the data folder was prepared with (its config.yaml; a task file that can no
+    longer be read leaves its tasks out, with a warning)."""
     from ehrfm.config import load_config
     from ehrfm.data_shards.config import PrepareConfig
     from ehrfm.data_shards.tasks import load_tasks
 
+    from ehrfm.data_shards.errors import DataError
+
     path = Path(data_dir) / "config.yaml"
     if not path.exists():
         return {}
-    return {t.name: t for t in load_tasks(load_config(PrepareConfig, path, []).tasks)}
+    found = {}
+    for ref in load_config(PrepareConfig, path, []).tasks:
+        try:
+            found.update({t.name: t for t in load_tasks([ref])})
+        except DataError as err:  # a task file moved since prepare: its tasks are skipped, the others run
+            log.warning("forecast: cannot read the task config the data was prepared with: %s", err)
+    return found
 
 
 def token_types(data_dir: Path, manifest: dict, split: str, vocab_size: int) -> dict[int, int]:

@@ -317,3 +317,13 @@ def test_zero_shot_forecast_learns_a_rule_corpus(tmp_path):
     survival = summary["tasks"]["death_tte"]["time_to_event"]
     assert survival["harrell_c"]["value"] >= 0.85 and survival["td_auroc@20"]["value"] >= 0.85, survival
     assert 0 <= survival["ibs"]["value"] < 0.25
+
+
+def test_task_definitions_come_from_the_prepare_config_and_survive_a_moved_file(tmp_path, caplog):
+    from ehrfm.finetune.forecast import task_definitions
+
+    (tmp_path / "tasks.yaml").write_text(TASK_YAML)
+    (tmp_path / "config.yaml").write_text(f"tasks:\n- demo\n- {tmp_path / 'tasks.yaml'}\n- {tmp_path / 'gone.yaml'}\n")
+    found = task_definitions(tmp_path)
+    assert {"los_7d", "readmission_30d", "mortality_1y", "death_30d", "death_tte"} == set(found)
+    assert found["death_tte"].kind == "time_to_event" and "gone.yaml" in caplog.text
