@@ -70,9 +70,8 @@ def task_definitions(data_dir: Path) -> dict:
     longer be read leaves its tasks out, with a warning)."""
     from ehrfm.config import load_config
     from ehrfm.data_shards.config import PrepareConfig
-    from ehrfm.data_shards.tasks import load_tasks
-
     from ehrfm.data_shards.errors import DataError
+    from ehrfm.data_shards.tasks import load_tasks
 
     path = Path(data_dir) / "config.yaml"
     if not path.exists():
