@@ -204,3 +204,21 @@ class PrepareConfig:
     def validate(self) -> None:
         for i, path in enumerate(self.external_labels):
             check_task_name(Path(path).stem, f"external_labels[{i}]", source=path)
+
+
+@dataclass
+class StreamSettings:
+    """What a user chooses about a stream (``data_shards.stream``); pretraining's ``data.*`` keys are these
+    fields (``PretrainDataConfig`` extends this class, so each is declared once)."""
+
+    context_length: int = 512  # tokens per row
+    batch_size: int = 8  # rows per batch
+    mode: Literal["packed", "padded"] = "packed"
+    long_sequences: Literal["truncate", "split"] = "split"
+    shuffle_buffer: int = 1024  # documents
+    pack_window: int = 64  # documents considered together by best-fit packing / length bucketing
+
+    def validate(self) -> None:
+        check_range(self, "context_length", ge=2)
+        for name in ("batch_size", "shuffle_buffer", "pack_window"):
+            check_range(self, name, ge=1)

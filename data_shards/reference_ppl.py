@@ -38,7 +38,7 @@ SCORED = {
 }
 
 
-def _sequences(root: Path, shards: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_tokens(root: Path, shards: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, types, is_first) over all sequences of the shards, concatenated; is_first marks sequence starts."""
     ids, types, first = [], [], []
     for shard in shards:
@@ -111,8 +111,8 @@ def reference_perplexities(
     """Unigram/bigram perplexities on ``eval_split`` of a prepared folder ``root`` (see the module docstring)."""
     vocab_size = int(manifest["vocab_size"])
     shards = manifest["shards"]
-    train_ids, train_types, train_first = _sequences(Path(root), shards.get(train_split, []))
-    eval_ids, eval_types, eval_first = _sequences(Path(root), shards.get(eval_split, []))
+    train_ids, train_types, train_first = split_tokens(Path(root), shards.get(train_split, []))
+    eval_ids, eval_types, eval_first = split_tokens(Path(root), shards.get(eval_split, []))
     result = {"k": k, "fit_on": train_split, "scored_on": eval_split, "scored": SCORED}
     if not len(train_ids) or not len(eval_ids):
         return {**result, "unavailable": f"split {train_split if not len(train_ids) else eval_split} is empty"}

@@ -25,15 +25,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import check_range
 from ..seeding import derive_seed
 from .collate import assemble_rows, best_fit_pack, cut_document
+from .config import StreamSettings
 from .errors import DataError
 from .schema import SEQUENCE_STREAMS
 from .shards import read_manifest
@@ -134,24 +133,6 @@ class ConsumedSet:
         if self.extras:
             rest = rest[~np.isin(rest, np.asarray(self.extras, dtype=np.int64))]
         return rest
-
-
-@dataclasses.dataclass
-class StreamSettings:
-    """What a user chooses about a stream; pretraining's ``data.*`` keys are these fields (``PretrainDataConfig``
-    extends this class, so each is declared once)."""
-
-    context_length: int = 512  # tokens per row
-    batch_size: int = 8  # rows per batch
-    mode: Literal["packed", "padded"] = "packed"
-    long_sequences: Literal["truncate", "split"] = "split"
-    shuffle_buffer: int = 1024  # documents
-    pack_window: int = 64  # documents considered together by best-fit packing / length bucketing
-
-    def validate(self) -> None:
-        check_range(self, "context_length", ge=2)
-        for name in ("batch_size", "shuffle_buffer", "pack_window"):
-            check_range(self, name, ge=1)
 
 
 @dataclasses.dataclass

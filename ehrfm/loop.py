@@ -98,7 +98,9 @@ class Loop:
         self.max_steps = max_steps
         self.max_epochs = max_epochs
         self.events = StepEvents()
-        self.epoch_records: list[dict] = []  # training records of the current epoch
+        # training records of the current epoch, kept for finite epochs only (an endless stream would grow it
+        # by one record per step for the whole run)
+        self.epoch_records: list[dict] = []
         self.exit_code: int | None = None
 
     # -- requests from callbacks ------------------------------------------------------------------------
@@ -146,7 +148,8 @@ class Loop:
             self.state.step += 1
             record["step"] = self.state.step
             record["step_time_s"] = time.perf_counter() - started
-            self.epoch_records.append(record)
+            if self.max_epochs is not None:
+                self.epoch_records.append(record)
             for callback in self.callbacks:
                 callback.on_step_end(self, record)
         else:

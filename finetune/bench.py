@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 
-def _random_prompts(count: int, length: int, vocab: int, seed: int) -> list[dict]:
+def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[dict]:
+    """Synthetic patient histories of the given lengths (code ids drawn uniformly above the special tokens,
+    visits of 8 tokens, time and age rising over the history): rollout inputs for benchmarks and checks."""
     from ehrfm.data_shards.schema import SPECIAL_TOKENS, TokenType
 
     rng = np.random.default_rng(seed)
     prompts = []
-    for _ in range(count):
+    for length in lengths:
         ids = rng.integers(len(SPECIAL_TOKENS), vocab, size=length)
         visits = np.repeat(np.arange(1, length // 8 + 2), 8)[:length]
         prompts.append(
@@ -79,7 +81,7 @@ def run(argv: list[str]) -> dict:
     tokens = list(SPECIAL_TOKENS) + [f"CODE/{i}" for i in range(args.vocab - len(SPECIAL_TOKENS))]
     table = TokenTable(tokens, [], {}).to(device)
     never = OutcomeRule(hit_ids=[], window_days=float("inf"))
-    prompts = _random_prompts(args.examples, args.history, args.vocab, args.seed)
+    prompts = random_prompts([args.history] * args.examples, args.vocab, args.seed)
     cfg = SamplingConfig(samples=args.samples, max_new_tokens=args.new, seed=args.seed)
     results = {}
     for arch in args.archs.split(","):

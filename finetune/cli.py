@@ -108,7 +108,7 @@ def add_parser(subparsers) -> None:
     add_overwrite_argument(m)
     m.set_defaults(func=run_embed)
 
-    from .forecast import ForecastConfig
+    from .config import ForecastConfig
 
     f = subparsers.add_parser(
         "forecast",
@@ -126,14 +126,15 @@ def add_parser(subparsers) -> None:
     f.set_defaults(func=run_forecast)
 
 
-def build_config(args: argparse.Namespace):
-    """FinetuneConfig: defaults < --config YAML < flags < key=value overrides (``ehrfm.config_flags``)."""
+def build_config(args: argparse.Namespace, cls: type | None = None):
+    """The command's config (``FinetuneConfig`` unless ``cls`` says otherwise): defaults < --config YAML < flags
+    < key=value overrides (``ehrfm.config_flags``), validated."""
     from ehrfm.config import load_config
     from ehrfm.config_flags import config_overrides
 
     from .config import FinetuneConfig
 
-    cfg = load_config(FinetuneConfig, args.config, config_overrides(args))
+    cfg = load_config(cls or FinetuneConfig, args.config, config_overrides(args))
     cfg.validate()
     return cfg
 
@@ -181,13 +182,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_forecast(args: argparse.Namespace) -> int:
-    from ehrfm.config import load_config
-    from ehrfm.config_flags import config_overrides
+    from .config import ForecastConfig
+    from .forecast import forecast
 
-    from .forecast import ForecastConfig, forecast
-
-    cfg = load_config(ForecastConfig, args.config, config_overrides(args))
-    forecast(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
+    forecast(args.model, args.data, args.out, build_config(args, ForecastConfig), overwrite=args.overwrite)
     print((Path(args.out) / "report.md").read_text())
     return 0
 

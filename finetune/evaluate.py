@@ -181,26 +181,18 @@ def survival_table(results: dict[str, dict]) -> str:
 
 
 def _time_to_event_metrics(data: dict, part: pl.DataFrame, folder: Path, task: str, n_boot: int, seed: int) -> dict:
-    """Survival metrics of one time-to-event task (``survival_metrics``) and its calibration plot at the
-    horizon. ``data``: time (N,) days, curves (N, G) survival on ``grid`` (G,) days, rows in ``part``'s order."""
-    from .survival_metrics import bootstrap_survival_metrics
+    """Survival metrics of one time-to-event task (``survival_metrics.horizon_report``) and its calibration plot
+    at the horizon. ``data``: time (N,) days, curves (N, G) survival on ``grid`` (G,) days (its last point the
+    horizon), rows in ``part``'s order; the risk is the predicted probability of the event by the horizon."""
+    from .survival_metrics import horizon_report
 
     time, event = np.asarray(data["time"], float), part["boolean_value"].to_numpy().astype(bool)
     risk = part["predicted_boolean_probability"].to_numpy().astype(float)
     grid = np.asarray(data["grid"], float)
-    horizons = [float(round(grid[-1] / 3)), float(round(2 * grid[-1] / 3))]
-    metrics = bootstrap_survival_metrics(
-        time,
-        event,
-        risk,
-        part["subject_id"].to_numpy(),
-        horizons,
-        survival=data["curves"],
-        survival_grid=grid,
-        n_boot=min(n_boot, 200),
-        seed=seed,
+    metrics = horizon_report(
+        time, event, risk, part["subject_id"].to_numpy(), grid[-1], data["curves"], grid, n_boot, seed
     )
-    _survival_calibration_plot(time, event, 1.0 - data["curves"][:, -1], grid[-1], folder, task)
+    _survival_calibration_plot(time, event, risk, grid[-1], folder, task)
     return metrics
 
 

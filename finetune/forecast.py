@@ -87,15 +87,12 @@ def task_definitions(data_dir: Path) -> dict:
 
 def token_types(data_dir: Path, manifest: dict, split: str, vocab_size: int) -> dict[int, int]:
     """The type the data gives each token id (its most frequent type_id in ``split``'s shards)."""
-    import pyarrow as pa
+    from ehrfm.data_shards.reference_ppl import split_tokens
+    from ehrfm.data_shards.schema import NUM_TOKEN_TYPES
 
-    counts = np.zeros((vocab_size, 32), dtype=np.int64)
-    for shard in manifest["shards"][split]:
-        with pa.memory_map(str(Path(data_dir) / shard["path"])) as source:
-            table = pa.ipc.open_file(source).read_all()
-        ids = table["input_ids"].combine_chunks().flatten().to_numpy()
-        types = table["type_ids"].combine_chunks().flatten().to_numpy()
-        np.add.at(counts, (ids.astype(np.int64), types.astype(np.int64)), 1)
+    ids, types, _ = split_tokens(Path(data_dir), manifest["shards"][split])
+    counts = np.zeros((vocab_size, NUM_TOKEN_TYPES), dtype=np.int64)
+    np.add.at(counts, (ids, types.astype(np.int64)), 1)
     seen = counts.sum(1) > 0
     return {int(i): int(counts[i].argmax()) for i in np.nonzero(seen)[0]}
 
@@ -246,25 +243,26 @@ def forecast_examples(
 
 
 def zero_shot_time_to_event(labels: pl.DataFrame, result: RolloutResult, horizon: float, cfg: ForecastConfig) -> dict:
-    """Time-to-event metrics of the rollouts against time-to-event labels: the risk is the fraction of rollouts
-    with the event within the horizon, and each example's survival curve the empirical one of its sampled event
-    times (S(t) = share of rollouts without an event by day t). Horizons: a third and two thirds of the window
-    (whole days; the window itself is the end of follow-up, where the time-dependent AUROC is undefined)."""
-    from .survival_metrics import bootstrap_survival_metrics
+    """Time-to-event metrics of the rollouts against time-to-event labels (``survival_metrics.horizon_report``):
+    the risk is the fraction of rollouts with the event within the horizon, and each example's survival curve
+    the empirical one of its sampled event times (S(t) = share of rollouts without an event by day t), on the
+    grid the survival heads report (``SURVIVAL_GRID`` x the horizon)."""
+    from .survival import SURVIVAL_GRID
+    from .survival_metrics import horizon_report
 
-    grid = np.linspace(horizon / 20, horizon, 20)
+    grid = SURVIVAL_GRID.numpy().astype(float) * horizon
     hits = np.nan_to_num(result.hit_days, nan=np.inf)
     survival = 1.0 - (hits[:, None, :] <= grid[None, :, None]).mean(axis=2)
-    return bootstrap_survival_metrics(
+    return horizon_report(
         labels["time_to_event_days"].to_numpy(),
         labels["boolean_value"].to_numpy(),
         result.positives / cfg.sampling.samples,
         labels["subject_id"].to_numpy(),
-        [float(round(horizon / 3)), float(round(2 * horizon / 3))],
-        survival=survival,
-        survival_grid=grid,
-        n_boot=min(cfg.bootstrap, 200),
-        seed=cfg.sampling.seed,
+        horizon,
+        survival,
+        grid,
+        cfg.bootstrap,
+        cfg.sampling.seed,
     )
 
 

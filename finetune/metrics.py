@@ -12,6 +12,8 @@ input validation made 1000 resamples take seconds per task); its tests hold it e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score
 
@@ -92,22 +94,39 @@ def bootstrap_metrics(y, p, groups, n_boot: int = 1000, seed: int = 0, alpha: fl
     """
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
-    groups = np.asarray(groups)
     point = binary_metrics(y, p)
-    subjects, inverse = np.unique(groups, return_inverse=True)
+    return subject_bootstrap(
+        groups, lambda rows: fast_binary_metrics(y[rows], p[rows]), point, METRICS, n_boot, seed, alpha
+    )
+
+
+def subject_bootstrap(
+    groups,
+    metrics_of: Callable[[np.ndarray], dict[str, float]],
+    point: dict[str, float],
+    names,
+    n_boot: int,
+    seed: int,
+    alpha: float = 0.05,
+) -> dict[str, dict]:
+    """Percentile CIs from ``n_boot`` resamples of *subjects* (all rows of a drawn subject move together).
+
+    groups (N,): the subject id of every row; metrics_of(rows) -> {name: value} on those row indices (repeats
+    allowed); point: the values on all rows. Returns {name: {value, ci_low, ci_high, n_valid}} in ``names``
+    order, n_valid counting the replicates where the metric was defined (not NaN). Seeded."""
+    subjects, inverse = np.unique(np.asarray(groups), return_inverse=True)
     rows_of = [np.flatnonzero(inverse == s) for s in range(len(subjects))]
     rng = np.random.default_rng(seed)
-    reps = {k: [] for k in METRICS}
+    replicates = {name: [] for name in names}
     for _ in range(n_boot):
         pick = rng.integers(0, len(subjects), size=len(subjects))
-        idx = np.concatenate([rows_of[s] for s in pick])
-        m = fast_binary_metrics(y[idx], p[idx])
-        for k in METRICS:
-            reps[k].append(m[k])
+        values = metrics_of(np.concatenate([rows_of[s] for s in pick]))
+        for name in names:
+            replicates[name].append(values[name])
     out = {}
-    for k in METRICS:
-        arr = np.asarray(reps[k], dtype=float)
+    for name in names:
+        arr = np.asarray(replicates[name], dtype=float)
         valid = arr[~np.isnan(arr)]
         lo, hi = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (np.nan, np.nan)
-        out[k] = {"value": point[k], "ci_low": float(lo), "ci_high": float(hi), "n_valid": int(len(valid))}
+        out[name] = {"value": point[name], "ci_low": float(lo), "ci_high": float(hi), "n_valid": int(len(valid))}
     return out

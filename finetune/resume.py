@@ -15,7 +15,6 @@ folder carries an ehrfm owner file and is removed once the finetuned model is sa
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -76,7 +75,7 @@ class EpochCheckpoint(Callback):
     def on_epoch_end(self, loop: Loop) -> None:
         from safetensors.torch import save_file
 
-        from ehrfm.pretrain.checkpoint import rng_state
+        from ehrfm.pretrain.checkpoint import rng_state, state_to_text
 
         claim_run_dir(self.folder, RESUME_COMMAND, inputs=self.inputs)
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -91,7 +90,7 @@ class EpochCheckpoint(Callback):
             "weights": weights,
             "loop": {**dataclasses.asdict(loop.state), "epoch": loop.state.epoch + 1},  # resume at the next one
             "rng": rng_state(),
-            "shuffle": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode(),
+            "shuffle": state_to_text(self.generator.get_state()),
             "optim_groups": optim["param_groups"],
             "has_best": self.best.best is not None,
         }
@@ -108,7 +107,7 @@ class EpochCheckpoint(Callback):
         from safetensors.torch import load_file
 
         from ehrfm.outputs import check_output_dir
-        from ehrfm.pretrain.checkpoint import set_rng_state
+        from ehrfm.pretrain.checkpoint import set_rng_state, state_from_text
 
         # a folder of that name that ehrfm did not write stops the run now, not after the first epoch
         check_output_dir(self.folder, RESUME_COMMAND, inputs=self.inputs, has_overwrite_flag=False)
@@ -133,8 +132,7 @@ class EpochCheckpoint(Callback):
         for name, value in saved["loop"].items():
             setattr(state, name, value)
         set_rng_state(saved["rng"])
-        shuffle = torch.frombuffer(bytearray(base64.b64decode(saved["shuffle"])), dtype=torch.uint8)
-        self.generator.set_state(shuffle)
+        self.generator.set_state(state_from_text(saved["shuffle"]))
         log.info("resuming finetuning from %s after epoch %d", self.folder, state.epoch - 1)
         return True
 

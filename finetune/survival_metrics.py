@@ -118,21 +118,31 @@ def bootstrap_survival_metrics(
 
         return at
 
-    every = np.arange(len(time))
-    point = survival_point_metrics(time, event, risk, horizons, survival_for(every))
-    subjects, inverse = np.unique(groups, return_inverse=True)
-    rows_of = [np.flatnonzero(inverse == s) for s in range(len(subjects))]
-    rng = np.random.default_rng(seed)
-    replicates = {name: [] for name in point}
-    for _ in range(n_boot):
-        rows = np.concatenate([rows_of[s] for s in rng.integers(0, len(subjects), size=len(subjects))])
-        values = survival_point_metrics(time[rows], event[rows], risk[rows], horizons, survival_for(rows))
-        for name, value in values.items():
-            replicates[name].append(value)
-    out = {}
-    for name, value in point.items():
-        arr = np.asarray(replicates[name], float)
-        valid = arr[~np.isnan(arr)]
-        low, high = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(valid) else (np.nan, np.nan)
-        out[name] = {"value": value, "ci_low": float(low), "ci_high": float(high), "n_valid": int(len(valid))}
-    return out
+    from .metrics import subject_bootstrap
+
+    point = survival_point_metrics(time, event, risk, horizons, survival_for(np.arange(len(time))))
+
+    def metrics_of(rows: np.ndarray) -> dict[str, float]:
+        return survival_point_metrics(time[rows], event[rows], risk[rows], horizons, survival_for(rows))
+
+    return subject_bootstrap(groups, metrics_of, point, list(point), n_boot, seed, alpha)
+
+
+def horizon_report(
+    time, event, risk, groups, horizon: float, survival: np.ndarray, survival_grid: np.ndarray, n_boot: int, seed: int
+) -> dict[str, dict]:
+    """The time-to-event metrics ehrfm reports for a task followed for ``horizon`` days (``ehrfm evaluate`` and
+    ``ehrfm forecast`` alike): time-dependent AUROC at a third and two thirds of the horizon (whole days; at
+    the horizon itself, the end of follow-up, it is undefined), at most 200 bootstrap resamples (each
+    replicate refits the IPCW weights)."""
+    return bootstrap_survival_metrics(
+        time,
+        event,
+        risk,
+        groups,
+        [float(round(horizon / 3)), float(round(2 * horizon / 3))],
+        survival=survival,
+        survival_grid=survival_grid,
+        n_boot=min(n_boot, 200),
+        seed=seed,
+    )

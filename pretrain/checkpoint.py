@@ -85,11 +85,13 @@ class TrainerState(LoopState):
 
 
 # -- RNG ------------------------------------------------------------------------------------------------
-def _b64(t: torch.Tensor) -> str:
+def state_to_text(t: torch.Tensor) -> str:
+    """A generator / RNG state (uint8 tensor) as base64 text for JSON."""
     return base64.b64encode(t.cpu().numpy().tobytes()).decode()
 
 
-def _unb64(s: str) -> torch.Tensor:
+def state_from_text(s: str) -> torch.Tensor:
+    """The uint8 state tensor of :func:`state_to_text`'s text."""
     return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
 
 
@@ -100,10 +102,10 @@ def rng_state() -> dict:
     state = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": _b64(torch.get_rng_state()),
+        "torch": state_to_text(torch.get_rng_state()),
     }
     if torch.cuda.is_available():
-        state["cuda"] = _b64(torch.cuda.get_rng_state())
+        state["cuda"] = state_to_text(torch.cuda.get_rng_state())
     return state
 
 
@@ -111,9 +113,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     n = state["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(_unb64(state["torch"]))
+    torch.set_rng_state(state_from_text(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+        torch.cuda.set_rng_state(state_from_text(state["cuda"]))
 
 
 # -- discovery ------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal, get_args
 
 from ..config import check_range
-from ..data_shards.stream import StreamSettings
+from ..data_shards.config import StreamSettings
 from .dense_loss import DenseLossConfig
 
 Architecture = Literal["llama", "mamba", "mamba2", "bert"]

@@ -165,6 +165,9 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self, batches) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches of ``batches``; returns its training record
+        (losses averaged over ranks, token counts summed) and advances the state's micro-step and token
+        counters (the loop counts the step)."""
         cfg, engine = self.cfg, self.engine
         accum = cfg.train.grad_accum
         engine.train(True)
@@ -214,6 +217,8 @@ class Trainer:
         }
         record.update({k: vector[5 + i].item() / world for i, k in enumerate(keys)})
         record["preempt"] = bool(flag.item())  # the ranks' verdict, read by the Preemption callback
+        self.state.micro_steps += accum
+        self.state.tokens_seen += record["real_tokens"]
         return record
 
     # -- validation -------------------------------------------------------------------------------------
@@ -327,13 +332,6 @@ class Trainer:
             Checkpointing(lambda best: self.save(best=best), cfg.checkpoint.every),
         ]
 
-    def train_step_counted(self, batches) -> dict:
-        """:meth:`train_step` plus the state's micro-step and token counters."""
-        record = self.train_step(batches)
-        self.state.micro_steps += self.cfg.train.grad_accum
-        self.state.tokens_seen += record["real_tokens"]
-        return record
-
     def fit(self) -> int:
         cfg, info = self.cfg, self.info
         engine_info = describe_engine(self.engine)
@@ -354,7 +352,7 @@ class Trainer:
             describe_validation=lambda r: f"val_loss {r['val_loss']:.4f} {validation_summary(r)}",
         )
         self.preemption = Preemption()
-        loop = Loop(self.state, self.train_step_counted, self.callbacks(sink), max_steps=cfg.train.max_steps)
+        loop = Loop(self.state, self.train_step, self.callbacks(sink), max_steps=cfg.train.max_steps)
         batches = iter(self.loader)
         exit_code = loop.fit(lambda epoch: batches)
         if exit_code == 0 and cfg.train.save_probe:

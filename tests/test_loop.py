@@ -55,6 +55,7 @@ def test_step_limit_and_validation_schedule_and_checkpoints():
     stream = endless()
     assert loop.fit(lambda epoch: stream) == 0
     assert state.step == 7 and state.epoch == 0
+    assert loop.epoch_records == []  # an endless stream keeps no per-step records (they would grow all run)
     # validations after steps 3, 6 and the last step 7; best at 3, improved at 6, not at 7
     assert [v["step"] for v in state.val_history] == [3, 6, 7]
     assert (state.best_score, state.best_step, state.bad_evals) == (4.0, 6, 1)

@@ -393,10 +393,10 @@ def check_forecast_rollouts(ctx: Context) -> dict:
     are installed): greedy rollouts of left-padded prompts, rows leaving the batch as they hit, must equal each
     prompt rolled out alone (token for token on CPU; on a GPU batch-size-dependent kernels may flip a near-tie, so
     the share of identical rollout prefixes is reported and must stay >= 0.9); plus rollout throughput."""
-    import numpy as np
     import torch
 
     from ..data_shards.schema import SPECIAL_TOKENS
+    from ..finetune.bench import random_prompts
     from ..finetune.config import SamplingConfig
     from ..finetune.rollout import OutcomeRule, TokenTable, rollout
     from ..pretrain.models import build_model
@@ -404,28 +404,15 @@ def check_forecast_rollouts(ctx: Context) -> dict:
     vocab = 64 if not ctx.gpu else 512
     tokens = list(SPECIAL_TOKENS) + [f"C{i}" for i in range(vocab - len(SPECIAL_TOKENS))]
     table = TokenTable(tokens, [], {}).to(ctx.device)
-    rng = np.random.default_rng(0)
-    lengths = (5, 9, 7) if not ctx.gpu else (60, 120, 90)
-    prompts = [
-        {
-            "input_ids": rng.integers(len(SPECIAL_TOKENS), vocab, n),
-            "type_ids": np.full(n, 7),
-            "ages": np.full(n, 50.0, dtype=np.float32),
-            "times": np.full(n, 2800.0, dtype=np.float32),
-            "visit_segments": np.ones(n, dtype=np.int64),
-            "visit_orders": np.ones(n, dtype=np.int64),
-        }
-        for n in lengths
-    ]
+    prompts = random_prompts([5, 9, 7] if not ctx.gpu else [60, 120, 90], vocab, seed=0)
     first = len(SPECIAL_TOKENS)
     rules = [OutcomeRule(list(range(first + 5 * i, first + 5 * i + 8)), 1e9) for i in range(3)]
     cfg = SamplingConfig(samples=1, temperature=0.0, max_new_tokens=16 if not ctx.gpu else 64)
     out = {}
     for arch in ("llama", "mamba", "mamba2"):
         torch.manual_seed(0)
-        shapes = {"mamba2": dict(head_dim=16, num_heads=8, state_size=8, chunk_size=16)}.get(
-            arch, {}
-        )  # 8 x 16 = 2 x 64
+        # Mamba2 heads x head_dim = 2 x hidden (its expand factor)
+        shapes = {"mamba2": dict(head_dim=16, num_heads=8, state_size=8, chunk_size=16)}.get(arch, {})
         model = build_model(arch, "tiny", vocab_size=vocab, hidden_size=64, num_hidden_layers=2, **shapes)
         model = model.to(ctx.device).eval()
         start = time.perf_counter()

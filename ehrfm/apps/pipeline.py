@@ -189,8 +189,7 @@ def forecast_stage(
         bootstrap=n_boot,
         sampling=SamplingConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed),
     )
-    cfg.validate()
-    return forecast(hf_dir, data, out, cfg)
+    return forecast(hf_dir, data, out, cfg)  # validates cfg before anything runs
 
 
 def baseline_stage(

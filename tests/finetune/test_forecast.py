@@ -12,6 +12,7 @@ import torch
 
 from ehrfm.data_shards.schema import SPECIAL_TOKENS
 from ehrfm.data_shards.tasks import OutcomeSpec, TaskConfig
+from ehrfm.finetune.bench import random_prompts
 from ehrfm.finetune.forecast import outcome_rule
 from ehrfm.finetune.rollout import OutcomeRule, SamplingConfig, TokenTable, interval_days, rollout, wilson_interval
 
@@ -153,19 +154,7 @@ def test_batched_rollouts_equal_each_example_alone(arch):
     ).eval()
     tokens = list(SPECIAL_TOKENS) + [f"C{i}" for i in range(vocab - len(SPECIAL_TOKENS))]
     table = TokenTable(tokens, [], {})
-    rng = np.random.default_rng(0)
-    prompts = []
-    for length in (5, 9, 7):
-        prompts.append(
-            {
-                "input_ids": rng.integers(len(SPECIAL_TOKENS), vocab, length),
-                "type_ids": np.full(length, 7),
-                "ages": np.full(length, 50.0, dtype=np.float32),
-                "times": np.full(length, 2800.0, dtype=np.float32),
-                "visit_segments": np.ones(length, dtype=np.int64),
-                "visit_orders": np.ones(length, dtype=np.int64),
-            }
-        )
+    prompts = random_prompts([5, 9, 7], vocab, seed=0)
     rules = [
         OutcomeRule(list(range(len(SPECIAL_TOKENS) + 3 * i, len(SPECIAL_TOKENS) + 3 * i + 6)), 1e9) for i in range(3)
     ]
