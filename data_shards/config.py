@@ -106,11 +106,14 @@ class VisitConfig:
     """How events are grouped into visits.
 
     With an encounter column (FHIR input, or MEDS extra column) each encounter is a visit. Otherwise
-    consecutive events less than ``gap_hours`` apart form one visit.
+    consecutive events less than ``gap_hours`` apart form one visit. ``stay_tokens`` puts a stay-length token
+    ([S<k>D], :data:`.schema.STAY_TOKENS`) before each visit's [VE]: the clock inside visits that zero-shot
+    length-of-stay forecasts read (``ehrfm forecast``); false gives 001/003's layout exactly.
     """
 
     encounter_column: str = "encounter_id"
     gap_hours: float = 24.0
+    stay_tokens: bool = True
 
     def validate(self) -> None:
         check_range(self, "gap_hours", gt=0.0)

@@ -86,6 +86,10 @@ class TaskExamples:
     def __len__(self) -> int:
         return self.labels.height
 
+    def prediction_time_s(self, i: int) -> int:
+        """Prediction time of label row ``i`` in epoch seconds (inputs are the tokens strictly before it)."""
+        return int(self._pred_s[i])
+
     def __getitem__(self, i: int) -> tuple[dict, bool]:
         sid = int(self.labels["subject_id"][i])
         sample = self.reader.get(self._row_of[sid])

@@ -14,8 +14,14 @@ WEEK_TOKENS = tuple(f"[W{i}]" for i in range(4))
 MONTH_TOKENS = tuple(f"[M{i}]" for i in range(1, 13))
 LONG_TERM = "[LT]"
 INTERVAL_TOKENS = WEEK_TOKENS + MONTH_TOKENS + (LONG_TERM,)
+# Stay-length tokens (an ehrfm addition to the CEHR-BERT layout, ``visits.stay_tokens``): one just before each
+# visit's [VE], carrying the visit end time, so that a generative model keeps a clock inside visits and a sampled
+# future can say how long a stay lasts. [S<k>D] = the visit lasted more than the previous edge and at most k days
+# (a same-day visit is [S1D]); [SLT] = longer than the last edge. Edges in days:
+STAY_EDGES_DAYS = (1, 2, 3, 4, 5, 6, 7, 14, 30)
+STAY_TOKENS = tuple(f"[S{k}D]" for k in STAY_EDGES_DAYS) + ("[SLT]",)
 # Order fixes the ids: [PAD] is always id 0, [UNK] 1, [MASK] 2 ...; task tokens follow, then codes.
-SPECIAL_TOKENS = (PAD, UNK, MASK, CLS, VS, VE, REG) + INTERVAL_TOKENS
+SPECIAL_TOKENS = (PAD, UNK, MASK, CLS, VS, VE, REG) + INTERVAL_TOKENS + STAY_TOKENS
 PAD_ID = 0
 # Input codes that are spelled like a reserved token (a special token or a task token), or that already start
 # with this prefix, get it prepended during cleaning, so "[PAD]" in the data becomes the ordinary code token
@@ -33,19 +39,29 @@ class TokenType(enum.IntEnum):
     REG = 4
     INTERVAL = 5  # [W*], [M*], [LT]
     TASK = 6  # task tokens used by multitask prompted finetuning
-    DX = 7  # conditions / diagnoses
-    MED = 8  # medications (requests, administrations)
-    LAB = 9  # laboratory observations
-    PRO = 10  # procedures
-    VIT = 11  # vital signs
-    IMM = 12  # immunizations
-    OTHER = 13  # any other coded event (demographics, unmapped systems)
+    STAY = 7  # stay-length tokens [S<k>D], [SLT]
+    # clinical event types: DX..OTHER, the last ones (``is_code_type`` and the data stage rely on it)
+    DX = 8  # conditions / diagnoses
+    MED = 9  # medications (requests, administrations)
+    LAB = 10  # laboratory observations
+    PRO = 11  # procedures
+    VIT = 12  # vital signs
+    IMM = 13  # immunizations
+    OTHER = 14  # any other coded event (demographics, unmapped systems)
 
 
 NUM_TOKEN_TYPES = len(TokenType)
 SPECIAL_TYPES = frozenset(
-    {TokenType.CLS, TokenType.VS, TokenType.VE, TokenType.REG, TokenType.INTERVAL, TokenType.TASK}
+    {TokenType.CLS, TokenType.VS, TokenType.VE, TokenType.REG, TokenType.INTERVAL, TokenType.TASK, TokenType.STAY}
 )
+
+
+def stay_range_days(token: str) -> tuple[float, float]:
+    """(low, high] days of a stay-length token; [SLT] -> (last edge, inf)."""
+    i = STAY_TOKENS.index(token)
+    low = 0.0 if i == 0 else float(STAY_EDGES_DAYS[i - 1])
+    high = float(STAY_EDGES_DAYS[i]) if i < len(STAY_EDGES_DAYS) else float("inf")
+    return low, high
 
 # Per-token streams of one patient sequence (a shard row) and of a model batch. All have the same length.
 #   input_ids       int64  vocabulary ids

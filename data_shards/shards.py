@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ehrfm.outputs import file_sha256, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stay-length tokens ([S<k>D]) and TokenType.STAY
 SHARD_SCHEMA = pa.schema(
     [
         ("subject_id", pa.int64()),

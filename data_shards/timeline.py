@@ -1,12 +1,14 @@
 """Cleaned events -> visits -> one token sequence per patient (the CEHR-BERT / EhrMamba layout).
 
-    [CLS] <static codes> [VS] e11 e12 ... [VE] [REG] [W2] [VS] e21 ... [VE] [REG] [M3] [VS] ...
+    [CLS] <static codes> [VS] e11 e12 ... [S2D] [VE] [REG] [W2] [VS] e21 ... [S1D] [VE] [REG] [M3] [VS] ...
 
 * Visits: with an encounter column each encounter is a visit; rows without one (and MEDS data without the
   column) are grouped into visits of consecutive events less than ``visits.gap_hours`` apart.
 * Visit start = first event, visit end = last event (incl. the encounter's end); visits ordered by start.
 * Interval token before every visit but the first, from the gap between the previous visit's end and this
   start: < 28 days -> [W<weeks>] (0-3), up to 12 months -> [M<months>] (30-day months, at least 1), else [LT].
+* Stay-length token before every [VE] (``visits.stay_tokens``, an ehrfm addition; off = the CEHR-BERT layout):
+  the visit's end minus start, [S<k>D] for at most k days (1-7, 14, 30), [SLT] beyond (``schema.STAY_TOKENS``).
 * Within a visit events are ordered by (time, token). Static codes (null time) follow [CLS].
 * Special and task tokens appear only where this layout puts them: input codes spelled like one are escaped
   by cleaning (``[PAD]`` -> ``CODE//[PAD]``, :mod:`.cleaning`), and a code row that still carries a reserved
@@ -15,7 +17,8 @@
 Per token streams (see :mod:`ehrfm.data_shards.schema`): type, age (years), time (weeks since 1970),
 visit segment (1/2 alternating; 0 for [CLS] and statics), visit order (1-based; 0 for [CLS] and statics),
 and the event time in epoch seconds used to cut inputs at a prediction time. Token times: [CLS] and static
-codes take the first event time, an interval token and [VS] the visit start, [VE] and [REG] the visit end.
+codes take the first event time, an interval token and [VS] the visit start, the stay token, [VE] and [REG] the
+visit end (so a stay's length is never visible before the stay ends).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import polars as pl
 
 from . import schema
 from .config import HistoryConfig, VisitConfig, VocabConfig
-from .schema import TokenType
+from .schema import SPECIAL_TYPES, TokenType
 from .vocab import (
     NON_TOKEN_CODES,
     NON_TOKEN_PREFIXES,
@@ -137,6 +140,14 @@ def interval_token(gap: pl.Expr) -> pl.Expr:
     )
 
 
+def stay_length_token(duration: pl.Expr) -> pl.Expr:
+    """Stay-length token name for a visit's duration (end - start): the first edge it does not exceed."""
+    expr = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
+    for edge, token in zip(schema.STAY_EDGES_DAYS, schema.STAY_TOKENS):
+        expr = expr.when(duration <= pl.duration(days=edge)).then(pl.lit(token))
+    return expr.otherwise(pl.lit(schema.STAY_TOKENS[-1]))
+
+
 def build_sequences(
     events: pl.DataFrame,
     vocab: Vocabulary,
@@ -218,9 +229,11 @@ def build_sequences(
         special(pl.col("interval"), 0, "start", TokenType.INTERVAL).filter(pl.col("token").is_not_null()),
         special(schema.VS, 1, "start", TokenType.VS),
         event_tokens,
-        special(schema.VE, 3, "end", TokenType.VE),
-        special(schema.REG, 4, "end", TokenType.REG),
+        special(schema.VE, 4, "end", TokenType.VE),
+        special(schema.REG, 5, "end", TokenType.REG),
     ]
+    if visit_cfg.stay_tokens:
+        parts.append(special(stay_length_token(pl.col("end") - pl.col("start")), 3, "end", TokenType.STAY))
     rows = pl.concat(parts, how="vertical_relaxed").join(birth, on="subject_id", how="left")
     rows = rows.sort("subject_id", "visit_order", "slot", "time", "token")
     token_ids = pl.col("token").replace_strict(vocab.ids, default=vocab.unk_id, return_dtype=pl.Int32)
@@ -231,7 +244,7 @@ def build_sequences(
         {vocab.ids[t] for t in (*schema.SPECIAL_TOKENS, *vocab.task_tokens) if t in vocab.ids} - {vocab.unk_id}
     )
     token_ids = (
-        pl.when((pl.col("type_id") >= int(TokenType.DX)) & token_ids.is_in(reserved_ids))
+        pl.when(~pl.col("type_id").is_in([int(t) for t in SPECIAL_TYPES]) & token_ids.is_in(reserved_ids))
         .then(pl.lit(vocab.unk_id, pl.Int32))
         .otherwise(token_ids)
     )

@@ -11,9 +11,13 @@ Which outcomes a rollout can answer with today's token scheme:
 * ``encounter_start`` -- an ``ENCOUNTER/<class>`` token in a visit the rollout started (the index stay's own
   encounter token is history);
 * ``code`` -- a token of one of the codes (prefix match, value bins included);
-* ``stay_longer_than`` (length of stay) -- *not answerable*: the scheme keeps no clock inside a visit (times
-  are an input stream the model does not generate, and interval tokens sit only between visits), so a rollout
-  cannot say when a stay ends. Such tasks are skipped with a warning (an error when asked for by name).
+* ``stay_longer_than`` (length of stay) -- the stay-length token ([S<k>D], ``visits.stay_tokens``) the rollout
+  generates for the visit open at the prediction time: positive when its whole range lies above the task's
+  ``stay_days``, negative for a shorter one or when the rollout starts a new visit first. ``stay_days`` must be
+  one of the token edges (``schema.STAY_EDGES_DAYS``: 1-7, 14, 30 days) so that every token answers exactly;
+  data prepared without stay tokens (``visits.stay_tokens: false``, the CEHR-BERT layout) keeps no clock inside
+  visits and cannot answer it. Tasks that cannot be answered are skipped with a warning (an error when asked
+  for by name).
 
 Output folder: the ``ehrfm evaluate`` layout (``<task>/predictions.parquet`` in the MEDS label schema,
 metrics.json with patient-level bootstrap CIs, report.md, plots) plus ``rollouts.parquet`` (per example:
@@ -38,7 +42,7 @@ from ehrfm.data_shards.shards import read_manifest, write_json_atomic
 
 from .config import ForecastConfig
 from .data import FinetuneInputError, check_vocabulary, plain_sample, read_export_metadata, resolve_tasks
-from .rollout import OutcomeRule, RolloutResult, TokenTable, rollout, wilson_interval
+from .rollout import OutcomeRule, RolloutResult, TokenTable, open_visit_days, rollout, wilson_interval
 
 log = logging.getLogger("ehrfm.finetune")
 
@@ -46,12 +50,13 @@ DEATH_PREFIX = "MEDS_DEATH"
 ENCOUNTER_PREFIX = "ENCOUNTER/"
 
 
-def outcome_rule(task, tokens: list[str]) -> tuple[OutcomeRule | None, str]:
-    """The rule that reads ``task``'s outcome off a rollout, or (None, why it cannot be read)."""
+def outcome_rule(task, tokens: list[str], stay_tokens_seen: bool = True) -> tuple[OutcomeRule | None, str]:
+    """The rule that reads ``task``'s outcome off a rollout, or (None, why it cannot be read).
+    ``stay_tokens_seen``: whether the data (and so the model) has stay-length tokens."""
     outcome = task.outcome
     death_ids = [i for i, t in enumerate(tokens) if t.startswith(DEATH_PREFIX)]
     if outcome.kind == "stay_longer_than":
-        return None, "length of stay needs a clock inside a visit, which the token scheme does not keep"
+        return stay_rule(outcome.stay_days, tokens, stay_tokens_seen)
     if outcome.kind == "death":
         hits, new_visit_only, ends = death_ids, False, []
     elif outcome.kind == "encounter_start":
@@ -63,6 +68,23 @@ def outcome_rule(task, tokens: list[str]) -> tuple[OutcomeRule | None, str]:
     if not hits:
         return None, f"no token of its {outcome.kind} outcome is in the vocabulary"
     return OutcomeRule(hits, float(outcome.window_days), new_visit_only, ends), ""
+
+
+def stay_rule(stay_days: float, tokens: list[str], stay_tokens_seen: bool) -> tuple[OutcomeRule | None, str]:
+    """Length of stay > ``stay_days``: read off the open visit's stay-length token (see the module docstring)."""
+    from ehrfm.data_shards.schema import STAY_EDGES_DAYS, STAY_TOKENS, stay_range_days
+
+    if not stay_tokens_seen:
+        return None, (
+            "length of stay needs a clock inside visits: prepare the data with visits.stay_tokens (the default) "
+            "and pretrain on it"
+        )
+    if stay_days not in STAY_EDGES_DAYS:
+        return None, f"stay_days {stay_days:g} is not a stay-token edge {STAY_EDGES_DAYS}, so no token answers it"
+    ids = {t: i for i, t in enumerate(tokens) if t in STAY_TOKENS}
+    longer = [i for t, i in ids.items() if stay_range_days(t)[0] >= stay_days]
+    shorter = [i for t, i in ids.items() if stay_range_days(t)[1] <= stay_days]
+    return OutcomeRule(longer, float("inf"), end_ids=shorter, open_visit_only=True), ""
 
 
 def task_definitions(data_dir: Path) -> dict:
@@ -85,16 +107,47 @@ def task_definitions(data_dir: Path) -> dict:
     return found
 
 
-def token_types(data_dir: Path, manifest: dict, split: str, vocab_size: int) -> dict[int, int]:
-    """The type the data gives each token id (its most frequent type_id in ``split``'s shards)."""
-    from ehrfm.data_shards.reference_ppl import split_tokens
-    from ehrfm.data_shards.schema import NUM_TOKEN_TYPES
+def token_statistics(
+    data_dir: Path, manifest: dict, split: str, vocab_size: int
+) -> tuple[dict[int, int], dict[int, float]]:
+    """From ``split``'s shards: the type the data gives each token id (its most frequent type_id) and, per
+    stay-length token id, the mean length in days of the visits it closes (token time minus the time of the
+    visit's first token)."""
+    import pyarrow as pa
 
-    ids, types, _ = split_tokens(Path(data_dir), manifest["shards"][split])
+    from ehrfm.data_shards.schema import NUM_TOKEN_TYPES, TokenType
+
+    columns: dict[str, list[np.ndarray]] = {"input_ids": [], "type_ids": [], "event_time_s": [], "visit_orders": []}
+    rows = []
+    for shard in manifest["shards"][split]:
+        with pa.memory_map(str(Path(data_dir) / shard["path"])) as source:
+            table = pa.ipc.open_file(source).read_all()
+        for name, parts in columns.items():
+            parts.append(table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False))
+        rows.append(np.repeat(np.arange(table.num_rows) + sum(len(r) for r in rows), table.column("length")))
+    if not rows:
+        return {}, {}
+    ids, types, times, orders, row = (
+        np.concatenate(columns["input_ids"]).astype(np.int64),
+        np.concatenate(columns["type_ids"]).astype(np.int64),
+        np.concatenate(columns["event_time_s"]).astype(np.int64),
+        np.concatenate(columns["visit_orders"]).astype(np.int64),
+        np.concatenate(rows),
+    )
     counts = np.zeros((vocab_size, NUM_TOKEN_TYPES), dtype=np.int64)
-    np.add.at(counts, (ids, types.astype(np.int64)), 1)
+    np.add.at(counts, (ids, types), 1)
     seen = counts.sum(1) > 0
-    return {int(i): int(counts[i].argmax()) for i in np.nonzero(seen)[0]}
+    types_by_id = {int(i): int(counts[i].argmax()) for i in np.nonzero(seen)[0]}
+    # visits are contiguous runs of (row, visit order); each stay token is measured from its run's first token
+    new_run = np.ones(len(ids), dtype=bool)
+    new_run[1:] = (row[1:] != row[:-1]) | (orders[1:] != orders[:-1])
+    run_start = times[np.nonzero(new_run)[0]][np.cumsum(new_run) - 1]
+    stay = types == int(TokenType.STAY)
+    days = (times[stay] - run_start[stay]) / 86400.0
+    total = np.bincount(ids[stay], weights=days, minlength=vocab_size)
+    number = np.bincount(ids[stay], minlength=vocab_size)
+    stay_days = {int(i): float(total[i] / number[i]) for i in np.nonzero(number)[0]}
+    return types_by_id, stay_days
 
 
 def load_causal_model(model_dir: Path, architecture: str):
@@ -130,9 +183,12 @@ def forecast(model_dir: Path, data_dir: Path, out: Path, cfg: ForecastConfig, *,
     check_vocabulary(meta["vocab_fingerprint"], model_dir / "ehrfm_export.json", data_dir, manifest)
     vocab = Vocabulary.load(data_dir / "tokenizer")
     definitions = task_definitions(data_dir)
+    pretrain_split = "pretrain" if "pretrain" in manifest["shards"] else cfg.split
+    types_by_id, stay_days = token_statistics(data_dir, manifest, pretrain_split, len(vocab))
     rules, skipped = {}, {}
     for name in resolve_tasks(manifest, data_dir, cfg.tasks):
-        rule, why = outcome_rule(definitions[name], vocab.tokens) if name in definitions else (None, "")
+        known = name in definitions
+        rule, why = outcome_rule(definitions[name], vocab.tokens, bool(stay_days)) if known else (None, "")
         if rule is None:
             why = why or "no task definition (external labels): the outcome is unknown"
             if cfg.tasks:
@@ -148,8 +204,7 @@ def forecast(model_dir: Path, data_dir: Path, out: Path, cfg: ForecastConfig, *,
     model = load_causal_model(model_dir, str(meta["architecture"]))
     device = compute_device()
     model.to(device)
-    pretrain_split = "pretrain" if "pretrain" in manifest["shards"] else cfg.split
-    table = TokenTable(vocab.tokens, vocab.task_tokens, token_types(data_dir, manifest, pretrain_split, len(vocab)))
+    table = TokenTable(vocab.tokens, vocab.task_tokens, types_by_id, stay_days)
     table.to(device)
     generator = torch.Generator().manual_seed(cfg.sampling.seed)
     frames, rollout_rows, tallies, tokens = [], [], {}, 0
@@ -180,7 +235,7 @@ def forecast(model_dir: Path, data_dir: Path, out: Path, cfg: ForecastConfig, *,
             "examples": count,
             "rollouts": count * cfg.sampling.samples,
             "truncated_rollouts": int(result.truncated.sum()),
-            "window_days": rule.window_days,
+            "window_days": rule.window_days if np.isfinite(rule.window_days) else None,
         }
         if "time_to_event_days" in labels.columns:
             tallies[name]["time_to_event"] = zero_shot_time_to_event(labels, result, rule.window_days, cfg)
@@ -230,7 +285,11 @@ def forecast_examples(
     with tqdm(total=count, desc=f"forecast {name}", unit="ex", dynamic_ncols=True) as bar:
         for start in range(0, count, per_batch):
             stop = min(count, start + per_batch)
-            prompts = [plain_sample(examples[i][0]) for i in range(start, stop)]
+            prompts = []
+            for i in range(start, stop):
+                prompt = plain_sample(examples[i][0])
+                prompt["open_visit_days"] = open_visit_days(prompt, examples.prediction_time_s(i))
+                prompts.append(prompt)
             parts.append(rollout(model, prompts, [rule] * len(prompts), table, sampling, generator))
             bar.update(stop - start)
     empty = np.zeros(0, dtype=np.int64)

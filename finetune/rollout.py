@@ -1,18 +1,23 @@
 """Sampling patient futures from a causal EHR model: batched rollouts with the model's cache, a clock driven by
-the generated interval tokens, and the attribute streams the model was trained with.
+the generated interval and stay-length tokens, and the attribute streams the model was trained with.
 
 A rollout continues a patient's history (cut strictly before the prediction time) one token at a time. Each
 generated token gets the streams the data stage would have given it (``data_shards.timeline``): its token
 type, the visit order / segment (a new visit starts at an interval token, or at a [VS] that no interval
-token announced), and time and age advanced by the interval. The clock is the days elapsed since the
-prediction time, advanced only by interval tokens, each worth the middle of its range (``INTERVAL_DAYS``):
-the token scheme keeps no clock inside a visit, so time spent inside visits counts as zero.
+token announced), and time and age advanced by the clock. The clock is the days elapsed since the prediction
+time. Interval tokens advance it by the middle of their range (``interval_days``); a stay-length token
+([S<k>D], data prepared with ``visits.stay_tokens``) by the stay's length (``TokenTable.stay_days``: the mean
+length of that token's visits in the data) -- for the visit open at the prediction time, minus the days it had
+already lasted then (``open_visit_days``), never below zero. Without stay tokens, time inside visits counts
+as zero.
 
 Per row an :class:`OutcomeRule` (built from a task's outcome definition in ``finetune/forecast.py``) decides
-after every token: a hit (one of the outcome's tokens, in a new visit if the rule asks for one, with the clock
-inside the window) ends the row as positive; the clock passing the window, or a death token for an outcome
-other than death, ends it as negative; a row still open after ``max_new_tokens`` is *truncated* (negative,
-counted). Finished rows leave the batch (their cache rows are dropped), so the cost follows the open rows.
+after every token: a hit (one of the outcome's tokens, in a new visit or in the open visit if the rule asks for
+it, with the clock inside the window) ends the row as positive; the clock passing the window, one of the rule's
+end tokens (a death for an outcome other than death; a shorter stay token for length of stay), or leaving the
+open visit for an open-visit rule, ends it as negative; a row still open after ``max_new_tokens`` is
+*truncated* (negative, counted). Finished rows leave the batch (their cache rows are dropped), so the cost
+follows the open rows.
 """
 
 from __future__ import annotations
@@ -22,7 +27,18 @@ import dataclasses
 import numpy as np
 import torch
 
-from ehrfm.data_shards.schema import CLS, INTERVAL_TOKENS, LONG_TERM, MASK, PAD, UNK, VS, TokenType
+from ehrfm.data_shards.schema import (
+    CLS,
+    INTERVAL_TOKENS,
+    LONG_TERM,
+    MASK,
+    PAD,
+    STAY_TOKENS,
+    UNK,
+    VS,
+    TokenType,
+    stay_range_days,
+)
 
 from .config import SamplingConfig
 
@@ -43,24 +59,51 @@ def interval_days(token: str) -> float:
     return (low + high) / 2
 
 
+def default_stay_days(token: str) -> float:
+    """Days a stay-length token counts when the data gives no mean: the middle of its range ([SLT]: its lower
+    edge)."""
+    low, high = stay_range_days(token)
+    return low if high == float("inf") else (low + high) / 2
+
+
+def open_visit_days(sample: dict, prediction_time_s: int) -> float:
+    """Days the visit still open at the end of a cut history (its last token neither [REG] nor static) had
+    lasted at the prediction time, from its first token's time; 0 when the history ends between visits."""
+    orders, types = np.asarray(sample["visit_orders"]), np.asarray(sample["type_ids"])
+    if len(orders) == 0 or orders[-1] == 0 or types[-1] == int(TokenType.REG):
+        return 0.0
+    start = int(np.asarray(sample["event_time_s"])[orders == orders[-1]].min())
+    return max(0.0, (prediction_time_s - start) / 86400.0)
+
+
 @dataclasses.dataclass
 class OutcomeRule:
-    """When a rollout answers a task: ``hit_ids`` (token ids of the outcome), ``new_visit_only`` (a hit
-    counts only in a visit the rollout started, e.g. a readmission's new encounter), ``window_days`` (the
-    label window after the prediction time) and ``death_ids`` (a death ends every other outcome)."""
+    """When a rollout answers a task: ``hit_ids`` (token ids of the outcome), ``window_days`` (the label window
+    after the prediction time; inf for none), ``new_visit_only`` (a hit counts only in a visit the rollout
+    started, e.g. a readmission's new encounter), ``open_visit_only`` (a hit counts only in the visit open at
+    the prediction time, and the row ends when a new visit starts: length of stay) and ``end_ids`` (tokens that
+    end the row as negative: a death for every other outcome, a shorter stay token for length of stay)."""
 
     hit_ids: list[int]
     window_days: float
     new_visit_only: bool = False
-    death_ids: list[int] = dataclasses.field(default_factory=list)
+    end_ids: list[int] = dataclasses.field(default_factory=list)
+    open_visit_only: bool = False
 
 
 class TokenTable:
-    """Per vocabulary id: token type, interval days (NaN if not an interval), [VS] flag, and which ids are never
-    sampled (padding, [UNK], [MASK], [CLS], task tokens). ``token_types`` maps ids to the type the data gives
-    them (read from the shards); ids never seen there take OTHER."""
+    """Per vocabulary id: token type, interval days and stay days (NaN where not such a token), [VS] flag, and
+    which ids are never sampled (padding, [UNK], [MASK], [CLS], task tokens). ``token_types`` maps ids to the
+    type the data gives them (read from the shards); ids never seen there take OTHER. ``stay_days`` maps stay
+    token ids to the mean length of their visits in the data; others take :func:`default_stay_days`."""
 
-    def __init__(self, tokens: list[str], task_tokens: list[str], token_types: dict[int, int]) -> None:
+    def __init__(
+        self,
+        tokens: list[str],
+        task_tokens: list[str],
+        token_types: dict[int, int],
+        stay_days: dict[int, float] | None = None,
+    ) -> None:
         size = len(tokens)
         self.types = torch.full((size,), int(TokenType.OTHER), dtype=torch.long)
         for token_id, type_id in token_types.items():
@@ -70,6 +113,11 @@ class TokenTable:
             if token in INTERVAL_TOKENS:
                 self.interval_days[i] = interval_days(token)
                 self.types[i] = int(TokenType.INTERVAL)
+        self.stay_days = torch.full((size,), float("nan"))
+        for i, token in enumerate(tokens):
+            if token in STAY_TOKENS:
+                self.stay_days[i] = (stay_days or {}).get(i, default_stay_days(token))
+                self.types[i] = int(TokenType.STAY)
         self.is_visit_start = torch.tensor([t == VS for t in tokens])
         banned = {PAD, UNK, MASK, CLS, *task_tokens}
         self.banned = torch.tensor([t in banned for t in tokens])
@@ -134,12 +182,14 @@ class RolloutBatch:
         vocab = len(table.types)
         self.row = torch.arange(rows, device=device)  # index among the batch's rows: example * samples + sample
         self.hit_table = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-        self.death_table = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.end_table = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         for i, rule in enumerate(rules):
             self.hit_table[i, rule.hit_ids] = True
-            self.death_table[i, rule.death_ids] = True
+            self.end_table[i, rule.end_ids] = True
         self.window = torch.tensor([r.window_days for r in rules], device=device)
         self.new_visit_only = torch.tensor([r.new_visit_only for r in rules], device=device)
+        self.open_visit_only = torch.tensor([r.open_visit_only for r in rules], device=device)
+        self.open_days = torch.tensor([float(p.get("open_visit_days", 0.0)) for p in prompts], device=device)
         self.elapsed = torch.zeros(rows, device=device)
         self.new_visits = torch.zeros(rows, dtype=torch.long, device=device)
         self.prev_interval = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -154,9 +204,11 @@ class RolloutBatch:
         for name in (
             "row",
             "hit_table",
-            "death_table",
+            "end_table",
             "window",
             "new_visit_only",
+            "open_visit_only",
+            "open_days",
             "elapsed",
             "new_visits",
             "prev_interval",
@@ -168,20 +220,24 @@ class RolloutBatch:
 
     def advance(self, tokens: torch.Tensor, table: TokenTable) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Account one generated token per row. Returns (hit, ended) bool (R,) and the token's streams (R, 1)."""
-        days = table.interval_days[tokens]
-        interval = ~torch.isnan(days)
+        interval_days, stay_days = table.interval_days[tokens], table.stay_days[tokens]
+        interval = ~torch.isnan(interval_days)
         starts_visit = interval | (table.is_visit_start[tokens] & ~self.prev_interval)
-        self.elapsed = self.elapsed + torch.where(interval, days, torch.zeros_like(days))
         self.new_visits = self.new_visits + starts_visit.long()
         self.visit_order = self.visit_order + starts_visit.long()
-        self.times = self.times + torch.where(interval, days / DAYS_PER_WEEK, torch.zeros_like(days))
-        self.ages = self.ages + torch.where(interval, days / DAYS_PER_YEAR, torch.zeros_like(days))
+        in_open_visit = self.new_visits == 0
+        stay = torch.where(in_open_visit, (stay_days - self.open_days).clamp(min=0.0), stay_days)
+        days = torch.where(interval, interval_days, torch.nan_to_num(stay, nan=0.0))
+        self.elapsed = self.elapsed + days
+        self.times = self.times + days / DAYS_PER_WEEK
+        self.ages = self.ages + days / DAYS_PER_YEAR
         self.prev_interval = interval
         rows = torch.arange(len(tokens), device=tokens.device)
         in_window = self.elapsed <= self.window
-        visit_ok = ~self.new_visit_only | (self.new_visits > 0)
+        visit_ok = (~self.new_visit_only | ~in_open_visit) & (~self.open_visit_only | in_open_visit)
         hit = self.hit_table[rows, tokens] & visit_ok & in_window
-        ended = hit | ~in_window | self.death_table[rows, tokens]
+        left_open_visit = self.open_visit_only & ~in_open_visit
+        ended = hit | ~in_window | self.end_table[rows, tokens] | left_open_visit
         streams = {
             "input_ids": tokens[:, None],
             "type_ids": table.types[tokens][:, None],

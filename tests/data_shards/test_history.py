@@ -59,7 +59,7 @@ def test_lookback_windows():
     one_year = _tokens(events, HistoryConfig(lookback="1y"))
     assert one_year.count("[VS]") == 2 and "ICD10CM/I10" not in one_year and "ICD10CM/E11" in one_year
     latest = _tokens(events, HistoryConfig(lookback="latest_visit"))
-    assert latest == ["[CLS]", "[VS]", "RXNORM/1", "[VE]", "[REG]"]
+    assert latest == ["[CLS]", "[VS]", "RXNORM/1", "[S1D]", "[VE]", "[REG]"]
 
 
 def test_aggregation_averages_repeated_values_within_the_window():
@@ -120,3 +120,32 @@ def test_external_labels_are_split_like_their_subjects(tmp_path):
                 .to_pylist()
             )
         assert set(got["subject_id"].to_list()) <= shard_ids
+
+
+STAY_ROWS = [
+    (1, D(1950, 1, 1), "MEDS_BIRTH", None, None),
+    (1, D(2000, 1, 1, 8), "ICD10CM/I10", None, "a"),  # a: a single instant -> [S1D]
+    (1, D(2000, 3, 1, 8), "ICD10CM/I10", None, "b"),
+    (1, D(2000, 3, 8, 8), "RXNORM/1", None, "b"),  # b: exactly 7 days -> [S7D] (7 days is not "longer than 7")
+    (1, D(2000, 6, 1, 8), "ICD10CM/I10", None, "c"),
+    (1, D(2000, 6, 8, 8, 0, 1), "RXNORM/1", None, "c"),  # c: 7 days + 1 s -> [S14D]
+    (1, D(2000, 9, 1, 8), "ICD10CM/I10", None, "d"),
+    (1, D(2000, 10, 2, 8), "RXNORM/1", None, "d"),  # d: 31 days -> [SLT]
+    (1, D(2001, 1, 1, 8), "ICD10CM/I10", None, "e"),
+    (1, D(2001, 1, 2, 20), "RXNORM/1", None, "e"),  # e: 1.5 days -> [S2D]
+]
+
+
+def test_stay_tokens_by_hand():
+    """Each visit ends ``<stay token> [VE] [REG]``, the token from the visit's end minus start (hand-derived
+    above); ``visits.stay_tokens: false`` gives the CEHR-BERT layout without them."""
+    events = _events(STAY_ROWS)
+    tokens = _tokens(events, HistoryConfig())
+    stays = [tokens[i - 1] for i, t in enumerate(tokens) if t == "[VE]"]
+    assert stays == ["[S1D]", "[S7D]", "[S14D]", "[SLT]", "[S2D]"]
+    counts = dict(events.group_by("code").len().iter_rows())
+    vocab = Vocabulary.build(counts, {}, min_frequency=1, task_tokens=[])
+    plain = build_sequences(events, vocab, visit_cfg=VisitConfig(stay_tokens=False), history_cfg=HistoryConfig())
+    plain_tokens = [vocab.tokens[i] for i in plain["input_ids"][0].to_list()]
+    assert plain_tokens == [t for t in tokens if not (t.startswith("[S") and t.endswith("D]")) and t != "[SLT]"]
+    assert not any(t.startswith("[S") for t in plain_tokens)

@@ -22,6 +22,7 @@ EXPECTED_TOKENS = [
     "SNOMED/88805009",
     "LOINC/8867-4",
     "RXNORM/197361",
+    "[S14D]",
     "[VE]",
     "[REG]",
     "[W2]",
@@ -29,11 +30,13 @@ EXPECTED_TOKENS = [
     "ENCOUNTER/IMP",
     "SNOMED/430193006",
     "CVX/140",
+    "[S2D]",
     "[VE]",
     "[REG]",
     "[W3]",
     "[VS]",
     "MEDS_DEATH",
+    "[S1D]",
     "[VE]",
     "[REG]",
 ]
@@ -45,6 +48,7 @@ EXPECTED_TYPES = [
     T.DX,
     T.VIT,
     T.MED,
+    T.STAY,
     T.VE,
     T.REG,
     T.INTERVAL,
@@ -52,16 +56,18 @@ EXPECTED_TYPES = [
     T.OTHER,
     T.PRO,
     T.IMM,
+    T.STAY,
     T.VE,
     T.REG,
     T.INTERVAL,
     T.VS,
     T.OTHER,
+    T.STAY,
     T.VE,
     T.REG,
 ]
-EXPECTED_ORDERS = [0, 0] + [1] * 7 + [2] * 7 + [3] * 5
-EXPECTED_SEGMENTS = [0, 0] + [1] * 7 + [2] * 7 + [1] * 5
+EXPECTED_ORDERS = [0, 0] + [1] * 8 + [2] * 8 + [3] * 6
+EXPECTED_SEGMENTS = [0, 0] + [1] * 8 + [2] * 8 + [1] * 6
 
 
 def _prepare_all_pretrain(fhir_dir, out):
