@@ -63,6 +63,7 @@ def stay_range_days(token: str) -> tuple[float, float]:
     high = float(STAY_EDGES_DAYS[i]) if i < len(STAY_EDGES_DAYS) else float("inf")
     return low, high
 
+
 # Per-token streams of one patient sequence (a shard row) and of a model batch. All have the same length.
 #   input_ids       int64  vocabulary ids
 #   type_ids        int64  TokenType

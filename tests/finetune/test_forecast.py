@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ehrfm.data_shards.schema import SPECIAL_TOKENS, STAY_TOKENS, TokenType
+from ehrfm.data_shards.schema import SPECIAL_TOKENS, TokenType
 from ehrfm.data_shards.tasks import OutcomeSpec, TaskConfig
 from ehrfm.finetune.bench import random_prompts
 from ehrfm.finetune.forecast import outcome_rule
@@ -224,7 +224,9 @@ def test_batched_rollouts_equal_each_example_alone(arch):
     cfg = SamplingConfig(samples=1, temperature=0.0, max_new_tokens=12)
     # rules made to end rows at different steps: the first example hits its 1st token, the third the token of
     # its 5th step, the second never ends (truncated)
-    free = [rollout(model, [p], [OutcomeRule([], 1e9)], table, cfg, torch.Generator(), keep_tokens=True) for p in prompts]
+    free = [
+        rollout(model, [p], [OutcomeRule([], 1e9)], table, cfg, torch.Generator(), keep_tokens=True) for p in prompts
+    ]
     first, fifth = free[0].sampled[0][0], free[2].sampled[0][4]
     rules = [OutcomeRule([first], 1e9), OutcomeRule([], 1e9), OutcomeRule([fifth], 1e9)]
     together = rollout(model, prompts, rules, table, cfg, torch.Generator(), keep_tokens=True)
