@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_config, to_dict
 from ..outputs import atomic_output, set_fingerprint
-from . import meds_dataset
+from . import aces, meds_dataset
 from . import splits as splits_mod
 from .cleaning import Tally, clean_events
 from .config import CleaningConfig, PrepareConfig, parse_time
@@ -186,9 +186,10 @@ def prepare(
         raise DataError(f"{input_dir}: input folder does not exist")
     tasks = load_tasks(cfg.tasks)
     task_tokens = list(dict.fromkeys([t.token for t in tasks if t.token] + list(cfg.vocab.extra_task_tokens)))
-    inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels]
+    aces_tasks = aces.resolve_aces_tasks(cfg.aces_tasks)
+    inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels, *(f for _, f in aces_tasks)]
     with atomic_output(out, "prepare", inputs=inputs, overwrite=overwrite) as tmp:
-        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress)
+        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress, aces_tasks)
         manifest["reference_perplexity"] = reference_perplexities(tmp, manifest)
         manifest["seconds"] = round(time.time() - started, 2)
         write_json_atomic(tmp / "manifest.json", manifest)
@@ -252,8 +253,14 @@ def _task_files(specs: list[str]) -> list[Path]:
     return [Path(spec) for spec in specs if Path(spec).is_file()]
 
 
-def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool) -> dict:
+def _prepare_into(
+    input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool, aces_tasks=()
+) -> dict:
     external_names = external_task_names(cfg.external_labels, tasks)  # ConfigError before any work
+    taken = {t.name for t in tasks} | set(external_names)
+    clash = [name for name, _ in aces_tasks if name in taken]
+    if clash:
+        raise DataError(f"aces_tasks: task name(s) {clash} already used by tasks or external_labels")
     reserved = (*SPECIAL_TOKENS, *task_tokens)  # input codes spelled like these are escaped (cleaning.py)
     fhir_tally = None
     if cfg.format == "fhir":
@@ -334,9 +341,25 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
             code_names=fhir_tally.code_names,
         )
         meds_dataset.validate(meds_root)
+    subject_splits_all = _subject_splits_of(tmp, shard_lists)
+    predicates = aces.resolve_predicates(cfg.aces_predicates)
+    for name, task_file in aces_tasks:
+        found = aces.aces_labels(task_file, meds_root, predicates, tmp / "_aces" / name)
+        found = found.join(subject_splits_all, on="subject_id", how="left")
+        outside = found.filter(pl.col("split").is_null()).height  # subjects cleaning dropped, or not in the data
+        found = found.filter(pl.col("split").is_not_null())
+        for (split,), part in found.partition_by("split", as_dict=True).items():
+            labels.setdefault((name, split), []).append(part.drop("split"))
+        tasks = [*tasks, TaskConfig(name=name, description=f"ACES task {task_file}")]
+        task_tallies[name] = TaskTally(
+            labels=found.height,
+            positives=int(found["boolean_value"].sum() or 0),
+            excluded=Counter({"not_in_corpus": outside} if outside else {}),
+        )
+    shutil.rmtree(tmp / "_aces", ignore_errors=True)
     for path, name in zip(cfg.external_labels, external_names):
         external = read_external_labels(Path(path))
-        external = external.join(_subject_splits_of(tmp, shard_lists), on="subject_id", how="left")
+        external = external.join(subject_splits_all, on="subject_id", how="left")
         unknown = external.filter(pl.col("split").is_null())
         if unknown.height:
             raise DataError(
