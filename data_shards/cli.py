@@ -22,6 +22,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--config", type=Path, default=None, help="prepare YAML config")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--meds-only",
+        action="store_true",
+        help="FHIR input: write only the MEDS dataset (data/ + metadata/, validated) to --out and stop",
+    )
     add_overwrite_argument(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     add_config_arguments(p, PrepareConfig)
@@ -32,9 +37,18 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..config_flags import config_overrides
     from .config import PrepareConfig
-    from .prepare import prepare
+    from .prepare import convert_fhir, prepare
 
     cfg = load_config(PrepareConfig, args.config, config_overrides(args))
+    if args.meds_only:
+        summary = convert_fhir(
+            args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite, config_file=args.config
+        )
+        meds = summary["meds"]
+        print(
+            f"wrote MEDS dataset {args.out}: {meds['subjects']} subjects, {meds['shards']} shards, {meds['codes']} codes"
+        )
+        return 0
     manifest = prepare(
         args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite, config_file=args.config
     )

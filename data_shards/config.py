@@ -203,6 +203,10 @@ class PrepareConfig:
     tasks: list[str] = field(default_factory=lambda: ["ehrmamba", "heart_failure"])
     # parquet files in the MEDS label schema (subject_id, prediction_time, boolean_value), e.g. from ACES
     external_labels: list[str] = field(default_factory=list)
+    # ACES task configs run over the MEDS data (data_shards/aces.py): task YAMLs, MEDS-DEV task folders, or
+    # "demo" (the demo tasks as shipped ACES configs); aces_predicates: a predicates YAML or "synthea"
+    aces_tasks: list[str] = field(default_factory=list)
+    aces_predicates: str = ""
 
     def validate(self) -> None:
         for i, path in enumerate(self.external_labels):

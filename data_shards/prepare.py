@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_config, to_dict
 from ..outputs import atomic_output, set_fingerprint
+from . import aces, meds_dataset
 from . import splits as splits_mod
 from .cleaning import Tally, clean_events
 from .config import CleaningConfig, PrepareConfig, parse_time
@@ -73,7 +74,7 @@ def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: i
     ):
         frame = fhir.read_bundle_files(bundles[start : start + patients_per_shard], tally, owners)
         if frame.height:
-            frame.sort("subject_id", "time", nulls_last=False).write_parquet(data_dir / f"{shard}.parquet")
+            meds_dataset.write_shard(frame, data_dir / f"{shard}.parquet")
             shard += 1
     if ndjson:
         # Resources of one patient are spread over files: bucket events by subject, then merge each bucket.
@@ -90,9 +91,7 @@ def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: i
         for bucket in range(n_buckets):
             files = sorted(parts_dir.glob(f"{bucket}-*.parquet"))
             if files:
-                pl.concat([pl.read_parquet(f) for f in files]).sort(
-                    "subject_id", "time", nulls_last=False
-                ).write_parquet(data_dir / f"{shard}.parquet")
+                meds_dataset.write_shard(pl.concat([pl.read_parquet(f) for f in files]), data_dir / f"{shard}.parquet")
                 shard += 1
         shutil.rmtree(parts_dir)
     if shard == 0:
@@ -187,9 +186,10 @@ def prepare(
         raise DataError(f"{input_dir}: input folder does not exist")
     tasks = load_tasks(cfg.tasks)
     task_tokens = list(dict.fromkeys([t.token for t in tasks if t.token] + list(cfg.vocab.extra_task_tokens)))
-    inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels]
+    aces_tasks = aces.resolve_aces_tasks(cfg.aces_tasks)
+    inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels, *(f for _, f in aces_tasks)]
     with atomic_output(out, "prepare", inputs=inputs, overwrite=overwrite) as tmp:
-        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress)
+        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress, aces_tasks)
         manifest["reference_perplexity"] = reference_perplexities(tmp, manifest)
         manifest["seconds"] = round(time.time() - started, 2)
         write_json_atomic(tmp / "manifest.json", manifest)
@@ -205,13 +205,62 @@ def prepare(
     return manifest
 
 
+def convert_fhir(
+    input_dir: Path,
+    out: Path,
+    cfg: PrepareConfig,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    config_file: Path | None = None,
+) -> dict:
+    """``ehrfm prepare --format fhir --meds-only``: FHIR -> a MEDS dataset at ``out`` (data + metadata, validated
+    with the ``meds`` schemas; :mod:`.meds_dataset`) and nothing else. The subject splits are the ones a full
+    prepare with ``cfg.splits`` would use. Returns the summary also written to ``out/conversion.json``."""
+    started = time.time()
+    input_dir, out = Path(input_dir), Path(out)
+    if not input_dir.exists():
+        raise DataError(f"{input_dir}: input folder does not exist")
+    if cfg.format != "fhir":
+        raise DataError("--meds-only converts FHIR input: set --format fhir (MEDS input is a MEDS dataset already)")
+    with atomic_output(out, "prepare", inputs=[input_dir, config_file], overwrite=overwrite) as tmp:
+        bundles, ndjson = fhir.list_fhir_files(input_dir)
+        tally = convert_fhir_to_meds(input_dir, tmp, cfg.shards.fhir_bundles_per_shard, progress)
+        fingerprint = source_fingerprint(bundles + ndjson, input_dir)
+        subjects = pl.concat([pl.read_parquet(path, columns=["subject_id"]).unique() for path in list_meds_shards(tmp)])
+        meds_dataset.write_metadata(
+            tmp,
+            dataset_name=f"ehrfm FHIR conversion of {input_dir.name}",
+            dataset_version=fingerprint,
+            subject_splits=splits_mod.assign_splits(subjects, cfg.splits),
+            code_names=tally.code_names,
+        )
+        counts = meds_dataset.validate(tmp)
+        summary = {
+            "source": {"path": str(input_dir.resolve()), "fingerprint": fingerprint},
+            "meds": counts,
+            "fhir": tally.to_dict(),
+            "seconds": round(time.time() - started, 2),
+        }
+        write_json_atomic(tmp / "conversion.json", summary)
+        set_fingerprint(tmp, fingerprint)
+    log.info("converted %s -> MEDS %s: %d subjects, %.1f s", input_dir, out, counts["subjects"], summary["seconds"])
+    return summary
+
+
 def _task_files(specs: list[str]) -> list[Path]:
     """The task specs that are files (the others name shipped configs): inputs the output may not contain."""
     return [Path(spec) for spec in specs if Path(spec).is_file()]
 
 
-def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool) -> dict:
+def _prepare_into(
+    input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool, aces_tasks=()
+) -> dict:
     external_names = external_task_names(cfg.external_labels, tasks)  # ConfigError before any work
+    taken = {t.name for t in tasks} | set(external_names)
+    clash = [name for name, _ in aces_tasks if name in taken]
+    if clash:
+        raise DataError(f"aces_tasks: task name(s) {clash} already used by tasks or external_labels")
     reserved = (*SPECIAL_TOKENS, *task_tokens)  # input codes spelled like these are escaped (cleaning.py)
     fhir_tally = None
     if cfg.format == "fhir":
@@ -259,6 +308,7 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
     labels: dict[tuple[str, str], list[pl.DataFrame]] = {}
     task_tallies = {t.name: TaskTally() for t in tasks}
     split_counts: Counter = Counter()
+    subject_splits: list[pl.DataFrame] = []
     unk_tokens = 0
     for _, frame in tqdm(
         iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress
@@ -275,15 +325,41 @@ def _prepare_into(input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_to
             writers[split].write(part.sort("subject_id"))
             split_counts[split] += part.height
         subject_split = events.select("subject_id", "split").unique()
+        subject_splits.append(subject_split)
         for task in tasks:
             task_labels = compute_labels(events, task, data_end, task_tallies[task.name])
             task_labels = task_labels.join(subject_split, on="subject_id", how="left")
             for (split,), part in task_labels.partition_by("split", as_dict=True).items():
                 labels.setdefault((task.name, split), []).append(part.drop("split"))
     shard_lists = {s: w.finish() for s, w in writers.items()}
+    if fhir_tally is not None:  # the MEDS folder written from FHIR gets its metadata once the splits are known
+        meds_dataset.write_metadata(
+            meds_root,
+            dataset_name=f"ehrfm FHIR conversion of {input_dir.name}",
+            dataset_version=fingerprint,
+            subject_splits=pl.concat(subject_splits),
+            code_names=fhir_tally.code_names,
+        )
+        meds_dataset.validate(meds_root)
+    subject_splits_all = _subject_splits_of(tmp, shard_lists)
+    predicates = aces.resolve_predicates(cfg.aces_predicates)
+    for name, task_file in aces_tasks:
+        found = aces.aces_labels(task_file, meds_root, predicates, tmp / "_aces" / name)
+        found = found.join(subject_splits_all, on="subject_id", how="left")
+        outside = found.filter(pl.col("split").is_null()).height  # subjects cleaning dropped, or not in the data
+        found = found.filter(pl.col("split").is_not_null())
+        for (split,), part in found.partition_by("split", as_dict=True).items():
+            labels.setdefault((name, split), []).append(part.drop("split"))
+        tasks = [*tasks, TaskConfig(name=name, description=f"ACES task {task_file}")]
+        task_tallies[name] = TaskTally(
+            labels=found.height,
+            positives=int(found["boolean_value"].sum() or 0),
+            excluded=Counter({"not_in_corpus": outside} if outside else {}),
+        )
+    shutil.rmtree(tmp / "_aces", ignore_errors=True)
     for path, name in zip(cfg.external_labels, external_names):
         external = read_external_labels(Path(path))
-        external = external.join(_subject_splits_of(tmp, shard_lists), on="subject_id", how="left")
+        external = external.join(subject_splits_all, on="subject_id", how="left")
         unknown = external.filter(pl.col("split").is_null())
         if unknown.height:
             raise DataError(

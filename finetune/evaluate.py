@@ -2,12 +2,18 @@
 
 Output folder (shared with `ehrfm baseline`):
     metrics.json                 {model, split, n_bootstrap, seed, tasks: {task: {metric: {value, ci_low,
-                                  ci_high, n_valid}}}}
-    report.md                    one markdown table, value [95% CI] per metric and task
-    <task>/predictions.parquet   MEDS label schema: subject_id, prediction_time, boolean_value,
-                                  predicted_boolean_value (probability >= the best-F1 threshold on this split,
-                                  0.5 when undefined), predicted_boolean_probability
+                                  ci_high, n_valid}, meds_evaluation: {...}}}}
+    report.md                    one markdown table, value [95% CI] per metric and task, then meds-evaluation's
+    <task>/predictions.parquet   the MEDS prediction schema (meds-evaluation's, typed by it): subject_id,
+                                  prediction_time, boolean_value, predicted_boolean_value (probability >= the
+                                  best-F1 threshold on this split, 0.5 when undefined), predicted_boolean_probability
     <task>/roc.png, pr.png, calibration.png
+
+Every predictions file is also scored by the MEDS ecosystem's own scorer, ``meds-evaluation``
+(``evaluate_binary_classification``): its ``samples_equally_weighted`` block measures what ehrfm's point
+estimates measure (AUROC, average precision, Brier on every row once) and agrees with them (tested); its
+``subjects_equally_weighted`` block resamples rows so that each patient weighs the same. meds-evaluation gives
+point estimates only; the CIs are ehrfm's patient-level bootstrap.
 """
 
 from __future__ import annotations
@@ -155,7 +161,7 @@ def _write_evaluation_into(
             (pl.col("predicted_boolean_probability") >= threshold).alias("predicted_boolean_value"),
             pl.col("predicted_boolean_probability").cast(pl.Float64),
         )
-        preds.write_parquet(folder / "predictions.parquet")
+        m["meds_evaluation"] = write_predictions(preds, folder / "predictions.parquet", seed)
         _plots(y.astype(int), p, folder, task)
         if time_to_event and task in time_to_event:
             m["time_to_event"] = _time_to_event_metrics(time_to_event[task], part, folder, task, n_boot, seed)
@@ -163,12 +169,44 @@ def _write_evaluation_into(
         {"model": model, "split": split, "n_bootstrap": n_boot, "seed": seed, **(extra or {}), "tasks": results}
     )
     write_json_atomic(tmp / "metrics.json", metrics)
-    report = markdown_table(results, f"{model} on {split}")
+    report = markdown_table(results, f"{model} on {split}") + "\n" + meds_evaluation_table(metrics["tasks"])
     survival = {t: m["time_to_event"] for t, m in results.items() if "time_to_event" in m}
     if survival:
         report += "\n" + survival_table(survival)
     (tmp / "report.md").write_text(report)
     return metrics
+
+
+def write_predictions(preds: pl.DataFrame, path: Path, seed: int) -> dict:
+    """Write one task's predictions in the MEDS prediction schema and return meds-evaluation's scores of them
+    (both weightings; see the module docstring)."""
+    import pyarrow.parquet as pq
+    from meds_evaluation.evaluate import evaluate_binary_classification
+    from meds_evaluation.schema import PredictionSchema
+
+    pq.write_table(PredictionSchema.align(preds.to_arrow()), path)
+    scored = pl.read_parquet(path)
+    return evaluate_binary_classification(scored, samples_per_subject=4, resampling_seed=seed)
+
+
+MEDS_EVALUATION_METRICS = {"auroc": "roc_auc_score", "auprc": "average_precision_score", "brier": "brier_score"}
+
+
+def meds_evaluation_table(results: dict[str, dict]) -> str:
+    """Markdown table of meds-evaluation's scores per task and weighting (point estimates)."""
+    names = list(MEDS_EVALUATION_METRICS)
+    lines = [
+        "## meds-evaluation",
+        "",
+        "| task | weighting | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 2),
+    ]
+    for task, m in results.items():
+        for weighting, scores in (m.get("meds_evaluation") or {}).items():
+            values = [scores.get(MEDS_EVALUATION_METRICS[n]) for n in names]
+            cells = ["n/a" if v is None else f"{v:.3f}" for v in values]
+            lines.append(f"| {task} | {weighting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def survival_table(results: dict[str, dict]) -> str:

@@ -546,6 +546,18 @@ def case_input_sanity(w: World, t: Path) -> dict[str, Case]:
     cases["meds_missing_column"] = Case(
         prepare_argv(bad, t / "out_nocode"), message=r"0\.parquet.*code", out=t / "out_nocode", protect=[bad]
     )
+    old = write_meds(t / "in_meds03", rows)  # MEDS 0.3 names: patient_id, timestamp
+    _meds_frame(rows).rename({"subject_id": "patient_id", "time": "timestamp"}).write_parquet(
+        old / "data" / "0.parquet"
+    )
+    (old / "metadata").mkdir()
+    (old / "metadata" / "dataset.json").write_text('{"dataset_name": "old", "meds_version": "0.3.3"}')
+    cases["meds_old_version"] = Case(
+        prepare_argv(old, t / "out_meds03"),
+        message=r"0\.parquet.*\['subject_id', 'time'\].*patient_id.*reads MEDS 0\.4.*declares meds_version '0\.3\.3'",
+        out=t / "out_meds03",
+        protect=[old],
+    )
     fhir = t / "fhir_string_value"
     fhir.mkdir()
     (fhir / "p1.json").write_bytes(orjson.dumps(_bundle("p1", value="12.5 mmol")))
@@ -712,6 +724,7 @@ CASE_NAMES = [
     "unknown_config_key",
     "missing_input_folder",
     "meds_missing_column",
+    "meds_old_version",
     "fhir_value_quantity_string",
     "fhir_patient_in_two_bundles",
     "pretrain_negative_lr",

@@ -31,6 +31,7 @@ CORE = {
     "loop",
     "callbacks",
     "metrics_log",
+    "tool_envs",
 }
 APPS = {"cli", "__main__", "apps"}  # the command, `python -m ehrfm`, and the ehrfm.apps package
 LAYERS = ("core", "kernels", "data_shards", "pretrain", "finetune", "launch", "apps")

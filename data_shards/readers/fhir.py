@@ -93,14 +93,20 @@ def system_prefix(system: str | None) -> str:
     return tail.upper().replace(" ", "_") or "UNKNOWN"
 
 
-def _code_of(concept: dict | None) -> str | None:
-    """``SYSTEM/code`` of the first coding of a CodeableConcept, or None."""
+def _code_of(concept: dict | None, names: dict[str, str] | None = None) -> str | None:
+    """``SYSTEM/code`` of the first coding of a CodeableConcept, or None. With ``names``, the coding's display
+    text (else the concept's ``text``) is recorded for the code the first time it is seen."""
     if not isinstance(concept, dict):
         return None
     for coding in concept.get("coding") or ():
         code = coding.get("code") if isinstance(coding, dict) else None
         if code:
-            return f"{system_prefix(coding.get('system'))}/{code}"
+            full = f"{system_prefix(coding.get('system'))}/{code}"
+            if names is not None and full not in names:
+                display = coding.get("display") or concept.get("text")
+                if isinstance(display, str) and display:
+                    names[full] = display
+            return full
     return None
 
 
@@ -117,6 +123,8 @@ class FhirTally:
     # values kept out of numeric_value because they are not JSON numbers (reason -> count), with examples
     invalid_values: Counter = dataclasses.field(default_factory=Counter)
     invalid_value_examples: list = dataclasses.field(default_factory=list)
+    # code -> its display text in the data (first seen), for the MEDS codes.parquet; not part of to_dict()
+    code_names: dict = dataclasses.field(default_factory=dict)
 
     def invalid_value(self, reason: str, file: Path | str, resource: dict) -> None:
         self.invalid_values[reason] += 1
@@ -148,6 +156,8 @@ class FhirTally:
         self.events += other.events
         self.examples.extend(other.examples[: max(0, MAX_EXAMPLES - len(self.examples))])
         self.invalid_values.update(other.invalid_values)
+        for code, name in other.code_names.items():
+            self.code_names.setdefault(code, name)
         room = max(0, MAX_EXAMPLES - len(self.invalid_value_examples))
         self.invalid_value_examples.extend(other.invalid_value_examples[:room])
 
@@ -283,7 +293,7 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
         return
     if rtype == "Observation":
         etype = _observation_type(resource)
-        code = _code_of(resource.get("code"))
+        code = _code_of(resource.get("code"), tally.code_names)
         components = resource.get("component") or ()
         if code is None and not components:
             tally.drop("no_code", source_file, resource)
@@ -295,7 +305,7 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
         value, text = _quantity(resource, invalid)
         if components:
             for component in components:
-                ccode = _code_of(component.get("code"))
+                ccode = _code_of(component.get("code"), tally.code_names)
                 if ccode is None:
                     tally.drop("component_without_code", source_file, resource)
                     continue
@@ -306,7 +316,7 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
         out.add(sid, time, code, value, text, encounter, etype, source)
         return
     concept_field, etype = _CODE_FIELDS[rtype]
-    code = _code_of(resource.get(concept_field))
+    code = _code_of(resource.get(concept_field), tally.code_names)
     if code is None:
         tally.drop("no_code", source_file, resource)
         return

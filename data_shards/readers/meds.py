@@ -3,12 +3,15 @@
 The schema of every shard is checked with the ``meds`` package's :class:`meds.DataSchema` before reading.
 Safe widenings are accepted and cast (``timestamp[ns|ms|s]`` -> ``timestamp[us]``, ``float64`` ->
 ``float32``, integer subject ids -> ``int64``, ``large_string`` -> ``string``); anything else is an error
-naming the file and the columns. MEDS keeps each subject in one shard; a subject seen in two shards is an
-error (we rely on it to stream without a global sort).
+naming the file, the columns expected and found, the MEDS version ehrfm reads (that of the installed ``meds``
+package, 0.4.x) and the version the dataset declares in ``metadata/dataset.json`` (MEDS renamed columns between
+versions, e.g. ``patient_id`` -> ``subject_id`` and ``timestamp`` -> ``time`` in 0.3). MEDS keeps each subject in
+one shard; a subject seen in two shards is an error (we rely on it to stream without a global sort).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,8 +59,24 @@ _WANT = {
 }
 
 
-def check_schema(path: Path) -> pa.Schema:
-    """Validate a shard's schema with meds.DataSchema; return it if it is valid or safely castable."""
+def meds_versions(root: Path | None) -> str:
+    """'ehrfm reads MEDS <x> (...)' plus the version the dataset at ``root`` declares, for error messages."""
+    from importlib.metadata import version
+
+    text = f"ehrfm reads MEDS {version('meds')} (meds package)"
+    path = Path(root) / meds.dataset_metadata_filepath if root is not None else None
+    if path is not None and path.is_file():
+        try:
+            declared = json.loads(path.read_text()).get("meds_version")
+        except (OSError, ValueError, AttributeError):
+            declared = None
+        text += f"; the dataset declares meds_version {declared!r}" if declared else "; the dataset declares none"
+    return text
+
+
+def check_schema(path: Path, root: Path | None = None) -> pa.Schema:
+    """Validate a shard's schema with meds.DataSchema; return it if it is valid or safely castable. ``root``
+    (the dataset folder) lets errors name the MEDS version the dataset declares."""
     try:
         schema = pq.read_schema(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for corrupt files
@@ -69,20 +88,23 @@ def check_schema(path: Path) -> pa.Schema:
         message = str(err)
     missing = [c for c in ("subject_id", "time", "code") if c not in schema.names]
     if missing:
-        raise DataError(f"{path}: missing required MEDS column(s) {missing} ({message})")
+        raise DataError(
+            f"{path}: missing required MEDS column(s) {missing}; found {schema.names}; {meds_versions(root)} "
+            f"({message})"
+        )
     bad = [
         f"{name} ({schema.field(name).type}, want {want})"
         for name, want in _WANT.items()
         if name in schema.names and not _castable(schema.field(name), want)
     ]
     if bad:
-        raise DataError(f"{path}: mistyped MEDS column(s): {', '.join(bad)}")
+        raise DataError(f"{path}: mistyped MEDS column(s): {', '.join(bad)}; {meds_versions(root)}")
     return schema
 
 
-def read_meds_shard(path: Path) -> pl.DataFrame:
+def read_meds_shard(path: Path, root: Path | None = None) -> pl.DataFrame:
     """One shard as a DataFrame with MEDS columns (typed) plus the optional extra columns we use."""
-    schema = check_schema(path)
+    schema = check_schema(path, root)
     columns = [c for c in (*_WANT, *EXTRA_COLUMNS) if c in schema.names]
     try:
         frame = pl.read_parquet(path, columns=columns)
@@ -111,7 +133,7 @@ def iter_meds(root: Path) -> Iterator[tuple[Path, pl.DataFrame]]:
     """(shard path, events) for each shard; raises if a subject appears in two shards."""
     seen: dict[int, Path] = {}
     for path in list_meds_shards(root):
-        frame = read_meds_shard(path)
+        frame = read_meds_shard(path, root)
         subjects = frame["subject_id"].unique()
         for sid in subjects.to_list():
             if sid in seen:
