@@ -341,7 +341,7 @@ def _prepare_into(
             code_names=fhir_tally.code_names,
         )
         meds_dataset.validate(meds_root)
-    subject_splits_all = _subject_splits_of(tmp, shard_lists)
+    subject_splits_all = subject_splits(tmp, shard_lists)
     predicates = aces.resolve_predicates(cfg.aces_predicates)
     for name, task_file in aces_tasks:
         found = aces.aces_labels(task_file, meds_root, predicates, tmp / "_aces" / name)
@@ -427,16 +427,3 @@ def _write_labels(tmp: Path, tasks, labels) -> dict:
                 "positives": int(frame["boolean_value"].sum() or 0),
             }
     return files
-
-
-def _subject_splits_of(root: Path, shard_lists: dict) -> pl.DataFrame:
-    """subject_id -> split of every written sequence (reads only the subject_id column)."""
-    import pyarrow as pa
-
-    frames = []
-    for split, shards in shard_lists.items():
-        for shard in shards:
-            with pa.memory_map(str(root / shard["path"])) as source:
-                ids = pa.ipc.open_file(source).read_all().column("subject_id")
-            frames.append(pl.DataFrame({"subject_id": pl.Series(ids.to_numpy()), "split": split}))
-    return pl.concat(frames) if frames else pl.DataFrame(schema={"subject_id": pl.Int64, "split": pl.String})

@@ -105,3 +105,15 @@ def read_manifest(folder: Path) -> dict:
 
         raise DataError(f"{path}: format version {manifest.get('format_version')} != {FORMAT_VERSION}; re-run prepare")
     return manifest
+
+
+def subject_splits(root: Path, shard_lists: dict) -> pl.DataFrame:
+    """subject_id -> split of every sequence of a prepared folder (``manifest["shards"]``; reads only the
+    subject_id column)."""
+    frames = []
+    for split, shards in shard_lists.items():
+        for shard in shards:
+            with pa.memory_map(str(Path(root) / shard["path"])) as source:
+                ids = pa.ipc.open_file(source).read_all().column("subject_id")
+            frames.append(pl.DataFrame({"subject_id": pl.Series(ids.to_numpy()), "split": split}))
+    return pl.concat(frames) if frames else pl.DataFrame(schema={"subject_id": pl.Int64, "split": pl.String})

@@ -68,10 +68,10 @@ def command_path(tool: str, command: str) -> Path:
     )
 
 
-def run_tool(tool: str, command: str, args: list[str], *, cwd: Path | None = None) -> str:
+def run_tool(tool: str, command: str, args: list[str], *, cwd: Path | None = None, env: dict | None = None) -> str:
     """Run one of a tool's commands; returns its stdout. A failure is a ToolError with the tail of its output."""
     exe = command_path(tool, command)
-    done = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise ToolError(f"{command} failed (exit {done.returncode}): {' | '.join(tail)}")

@@ -81,8 +81,10 @@ def add_parser(subparsers) -> None:
     add_overwrite_argument(e)
     e.set_defaults(func=run_evaluate)
 
-    b = subparsers.add_parser("baseline", help="GBDT / logistic-regression baselines on code counts")
-    b.add_argument("--model", required=True, choices=["xgboost", "lightgbm", "logreg"])
+    b = subparsers.add_parser(
+        "baseline", help="GBDT / logistic-regression baselines on code counts; MEDS-Tab (its own environment)"
+    )
+    b.add_argument("--model", required=True, choices=["xgboost", "lightgbm", "logreg", "meds-tab"])
     b.add_argument("--data", required=True, type=Path)
     b.add_argument("--out", required=True, type=Path)
     b.add_argument("--split", default="test")
@@ -193,6 +195,23 @@ def run_forecast(args: argparse.Namespace) -> int:
 def run_baseline(args: argparse.Namespace) -> int:
     from .baselines import run_baseline as run
 
+    if args.model == "meds-tab":
+        from .data import FinetuneInputError
+        from .meds_tab import run_meds_tab
+
+        if args.embeddings or args.train_fraction != 1.0:
+            raise FinetuneInputError("--model meds-tab takes neither --embeddings nor --train-fraction")
+        run_meds_tab(
+            args.data,
+            args.out,
+            tasks=_tasks(args.tasks),
+            split=args.split,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+        print((Path(args.out) / "report.md").read_text())
+        return 0
     run(
         args.model,
         args.data,

@@ -18,7 +18,7 @@ PRED_SCHEMA = {
     "prediction_time": pl.Datetime("us"),
     "boolean_value": pl.Boolean,
     "predicted_boolean_value": pl.Boolean,
-    "predicted_boolean_probability": pl.Float64,
+    "predicted_boolean_probability": pl.Float32,  # meds-evaluation's PredictionSchema
 }
 
 
