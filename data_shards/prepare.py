@@ -308,7 +308,7 @@ def _prepare_into(
     labels: dict[tuple[str, str], list[pl.DataFrame]] = {}
     task_tallies = {t.name: TaskTally() for t in tasks}
     split_counts: Counter = Counter()
-    subject_splits: list[pl.DataFrame] = []
+    split_parts: list[pl.DataFrame] = []  # subject_id -> split, per input shard
     unk_tokens = 0
     for _, frame in tqdm(
         iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress
@@ -325,7 +325,7 @@ def _prepare_into(
             writers[split].write(part.sort("subject_id"))
             split_counts[split] += part.height
         subject_split = events.select("subject_id", "split").unique()
-        subject_splits.append(subject_split)
+        split_parts.append(subject_split)
         for task in tasks:
             task_labels = compute_labels(events, task, data_end, task_tallies[task.name])
             task_labels = task_labels.join(subject_split, on="subject_id", how="left")
@@ -337,7 +337,7 @@ def _prepare_into(
             meds_root,
             dataset_name=f"ehrfm FHIR conversion of {input_dir.name}",
             dataset_version=fingerprint,
-            subject_splits=pl.concat(subject_splits),
+            subject_splits=pl.concat(split_parts),
             code_names=fhir_tally.code_names,
         )
         meds_dataset.validate(meds_root)
