@@ -40,7 +40,7 @@ from .readers import fhir
 from .readers.meds import iter_meds, list_meds_shards, read_subject_splits
 from .reference_ppl import reference_perplexities
 from .schema import SPECIAL_TOKENS
-from .shards import FORMAT_VERSION, SplitShardWriter, write_json_atomic
+from .shards import FORMAT_VERSION, SplitShardWriter, subject_splits, write_json_atomic
 from .tasks import TaskConfig, TaskTally, compute_labels, external_task_names, load_tasks, read_external_labels
 from .timeline import build_sequences, code_counts, prepare_events
 from .vocab import ValueReservoir, Vocabulary
