@@ -36,7 +36,8 @@ from .evaluate import write_evaluation
 log = logging.getLogger("ehrfm.finetune")
 TUNING_SPLIT = "finetune_val"
 WINDOWS = "[30d,365d,full]"
-AGGREGATIONS = "[static/present,static/first,code/count,value/count,value/sum,value/min,value/max]"
+# static/first needs numeric static values (none in FHIR conversions: MEDS-Tab then refuses it)
+AGGREGATIONS = "[static/present,code/count,value/count,value/sum,value/min,value/max]"
 ONE_MICROSECOND = pl.duration(microseconds=1)
 # 003's XGBoost settings, set so that optuna's single trial searches nothing
 FIXED_XGBOOST = (
