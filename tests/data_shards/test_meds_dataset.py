@@ -82,3 +82,27 @@ def test_invalid_meds_metadata_is_named(synthea_fhir, tmp_path):
     with pytest.raises(DataError, match="--format fhir"):
         convert_fhir(out, tmp_path / "x", PrepareConfig(format="meds"))
     assert not (tmp_path / "x").exists()
+
+
+def test_meds_reader_accepts_the_meds_dataset(synthea_fhir, tmp_path):
+    """meds-reader (the MEDS ecosystem's fast reader) converts the folder, its verifier finds the database equal to
+    the source, and it sees every subject and event."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import meds_reader
+
+    out = tmp_path / "meds"
+    main(["prepare", "--format", "fhir", "--meds-only", "--input", str(synthea_fhir), "--out", str(out)])
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([str(bin_dir / "meds_reader_convert"), str(out), str(tmp_path / "db")], check=True)
+    verified = subprocess.run(
+        [str(bin_dir / "meds_reader_verify"), str(out), str(tmp_path / "db")], capture_output=True, text=True
+    )
+    assert verified.returncode == 0 and "Test passed" in verified.stdout + verified.stderr
+    data = pl.concat([pl.read_parquet(p) for p in (out / "data").glob("*.parquet")])
+    database = meds_reader.SubjectDatabase(str(tmp_path / "db"))
+    assert sorted(database) == sorted(data["subject_id"].unique().to_list())
+    first = sorted(database)[0]
+    assert len(database[first].events) == data.filter(pl.col("subject_id") == first).height
