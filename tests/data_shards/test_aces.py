@@ -131,3 +131,12 @@ def test_a_meds_dev_style_task_runs_unchanged_with_the_synthea_predicates(aces_v
     assert native.height > 0 and (native["boolean_value"] == native["boolean_value_dev"]).all()
     excluded = manifest["tasks"]["readmission_30d"]["excluded"]
     assert labels.height - native.height <= sum(excluded.get(k, 0) for k in ("censored", "open_stay", "negative_stay"))
+
+
+def test_aces_tasks_on_fhir_input_run_over_the_events_folder(synthea_fhir, aces_vs_native, tmp_path):
+    """With FHIR input ACES reads OUT/events/: the same labels as the MEDS route."""
+    root, manifest, _ = aces_vs_native
+    cfg = PrepareConfig(format="fhir", tasks=[], aces_tasks=[f"mortality_1y_aces={resolve_aces_tasks(['demo'])[1][1]}"])
+    direct = prepare(synthea_fhir, tmp_path / "data", cfg, progress=False)
+    via_meds = _all_labels(root, manifest, "mortality_1y_aces")
+    assert _all_labels(tmp_path / "data", direct, "mortality_1y_aces").equals(via_meds)
