@@ -1,11 +1,12 @@
-"""`ehrfm finetune`, `ehrfm evaluate`, `ehrfm baseline`, `ehrfm embed`.
+"""`ehrfm finetune`, `ehrfm evaluate`, `ehrfm baseline`, `ehrfm embed`, `ehrfm forecast`, `ehrfm explain`.
 
 ehrfm finetune --model HFDIR --data DIR --out FT --method per-task|mpf|alfia [--lora] [--freeze]
                [--tasks a,b] [--train-fraction 0.1] [--anaa] [--neftune-alpha 5] [key=value ...]
 ehrfm evaluate --model FT --data DIR --split test --out EVAL
-ehrfm baseline --model xgboost|lightgbm|logreg --data DIR --out EVAL [--embeddings EMB]
+ehrfm baseline --model xgboost|lightgbm|logreg|meds-tab --data DIR --out EVAL [--embeddings EMB]
 ehrfm embed    --model FT --data DIR --out EMB
 ehrfm forecast --model HFDIR --data DIR --out ZS [--tasks a,b] [--samples 20] [--split test]
+ehrfm explain  --model FT --data DIR --task T --out EXPLAIN [--rows 64] [--steps 64]
 """
 
 from __future__ import annotations
@@ -101,6 +102,21 @@ def add_parser(subparsers) -> None:
     )
     add_overwrite_argument(b)
     b.set_defaults(func=run_baseline)
+
+    x = subparsers.add_parser(
+        "explain", help="integrated gradients per token and per code for a finetuned model's task"
+    )
+    x.add_argument("--model", required=True, type=Path, help="finetuned model folder (ehrfm finetune --out)")
+    x.add_argument("--data", required=True, type=Path)
+    x.add_argument("--task", required=True)
+    x.add_argument("--out", required=True, type=Path)
+    x.add_argument("--split", default="test")
+    x.add_argument("--rows", type=int, default=64, help="label rows explained (the first N of the split)")
+    x.add_argument("--steps", type=int, default=128, help="integration points (Gauss-Legendre)")
+    x.add_argument("--min-count", type=int, default=5, help="occurrences a code needs to appear in top_codes.png")
+    x.add_argument("--patients", type=int, default=5, help="patient pages written (patients/<i>.html)")
+    add_overwrite_argument(x)
+    x.set_defaults(func=run_explain)
 
     m = subparsers.add_parser("embed", help="export ALF (or pooled) embeddings of a finetuned model")
     m.add_argument("--model", required=True, type=Path)
@@ -225,6 +241,30 @@ def run_baseline(args: argparse.Namespace) -> int:
         train_fraction=args.train_fraction,
     )
     print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    summary = explain(
+        args.model,
+        args.data,
+        args.task,
+        args.out,
+        split=args.split,
+        max_rows=args.rows,
+        steps=args.steps,
+        min_count=args.min_count,
+        patients=args.patients,
+        overwrite=args.overwrite,
+    )
+    c = summary["completeness"]
+    print(
+        f"wrote {args.out}: {summary['rows']} rows of {args.task}; completeness error median {c['median_abs_error']:.2e}"
+        f", max {c['max_abs_error']:.2e} (median |logit - baseline logit| {c['median_abs_logit_difference']:.2f}); "
+        f"{100 * c['share_within_tolerance']:.0f}% of rows within {c['tolerance']}"
+    )
     return 0
 
 
