@@ -94,12 +94,15 @@ def explain(
 ) -> dict:
     """Explain ``task``'s predictions on the first ``max_rows`` label rows of ``split``; writes ``out``."""
     from ehrfm.data_shards.vocab import Vocabulary
-    from ehrfm.outputs import atomic_output
+    from ehrfm.devices import compute_device
+    from ehrfm.outputs import atomic_output, check_output_dir
 
     from .model import load_finetuned
 
+    check_output_dir(Path(out), "explain", inputs=[ft_dir, data_dir], overwrite=overwrite)  # before the work
     model, meta = load_finetuned(ft_dir)
-    model.eval()
+    device = compute_device()
+    model.to(device).eval()
     manifest = read_manifest(data_dir)
     check_vocabulary(meta["vocab_fingerprint"], Path(ft_dir) / "finetune.json", data_dir, manifest)
     if task not in resolve_tasks(manifest, data_dir, [task]) or task not in meta["tasks"]:
@@ -116,8 +119,9 @@ def explain(
     tokens, types, scores, subjects, deltas, differences = [], [], [], [], [], []
     for start in range(0, len(rows), 8):
         chunk = rows[start : start + 8]
-        batch = collate([dataset[i] for i in chunk])
-        per_token, difference, delta = integrated_gradients(model, batch, steps)
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chunk]).items()}
+        per_token, difference, delta = (t.cpu() for t in integrated_gradients(model, batch, steps))
+        batch = {k: v.cpu() for k, v in batch.items()}
         for j, i in enumerate(chunk):
             keep = batch["attention_mask"][j].bool()
             tokens.append(batch["input_ids"][j][keep].numpy())
