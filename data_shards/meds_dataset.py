@@ -50,22 +50,30 @@ def write_shard(frame: pl.DataFrame, path: Path) -> None:
     pq.write_table(table, path)
 
 
+def source_of(data_dir: Path, manifest: dict) -> Path:
+    """The MEDS folder a prepared data folder was made from: its ``events/`` for FHIR input, else the input."""
+    if manifest["source"]["format"] == "fhir":
+        return Path(data_dir) / "events"
+    return Path(manifest["source"]["path"])
+
+
 def write_metadata(
     root: Path,
     *,
-    dataset_name: str,
+    source: Path,
     dataset_version: str,
     subject_splits: pl.DataFrame,
     code_names: dict[str, str],
 ) -> None:
-    """Write ``metadata/`` of the MEDS folder ``root`` (its ``data/`` already written). ``subject_splits``:
-    subject_id and ehrfm split names; ``code_names``: code -> description where known."""
+    """Write ``metadata/`` of the MEDS folder ``root`` (its ``data/`` already written) converted from the FHIR
+    folder ``source``. ``subject_splits``: subject_id and ehrfm split names; ``code_names``: code ->
+    description where known."""
     from ehrfm import __version__
 
     folder = Path(root) / "metadata"
     folder.mkdir(parents=True, exist_ok=True)
     dataset = {
-        "dataset_name": dataset_name,
+        "dataset_name": f"ehrfm FHIR conversion of {Path(source).name}",
         "dataset_version": dataset_version,
         "etl_name": ETL_NAME,
         "etl_version": __version__,

@@ -230,7 +230,7 @@ def convert_fhir(
         subjects = pl.concat([pl.read_parquet(path, columns=["subject_id"]).unique() for path in list_meds_shards(tmp)])
         meds_dataset.write_metadata(
             tmp,
-            dataset_name=f"ehrfm FHIR conversion of {input_dir.name}",
+            source=input_dir,
             dataset_version=fingerprint,
             subject_splits=splits_mod.assign_splits(subjects, cfg.splits),
             code_names=tally.code_names,
@@ -335,13 +335,14 @@ def _prepare_into(
     if fhir_tally is not None:  # the MEDS folder written from FHIR gets its metadata once the splits are known
         meds_dataset.write_metadata(
             meds_root,
-            dataset_name=f"ehrfm FHIR conversion of {input_dir.name}",
+            source=input_dir,
             dataset_version=fingerprint,
             subject_splits=pl.concat(split_parts),
             code_names=fhir_tally.code_names,
         )
         meds_dataset.validate(meds_root)
-    subject_splits_all = subject_splits(tmp, shard_lists)
+    # subject -> split of the written sequences: only labels from outside (ACES, external files) need it
+    subject_splits_all = subject_splits(tmp, shard_lists) if aces_tasks or cfg.external_labels else None
     predicates = aces.resolve_predicates(cfg.aces_predicates)
     for name, task_file in aces_tasks:
         found = aces.aces_labels(task_file, meds_root, predicates, tmp / "_aces" / name)

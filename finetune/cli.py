@@ -226,20 +226,19 @@ def run_baseline(args: argparse.Namespace) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
         )
-        print((Path(args.out) / "report.md").read_text())
-        return 0
-    run(
-        args.model,
-        args.data,
-        args.out,
-        tasks=_tasks(args.tasks),
-        split=args.split,
-        embeddings=args.embeddings,
-        n_boot=args.bootstrap,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        train_fraction=args.train_fraction,
-    )
+    else:
+        run(
+            args.model,
+            args.data,
+            args.out,
+            tasks=_tasks(args.tasks),
+            split=args.split,
+            embeddings=args.embeddings,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            train_fraction=args.train_fraction,
+        )
     print((Path(args.out) / "report.md").read_text())
     return 0
 

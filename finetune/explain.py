@@ -71,8 +71,9 @@ def integrated_gradients(model, batch: dict, steps: int = 64) -> tuple[torch.Ten
 
 def code_descriptions(data_dir: Path, manifest: dict) -> dict[str, str]:
     """code -> description from the MEDS metadata of the data's source (events/ for FHIR input), if any."""
-    source = Path(data_dir) / "events" if manifest["source"]["format"] == "fhir" else Path(manifest["source"]["path"])
-    path = source / "metadata" / "codes.parquet"
+    from ehrfm.data_shards.meds_dataset import source_of
+
+    path = source_of(data_dir, manifest) / "metadata" / "codes.parquet"
     if not path.is_file():
         return {}
     codes = pl.read_parquet(path, columns=["code", "description"]).drop_nulls()

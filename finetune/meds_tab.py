@@ -27,6 +27,7 @@ from pathlib import Path
 
 import polars as pl
 
+from ehrfm.data_shards.meds_dataset import source_of
 from ehrfm.data_shards.shards import read_manifest, subject_splits
 from ehrfm.tool_envs import run_tool
 
@@ -50,16 +51,6 @@ FIXED_XGBOOST = (
     "model_launcher.training_params.num_boost_round=100",
     "model_launcher.training_params.early_stopping_rounds=10",
 )
-
-
-def meds_source(data_dir: Path, manifest: dict) -> Path:
-    """The MEDS folder a prepared folder was made from (``events/`` inside it for FHIR input)."""
-    if manifest["source"]["format"] == "fhir":
-        return Path(data_dir) / "events"
-    source = Path(manifest["source"]["path"])
-    if not (source / "data").is_dir():
-        raise FinetuneInputError(f"{data_dir}: its MEDS source {source} is gone; MEDS-Tab needs the MEDS events")
-    return source
 
 
 def _write_meds_by_split(source: Path, subjects: pl.DataFrame, out: Path) -> None:
@@ -98,7 +89,9 @@ def run_meds_tab(
     manifest = read_manifest(data_dir)
     tasks = resolve_tasks(manifest, data_dir, tasks or [])
     check_label_counts(data_dir, tasks, (TRAIN_SPLIT,))
-    source = meds_source(data_dir, manifest)
+    source = source_of(data_dir, manifest)
+    if not (source / "data").is_dir():
+        raise FinetuneInputError(f"{data_dir}: its MEDS source {source} is gone; MEDS-Tab needs the MEDS events")
     work = Path(str(out).rstrip("/") + ".meds-tab-work")
     shutil.rmtree(work, ignore_errors=True)
     try:
