@@ -154,10 +154,14 @@ def load_causal_model(model_dir: Path, architecture: str):
     """The pretraining head model (``AutoModelForCausalLM``) of an export, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from ehrfm.pretrain.models import register_auto_classes
+    from ehrfm.pretrain.models import OBJECTIVES, is_causal, register_auto_classes
 
-    if architecture == "bert":
-        raise FinetuneInputError(f"{model_dir}: a BERT export cannot sample futures; forecast needs Llama or Mamba")
+    if not is_causal(architecture):
+        causal = [name for name, objective in OBJECTIVES.items() if objective == "ntp"]
+        raise FinetuneInputError(
+            f"{model_dir}: a {architecture} export is not a next-token model and cannot sample futures; "
+            f"forecast needs one of {', '.join(causal)}"
+        )
     register_auto_classes()
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()

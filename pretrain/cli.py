@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.params:
         for arch, (config_cls, _, head_cls) in ARCHITECTURES.items():
-            print(f"{arch:8s} {config_cls.model_type:12s} {head_cls.__name__:24s} sizes: {', '.join(SIZE_NAMES)}")
+            print(f"{arch:10s} {config_cls.model_type:15s} {head_cls.__name__:24s} sizes: {', '.join(SIZE_NAMES)}")
         return 0
     rows = parameter_table(args.vocab_size)
     if args.json:
@@ -79,11 +79,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"parameters (M) at vocab_size={args.vocab_size}; ehr-emb = EHR attribute embeddings (without the")
     print("concept table) included in 'ours'; tied = LM head shares the concept table; 003 = its Table 5")
     print(
-        f"{'model':8s} {'size':7s} {'d_m':>4s} {'layers':>6s} {'ours':>7s} {'(ehr-emb)':>9s} {'tied':>5s} {'003':>6s}"
+        f"{'model':10s} {'size':7s} {'d_m':>4s} {'layers':>6s} {'ours':>7s} {'(ehr-emb)':>9s} {'tied':>5s} {'003':>6s}"
     )
     for r in rows:
         print(
-            f"{r['architecture']:8s} {r['size']:7s} {r['hidden_size']:4d} {r['layers']:6d} {r['params_m']:7.2f} "
+            f"{r['architecture']:10s} {r['size']:7s} {r['hidden_size']:4d} {r['layers']:6d} {r['params_m']:7.2f} "
             f"{r['ehr_embedding_params_m']:9.2f} {'yes' if r['tied_head'] else 'no':>5s} "
             f"{'-' if r['paper_params_m'] is None else format(r['paper_params_m'], '6.1f'):>6s}"
         )

@@ -92,13 +92,13 @@ def vendored_source(source: str) -> str:
 
 def write_remote_code(folder: Path, architecture: str) -> dict:
     """Ship the modeling code into ``folder``; returns the config.json ``auto_map``."""
-    from .models import ARCHITECTURES
+    from .models import ARCHITECTURES, head_auto_class
 
     for name, source in VENDORED.items():
         (folder / name).write_text(vendored_source((_ROOT / source).read_text()))
     config_cls, base_cls, head_cls = ARCHITECTURES[architecture]
     module = f"ehrfm_{architecture}"
-    head_auto = "AutoModelForMaskedLM" if architecture == "bert" else "AutoModelForCausalLM"
+    head_auto = head_auto_class(architecture).__name__
     return {
         "AutoConfig": f"ehrfm_configuration.{config_cls.__name__}",
         "AutoModel": f"{module}.{base_cls.__name__}",
@@ -159,6 +159,8 @@ def export(run_dir, out, *, step: int | None = None, best: bool = False, overwri
 
 def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) -> None:
     """The HF folder of checkpoint ``path`` into ``tmp`` (layout in the module docstring)."""
+    from .models import is_causal
+
     model, run_cfg = load_checkpoint_model(path)
     architecture = run_cfg["model"]["architecture"]
     model.config.auto_map = write_remote_code(tmp, architecture)
@@ -180,7 +182,7 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
         "step": state.step,
         "strategy": state.strategy,
         "final_metrics": final_metrics,
-        "reference_perplexity": reference_for(for_data_dir(data_dir, manifest), causal=architecture != "bert"),
+        "reference_perplexity": reference_for(for_data_dir(data_dir, manifest), causal=is_causal(architecture)),
         "config": run_cfg,
     }
     (tmp / "ehrfm_export.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -201,7 +203,10 @@ def _reference_rows(reference: dict) -> str:
 
 def model_card(meta: dict, model) -> str:
     params = sum(p.numel() for p in model.parameters())
-    head = "AutoModelForMaskedLM" if meta["architecture"] == "bert" else "AutoModelForCausalLM"
+    from .models import OBJECTIVE_WORDS, OBJECTIVES, head_auto_class
+
+    head = head_auto_class(meta["architecture"]).__name__
+    objective = OBJECTIVE_WORDS[OBJECTIVES[meta["architecture"]]]
     last = (meta["final_metrics"]["val_history"] or [{}])[-1]
     return f"""---
 library_name: transformers
@@ -209,7 +214,7 @@ tags: [ehr, ehrfm, {meta["architecture"]}]
 ---
 # ehrfm {meta["architecture"]} ({meta["size"]})
 
-EHR foundation model pretrained with `ehrfm pretrain` ({"masked" if meta["architecture"] == "bert" else "next-token"} prediction).
+EHR foundation model pretrained with `ehrfm pretrain` ({objective} prediction).
 
 | | |
 |---|---|

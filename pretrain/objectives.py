@@ -18,14 +18,11 @@ import torch
 
 from ..data_shards.schema import PAD_ID, SPECIAL_TYPES, TokenType
 from ..seeding import derive_seed
+from .models import is_causal
 from .models.common import IGNORE_INDEX
 from .models.masking import document_starts
 
 AuxLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
-
-
-def is_causal(architecture: str) -> bool:
-    return architecture != "bert"
 
 
 def maskable_positions(batch: dict) -> torch.Tensor:

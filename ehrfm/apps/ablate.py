@@ -418,7 +418,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: every task with labels)")
     p.add_argument("--out", type=Path, default=Path("ehrfm-ablation"))
     p.add_argument("--quick", action="store_true", help="two values per axis, Llama + Mamba, Tiny at C=128")
-    p.add_argument("--backbones", default=None, help="comma-separated subset of llama,mamba,mamba2,bert")
+    p.add_argument("--backbones", default=None, help=f"comma-separated subset of {','.join(BACKBONES)}")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps per run (default 40 quick, 2000 full)")
     p.add_argument("--epochs", type=int, default=None, help="finetuning epochs (default 2 quick, 10 full)")
     p.add_argument("--bootstrap", type=int, default=1000)

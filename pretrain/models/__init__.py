@@ -25,14 +25,30 @@ ARCHITECTURES = {
     "bert": (EhrBertConfig, EhrBertModel, EhrBertForMaskedLM),
 }
 
+# architecture name -> pretraining objective: "ntp" next-token (causal), "mlm" masked, "plm" permutation (XLNet)
+OBJECTIVES = {"llama": "ntp", "mamba": "ntp", "mamba2": "ntp", "bert": "mlm"}
+# objective -> the HF Auto class of its head model (HF files XLNet's permutation head under causal LM too)
+HEAD_AUTO = {"ntp": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "plm": AutoModelForCausalLM}
+# objective -> words for model cards and logs
+OBJECTIVE_WORDS = {"ntp": "next-token", "mlm": "masked", "plm": "permutation"}
+
+
+def is_causal(architecture: str) -> bool:
+    """True for next-token (left-to-right) backbones; they alone can sample futures (forecast)."""
+    return OBJECTIVES[architecture] == "ntp"
+
+
+def head_auto_class(architecture: str):
+    """The HF Auto class that loads ``architecture``'s pretraining head model."""
+    return HEAD_AUTO[OBJECTIVES[architecture]]
+
 
 def register_auto_classes() -> None:
     """Idempotent registration of every architecture with the HF Auto classes."""
-    for config_cls, base_cls, head_cls in ARCHITECTURES.values():
+    for name, (config_cls, base_cls, head_cls) in ARCHITECTURES.items():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, base_cls, exist_ok=True)
-        head_auto = AutoModelForMaskedLM if config_cls is EhrBertConfig else AutoModelForCausalLM
-        head_auto.register(config_cls, head_cls, exist_ok=True)
+        head_auto_class(name).register(config_cls, head_cls, exist_ok=True)
 
 
 def build_model(architecture: str, size: str = "tiny", head: bool = True, **overrides):
@@ -48,6 +64,9 @@ register_auto_classes()
 __all__ = [
     "ARCHITECTURES",
     "CONFIG_CLASSES",
+    "HEAD_AUTO",
+    "OBJECTIVES",
+    "OBJECTIVE_WORDS",
     "EhrBertConfig",
     "EhrBertForMaskedLM",
     "EhrBertModel",
@@ -61,5 +80,7 @@ __all__ = [
     "EhrMambaForCausalLM",
     "EhrMambaModel",
     "build_model",
+    "head_auto_class",
+    "is_causal",
     "register_auto_classes",
 ]
