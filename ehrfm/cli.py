@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.launch.cli",  # launch
     "ehrfm.apps.demo",  # demo
     "ehrfm.apps.ablate",  # ablate
+    "ehrfm.apps.compare",  # compare (001 Table 1)
     "ehrfm.apps.study",  # study convergence, study pretraining-benefit
     "ehrfm.apps.bench",  # bench
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed

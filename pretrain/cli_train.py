@@ -4,6 +4,7 @@
                    [--accelerate-config acc.yaml] [--deepspeed-config ds.json] [key=value ...]
     torchrun --nproc_per_node 2 -m ehrfm.cli pretrain ...     (same command, several ranks)
     ehrfm export --run RUN [--step N] --out HFDIR
+    ehrfm export --untrained bilstm --size tiny --data DIR --out HFDIR   (fresh weights, never pretrained)
 
 Re-running the same pretrain command with the same --out resumes from the latest complete checkpoint.
 Exit code 75 = preempted (SIGTERM/SIGUSR1): a checkpoint was written, requeue the same command.
@@ -56,7 +57,18 @@ def add_parser(subparsers) -> None:
         description="Export a (sharded) checkpoint of RUN to an HF folder: config.json, "
         "model.safetensors, tokenizer, model card and remote code.",
     )
-    e.add_argument("--run", required=True, help="run folder of `ehrfm pretrain`")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run folder of `ehrfm pretrain`")
+    source.add_argument(
+        "--untrained",
+        choices=ARCHITECTURE_NAMES,
+        metavar="ARCH",
+        help="no run: freshly initialised weights of ARCH (--size, sized to --data's vocabulary), for a model "
+        "trained from scratch per task (001's LSTM)",
+    )
+    e.add_argument("--size", choices=SIZE_NAMES, default="tiny", help="with --untrained: the preset")
+    e.add_argument("--data", default=None, help="with --untrained: the prepared data folder")
+    e.add_argument("--seed", type=int, default=0, help="with --untrained: initialisation seed")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--best", action="store_true", help="export the best-validation checkpoint")
     e.add_argument("--out", required=True, help="output folder")
@@ -117,8 +129,14 @@ def main_pretrain(args: argparse.Namespace) -> int:
 
 
 def main_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import export, export_untrained
 
+    if args.untrained:
+        if args.data is None:
+            raise SystemExit("ehrfm export --untrained needs --data (the prepared folder whose vocabulary it uses)")
+        out = export_untrained(args.untrained, args.size, args.data, args.out, seed=args.seed)
+        print(f"exported an untrained {args.untrained}-{args.size} to {out}")
+        return 0
     out = export(args.run, args.out, step=args.step, best=args.best, overwrite=args.overwrite)
     print(f"exported to {out}")
     return 0

@@ -163,11 +163,6 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
 
     model, run_cfg = load_checkpoint_model(path)
     architecture = run_cfg["model"]["architecture"]
-    model.config.auto_map = write_remote_code(tmp, architecture)
-    model.save_pretrained(str(tmp))  # config.json (+ auto_map), model.safetensors, generation_config.json
-    for name in TOKENIZER_FILES:
-        if (data_dir / "tokenizer" / name).is_file():
-            shutil.copy2(data_dir / "tokenizer" / name, tmp / name)
     final_metrics = {
         "val_history": state.val_history[-1:],
         "best_val_loss": state.best_score,
@@ -185,8 +180,53 @@ def _write_export(tmp: Path, path: Path, state, data_dir: Path, manifest: dict) 
         "reference_perplexity": reference_for(for_data_dir(data_dir, manifest), causal=is_causal(architecture)),
         "config": run_cfg,
     }
+    _write_hf_folder(tmp, model, meta, data_dir)
+
+
+def _write_hf_folder(tmp: Path, model, meta: dict, data_dir: Path) -> None:
+    """Weights + config (with ``auto_map``), vendored code, tokenizer files, ``ehrfm_export.json`` and card."""
+    model.config.auto_map = write_remote_code(tmp, meta["architecture"])
+    model.save_pretrained(str(tmp))  # config.json (+ auto_map), model.safetensors, generation_config.json
+    for name in TOKENIZER_FILES:
+        if (data_dir / "tokenizer" / name).is_file():
+            shutil.copy2(data_dir / "tokenizer" / name, tmp / name)
     (tmp / "ehrfm_export.json").write_text(json.dumps(meta, indent=2, default=str))
     (tmp / "README.md").write_text(model_card(meta, model))
+
+
+def export_untrained(
+    architecture: str, size: str, data_dir, out, *, seed: int = 0, overrides: dict | None = None
+) -> Path:
+    """An export of a freshly initialised (seeded) ``architecture``/``size`` model sized to ``data_dir``'s
+    vocabulary, never pretrained: the starting point of a model its paper trains from scratch per task (001's
+    LSTM), finetuned like any export. Its ``ehrfm_export.json`` says ``"step": 0`` and ``"pretrained": false``."""
+    import torch
+
+    from ..data_shards.shards import read_manifest
+    from ..outputs import atomic_output, check_output_dir
+    from .models import build_model
+
+    data_dir, out = Path(data_dir), Path(out)
+    manifest = read_manifest(data_dir)
+    check_output_dir(out, "export", inputs=[data_dir])
+    torch.manual_seed(seed)
+    model = build_model(architecture, size, vocab_size=manifest["vocab_size"], **(overrides or {})).eval()
+    meta = {
+        "architecture": architecture,
+        "size": size,
+        "vocab_fingerprint": manifest.get("vocab_fingerprint"),
+        "data_fingerprint": (manifest.get("source") or {}).get("fingerprint"),
+        "step": 0,
+        "strategy": None,
+        "pretrained": False,
+        "final_metrics": {"val_history": [], "best_val_loss": None, "best_step": None, "tokens_seen": 0},
+        "reference_perplexity": {},
+        "config": {"model": {"architecture": architecture, "size": size, "overrides": overrides or {}}, "seed": seed},
+    }
+    with atomic_output(out, "export", inputs=[data_dir], fingerprint=manifest.get("vocab_fingerprint")) as tmp:
+        _write_hf_folder(tmp, model, meta, data_dir)
+    log.info("wrote an untrained %s-%s export to %s", architecture, size, out)
+    return out
 
 
 def _reference_rows(reference: dict) -> str:
@@ -208,13 +248,18 @@ def model_card(meta: dict, model) -> str:
     head = head_auto_class(meta["architecture"]).__name__
     objective = OBJECTIVE_WORDS[OBJECTIVES[meta["architecture"]]]
     last = (meta["final_metrics"]["val_history"] or [{}])[-1]
+    intro = (
+        f"EHR foundation model pretrained with `ehrfm pretrain` ({objective} prediction)."
+        if meta.get("pretrained", True)
+        else "EHR model with freshly initialised weights, not pretrained (`export_untrained`): finetune it from scratch."
+    )
     return f"""---
 library_name: transformers
 tags: [ehr, ehrfm, {meta["architecture"]}]
 ---
 # ehrfm {meta["architecture"]} ({meta["size"]})
 
-EHR foundation model pretrained with `ehrfm pretrain` ({objective} prediction).
+{intro}
 
 | | |
 |---|---|

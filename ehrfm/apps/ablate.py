@@ -356,7 +356,6 @@ def ablation_tables(records: list[dict], grid: Grid) -> str:
 
 def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
     """One PNG per axis and metric: a panel per task, axis values on x, one line per model with CI bars."""
-    import math
 
     import matplotlib
 
@@ -364,6 +363,7 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     from ..outputs import save_figure_atomic
+    from .pipeline import ci_whiskers
 
     written = []
     tasks = sorted({t for r in records for t in r["tasks"]})
@@ -377,16 +377,13 @@ def ablation_plots(records: list[dict], folder: Path) -> list[Path]:
                     xs, ys, lo, hi = [], [], [], []
                     for i, value in enumerate(values):
                         r = next((r for r in rows if r["value"] == value and r["model"] == model), None)
-                        m = (r or {}).get("tasks", {}).get(task, {}).get(metric) if r else None
-                        if not m or m.get("value") is None or math.isnan(m["value"]):
+                        whiskers = ci_whiskers(r["tasks"].get(task, {}).get(metric) if r else None)
+                        if whiskers is None:
                             continue
                         xs.append(i + 0.06 * offset)
-                        ys.append(m["value"])
-                        low, high = m.get("ci_low"), m.get("ci_high")
-                        # clipped at 0: a percentile CI need not contain the point estimate, and a degenerate
-                        # one equals it up to rounding (point: scikit-learn; resamples: metrics.fast_binary_metrics)
-                        lo.append(max(0.0, m["value"] - low) if low is not None and not math.isnan(low) else 0.0)
-                        hi.append(max(0.0, high - m["value"]) if high is not None and not math.isnan(high) else 0.0)
+                        ys.append(whiskers[0])
+                        lo.append(whiskers[1])
+                        hi.append(whiskers[2])
                     if xs:
                         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=model)
                 ax.set_xticks(range(len(values)), values, rotation=30, ha="right", fontsize=8)

@@ -233,6 +233,18 @@ def format_metric(entry: dict | None) -> str:
     return f"{entry['value']:.3f} ({low:.3f}-{high:.3f})"
 
 
+def ci_whiskers(entry: dict | None) -> tuple[float, float, float] | None:
+    """(value, lower, upper) whisker lengths of a metric entry for a plot, None when undefined; whiskers are
+    clipped at 0 because a percentile CI need not contain the point estimate, and a degenerate one equals it up
+    to rounding (point: scikit-learn; resamples: ``metrics.fast_binary_metrics``)."""
+    if not entry or entry.get("value") is None or math.isnan(entry["value"]):
+        return None
+    value, low, high = entry["value"], entry.get("ci_low"), entry.get("ci_high")
+    lower = max(0.0, value - low) if low is not None and not math.isnan(low) else 0.0
+    upper = max(0.0, high - value) if high is not None and not math.isnan(high) else 0.0
+    return value, lower, upper
+
+
 def cell(metrics: dict, task: str, metric: str) -> str:
     """``format_metric`` of one task's metric in an evaluation's ``metrics.json``."""
     return format_metric(metrics["tasks"].get(task, {}).get(metric))
