@@ -16,6 +16,9 @@ Output folder:
     top_codes.png          the codes raising and lowering risk most (mean attribution, >= ``min_count`` uses)
     patients/<i>.html      one patient's history, tokens coloured by attribution (red raises risk, blue
                            lowers), visits on their own lines, code descriptions on hover
+    attention/<i>.png      attention backbones only: that patient's attention map for every layer (rows) and
+                           head (columns), query position down, key position across, visit starts dashed; a
+                           Mamba backbone has no attention matrix (explain.json says so)
 Descriptions come from the MEDS ``metadata/codes.parquet`` of the data's source where it has them (ehrfm's FHIR
 conversion keeps the FHIR display texts).
 """
@@ -148,14 +151,79 @@ def explain(
         pl.DataFrame(
             {"subject_id": subjects, "logit_minus_baseline": differences, "completeness_error": deltas}
         ).write_parquet(tmp / "rows.parquet")
-        write_json_atomic(tmp / "explain.json", summary)
         _top_codes_plot(codes, min_count, tmp / "top_codes.png", task)
         (tmp / "patients").mkdir()
         for k in range(min(patients, len(tokens))):
             page = patient_html(tokens[k], types[k], scores[k], vocab.tokens, descriptions, f"{task}: patient {k}")
             (tmp / "patients" / f"{k}.html").write_text(page)
+        summary["attention_maps"] = _write_attention_maps(
+            model, dataset, rows[:patients], device, tmp / "attention", task
+        )
+        write_json_atomic(tmp / "explain.json", summary)
     log.info("explained %d rows of %s -> %s (completeness %s)", len(rows), task, out, summary["completeness"])
     return summary
+
+
+def attention_maps(model, batch: dict) -> list[np.ndarray] | None:
+    """Attention probabilities of a finetuned model on ``batch``: one (B, heads, L, L) array per layer (query
+    rows sum to 1 over the keys the mask allows), captured by ``attention_diagnostics.capturing``; None for a
+    backbone without attention (Mamba)."""
+    from .attention_diagnostics import capturing
+    from .regularizers import hf_model
+
+    base = hf_model(model.backbone)
+    if "mamba" in type(base).__name__.lower():
+        return None
+    with torch.no_grad(), capturing(base) as recorder:
+        model(batch)
+    return [probabilities.numpy() for probabilities, _allowed in recorder.maps]
+
+
+def _write_attention_maps(model, dataset, rows: list[int], device, folder: Path, task: str) -> list[str] | str:
+    """``folder/<i>.png`` for the first explained rows; the file names, or why there are none."""
+    folder.mkdir()
+    written = []
+    for k, i in enumerate(rows):
+        batch = {key: value.to(device) for key, value in collate([dataset[i]]).items()}
+        maps = attention_maps(model, batch)
+        if maps is None:
+            folder.rmdir()
+            return "none: the backbone has no attention (Mamba)"
+        keep = batch["attention_mask"][0].bool().cpu().numpy()
+        visit_starts = np.flatnonzero(batch["type_ids"][0].cpu().numpy()[keep] == int(TokenType.VS))
+        _attention_plot([m[0][:, keep][:, :, keep] for m in maps], visit_starts, folder / f"{k}.png", task, k)
+        written.append(f"attention/{k}.png")
+    return written
+
+
+def _attention_plot(maps: list[np.ndarray], visit_starts: np.ndarray, path: Path, task: str, k: int) -> None:
+    """Layers as rows, heads as columns; each panel (L, L), square-root colour scale so weak links show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, heads = len(maps), maps[0].shape[0]
+    fig, axes = plt.subplots(layers, heads, figsize=(1.9 * heads + 0.6, 1.9 * layers + 0.6), squeeze=False)
+    for layer, probabilities in enumerate(maps):
+        for head in range(heads):
+            ax = axes[layer][head]
+            ax.imshow(np.sqrt(probabilities[head]), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+            for start in visit_starts:
+                ax.axvline(start - 0.5, color="white", lw=0.4, ls="--")
+                ax.axhline(start - 0.5, color="white", lw=0.4, ls="--")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == 0:
+                ax.set_title(f"head {head}", fontsize=7)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer}", fontsize=7)
+    fig.suptitle(
+        f"{task}, patient {k}: attention (sqrt scale; query down, key across; dashed = visit start)", fontsize=8
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def completeness(deltas: np.ndarray, differences: np.ndarray) -> dict:
