@@ -40,6 +40,9 @@ from .data import FinetuneDataset, FinetuneInputError, check_vocabulary, collate
 
 log = logging.getLogger("ehrfm.finetune")
 COMPLETENESS_TOLERANCE = 0.01  # relative to |logit - baseline logit|, plus 1e-3 absolute
+# tokens per forward/backward pass of the integration (rows x steps are split into passes of this size): the
+# whole path at once would hold rows x steps x context activations (8 x 128 x 256 tokens: ~19 GB, Tiny Llama)
+TOKENS_PER_PASS = 32768
 
 
 def integrated_gradients(model, batch: dict, steps: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,6 +67,7 @@ def integrated_gradients(model, batch: dict, steps: int = 64) -> tuple[torch.Ten
         baselines=baseline_ids,
         additional_forward_args=extra,
         n_steps=steps,
+        internal_batch_size=max(1, TOKENS_PER_PASS // batch["input_ids"].shape[1]),
         return_convergence_delta=True,
     )
     with torch.no_grad():
