@@ -39,6 +39,8 @@ LORA_TARGETS = {
     "ehr_mamba": r".*layers\.\d+\.mixer\.(in_proj|out_proj)",
     "ehr_mamba2": r".*layers\.\d+\.mixer\.(in_proj|out_proj)",
 }
+# BigBird / CEHR-BERT: BERT's module names; the Bi-LSTM has none (peft cannot wrap nn.LSTM)
+LORA_TARGETS.update(ehr_bigbird=LORA_TARGETS["ehr_bert"], ehr_cehrbert=LORA_TARGETS["ehr_bert"])
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ehrfm_vocab.json")
 
 
@@ -193,11 +195,16 @@ class FinetuneModel(nn.Module):
         return last, states[-self.num_fuse :]
 
     def pool(self, last: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) -> (B, H): last non-pad token, or the first token for BERT-style backbones."""
+        """(B, T, H) -> (B, H): last non-pad token, or the first token for BERT-style backbones, or both halves
+        ("ends": Bi-LSTM, forward state at the last token and backward state at the first)."""
         if self.pooling == "first":
             return last[:, 0]
         index = (mask.long().sum(1) - 1).clamp(min=0)
-        return last[torch.arange(last.shape[0], device=last.device), index]
+        final = last[torch.arange(last.shape[0], device=last.device), index]
+        if self.pooling == "ends":
+            half = last.shape[-1] // 2
+            return torch.cat([final[:, :half], last[:, 0, half:]], dim=-1)
+        return final
 
     def forward(self, batch: dict) -> dict:
         inputs = model_inputs(batch)

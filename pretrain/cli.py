@@ -14,6 +14,8 @@ PAPER_PARAMS_M = {
     "mamba2": {"tiny": 3.2, "small": 14.9, "medium": 25.2},
     "bert": {"tiny": 2.4, "small": 11.2, "medium": 21.7},
 }
+# 001's comparison set: 001 gives configurations (size "paper001") but no parameter counts
+PAPER_PARAMS_M.update(bigbird={}, cehrbert={}, bilstm={})
 
 WHY_COUNTS_DIFFER = (
     "Counts include the pretraining head and the EHR embedding layer (token-type, visit-segment, visit-order "
@@ -33,6 +35,11 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def sizes_of(config_cls) -> list[str]:
+    """The sizes an architecture has presets for, in ``SIZE_NAMES`` order ("paper001": 001's baselines only)."""
+    return [size for size in SIZE_NAMES if size in config_cls.PRESETS]
+
+
 def parameter_table(vocab_size: int = 4470) -> list[dict]:
     """One row per (architecture, size): our parameter count (built on the meta device) and 003's."""
     import torch
@@ -42,7 +49,7 @@ def parameter_table(vocab_size: int = 4470) -> list[dict]:
 
     rows = []
     for arch, (config_cls, _base_cls, head_cls) in ARCHITECTURES.items():
-        for size in SIZE_NAMES:
+        for size in sizes_of(config_cls):
             config = config_cls.from_preset(size, vocab_size=vocab_size)
             with torch.device("meta"):
                 model = head_cls(config)
@@ -70,7 +77,9 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.params:
         for arch, (config_cls, _, head_cls) in ARCHITECTURES.items():
-            print(f"{arch:10s} {config_cls.model_type:15s} {head_cls.__name__:24s} sizes: {', '.join(SIZE_NAMES)}")
+            print(
+                f"{arch:10s} {config_cls.model_type:15s} {head_cls.__name__:24s} sizes: {', '.join(sizes_of(config_cls))}"
+            )
         return 0
     rows = parameter_table(args.vocab_size)
     if args.json:

@@ -14,11 +14,12 @@ from ..config import check_range
 from ..data_shards.config import StreamSettings
 from .dense_loss import DenseLossConfig
 
-Architecture = Literal["llama", "mamba", "mamba2", "bert"]
+Architecture = Literal["llama", "mamba", "mamba2", "bert", "bigbird", "cehrbert", "bilstm"]
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 ARCHITECTURE_NAMES = get_args(Architecture)
-# "mini" is ehrfm's laptop size (demo, studies); tiny / small / medium are 003 Table 5 (models.configuration)
-Size = Literal["mini", "tiny", "small", "medium"]
+# "mini" is ehrfm's laptop size (demo, studies); tiny / small / medium are 003 Table 5 (models.configuration);
+# "paper001" is 001 Appendix C's configuration of its comparison set (bigbird, cehrbert, bilstm only)
+Size = Literal["mini", "tiny", "small", "medium", "paper001"]
 SIZE_NAMES = get_args(Size)
 STRATEGIES = get_args(Strategy)
 

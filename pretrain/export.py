@@ -49,6 +49,7 @@ VENDORED = {
     "ehrfm_mamba2.py": "pretrain/models/mamba2.py",
     "ehrfm_bert.py": "pretrain/models/bert.py",
 }
+VENDORED.update({f"ehrfm_{name}.py": f"pretrain/models/{name}.py" for name in ("bigbird", "cehrbert", "bilstm")})
 # import path as written in the sources -> shipped module
 _IMPORT_MAP = {
     "...data_shards.schema": "ehrfm_schema",
@@ -72,6 +73,7 @@ _IMPORT_MAP = {
         )
     },
 }
+_IMPORT_MAP.update({f".{name}": f"ehrfm_{name}" for name in ("bigbird", "cehrbert", "bilstm")})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ehrfm_vocab.json")
 
 

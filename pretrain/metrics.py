@@ -37,7 +37,9 @@ def flops_per_token(model: torch.nn.Module, context_length: int) -> float:
     * 6 N over the N parameters used in matmuls: every parameter except the input embedding tables (lookups),
       plus the output projection (the LM head, H x V, counted once whether or not it is tied to the input);
     * attention scores and values: 12 * layers * hidden * T for bidirectional attention (BERT), half that for
-      causal attention (Llama: on average a token attends to T / 2 positions). Mamba has no attention term."""
+      causal attention (Llama: on average a token attends to T / 2 positions); BigBird's block-sparse
+    attention sees at most (3 sliding + 2 global + r random) blocks. Mamba and the Bi-LSTM have no attention
+    term (the LSTM's recurrent weights are matmul parameters, counted in N)."""
     config = model.config
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_weight = head.weight if head is not None else None
@@ -49,8 +51,11 @@ def flops_per_token(model: torch.nn.Module, context_length: int) -> float:
     if head_weight is not None:
         n += head_weight.numel()
     flops = 6.0 * n
-    if config.model_type == "ehr_bert":
+    if config.model_type in ("ehr_bert", "ehr_cehrbert"):
         flops += 12.0 * config.num_hidden_layers * config.hidden_size * context_length
+    elif config.model_type == "ehr_bigbird":  # block sparse: each query block sees (5 + 2r) blocks at most
+        seen = min(context_length, (5 + 2 * config.num_random_blocks) * config.block_size)
+        flops += 12.0 * config.num_hidden_layers * config.hidden_size * seen
     elif config.model_type == "ehr_llama":
         flops += 6.0 * config.num_hidden_layers * config.hidden_size * context_length
     return flops

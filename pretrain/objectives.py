@@ -132,6 +132,11 @@ class Objective:
         self.mask_token_id, self.first_code_id = mask_token_id, first_code_id
         self.vocab_size = head.config.vocab_size
         self.aux_losses = dict(aux_losses or {})
+        # CEHR-BERT: visit-type prediction beside MLM, when the vocabulary has visit-type codes
+        type_ids = list(getattr(head.config, "visit_type_token_ids", None) or [])
+        self.visit_type_ids = torch.tensor(type_ids, dtype=torch.long) if type_ids else None
+        if self.visit_type_ids is not None:
+            self.aux_losses["visit_type"] = visit_type_aux(head)
         self._hidden: torch.Tensor | None = None
         if self.aux_losses:
             base_model(head).register_forward_hook(self._capture)
@@ -150,6 +155,14 @@ class Objective:
                 vocab_size=self.vocab_size,
                 first_code_id=self.first_code_id,
                 seed=derive_seed(self.seed, "mlm", split, step, self.rank, micro),
+            )
+        if self.visit_type_ids is not None:
+            batch = visit_type_mask(
+                batch,
+                self.visit_type_ids,
+                probability=self.mlm_probability,
+                mask_token_id=self.mask_token_id,
+                seed=derive_seed(self.seed, "visit_type", split, step, self.rank, micro),
             )
         return batch
 
@@ -173,6 +186,68 @@ class Objective:
     def validation_sums(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """``loss_sums`` of one forward without auxiliary losses: (4,) float64 on the batch's device."""
         return loss_sums(model(**batch).logits, batch, self.causal)
+
+
+# vocabulary prefixes of visit-type codes, the classes of CEHR-BERT's visit-type prediction (FHIR Encounter.class)
+VISIT_TYPE_PREFIXES = ("ENCOUNTER/", "VISIT/")
+
+
+def visit_type_token_ids(tokens: list[str], prefixes: tuple[str, ...] = VISIT_TYPE_PREFIXES) -> list[int]:
+    """Ids (positions in the vocabulary ``tokens``) of the visit-type codes."""
+    return [i for i, token in enumerate(tokens) if token.startswith(prefixes)]
+
+
+def visit_type_mask(
+    batch: dict, visit_type_ids: torch.Tensor, *, probability: float, mask_token_id: int, seed: int
+) -> dict:
+    """CEHR-BERT's visit-type masking on an MLM-masked batch (``models.cehrbert``): each visit-type token is
+    selected with ``probability``; a selected one becomes [MASK] and leaves the MLM targets, and every clinical
+    token of its visit (same document and visit order, the visit-type token included) gets the visit type as
+    target. ``batch["input_ids"]`` may already be MLM-masked: visit-type tokens are found in the original ids
+    (MLM labels where set). Returns a new batch with visit_type_labels (B, L): index into visit_type_ids, or
+    -100. No host sync."""
+    labels = batch["labels"]
+    original = torch.where(labels != IGNORE_INDEX, labels, batch["input_ids"])
+    ids = visit_type_ids.to(original.device)
+    is_type = torch.isin(original, ids) & batch["attention_mask"].bool()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    selected = is_type & (torch.rand(original.shape, generator=gen) < probability).to(original.device)
+    # visits as runs of equal (document, visit order) along a row
+    documents = batch.get("document_ids")
+    documents = documents if documents is not None else batch["attention_mask"].long()
+    orders = batch["visit_orders"]
+    change = torch.zeros_like(selected)
+    change[:, 1:] = (documents[:, 1:] != documents[:, :-1]) | (orders[:, 1:] != orders[:, :-1])
+    run = change.long().cumsum(1)  # (B, L) visit index within the row
+    cls = (original[..., None] == ids).long().argmax(-1)  # class of a visit-type token
+    # class + 1 of the selected visit-type token of each run (0 = none selected)
+    per_run = torch.zeros_like(run).scatter_reduce(1, run, torch.where(selected, cls + 1, 0), reduce="amax")
+    target = per_run.gather(1, run) - 1
+    is_event = is_code_type(batch["type_ids"]) if "type_ids" in batch else batch["attention_mask"].bool()
+    target = torch.where((target >= 0) & is_event & (orders > 0), target, IGNORE_INDEX)
+    return {
+        **batch,
+        "input_ids": batch["input_ids"].masked_fill(selected, mask_token_id),
+        "labels": labels.masked_fill(selected, IGNORE_INDEX),
+        "visit_type_labels": target,
+    }
+
+
+def visit_type_aux(head: torch.nn.Module) -> AuxLoss:
+    """CEHR-BERT's visit-type prediction loss as an auxiliary loss: the model's forward computes it from the
+    batch's visit_type_labels (inside the wrapped forward, so FSDP / DeepSpeed see the head's parameters); a
+    hook on ``head`` hands it over. Weighted by ``config.visit_type_loss_weight``."""
+    captured: dict = {}
+    head.register_forward_hook(lambda module, args, out: captured.update(loss=out.visit_type_loss))
+    weight = float(head.config.visit_type_loss_weight)
+
+    def aux(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss = captured.pop("loss", None)
+        if loss is None:
+            raise RuntimeError("visit-type loss missing: the batch had no visit_type_labels")
+        return weight * loss, {"visit_type/targets": (batch["visit_type_labels"] != IGNORE_INDEX).sum().float()}
+
+    return aux
 
 
 def dense_aux(cfg, group=None) -> AuxLoss:

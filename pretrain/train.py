@@ -57,7 +57,21 @@ def build_model_for(cfg: PretrainConfig, vocab_size: int) -> torch.nn.Module:
     from .models import build_model
 
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model.architecture, cfg.model.size, head=True, vocab_size=vocab_size, **model_overrides(cfg))
+    overrides = model_overrides(cfg)
+    if cfg.model.architecture == "cehrbert" and "visit_type_token_ids" not in overrides:
+        overrides["visit_type_token_ids"] = cehrbert_visit_types(Path(cfg.data.path))
+    return build_model(cfg.model.architecture, cfg.model.size, head=True, vocab_size=vocab_size, **overrides)
+
+
+def cehrbert_visit_types(data_dir: Path) -> list[int]:
+    """CEHR-BERT's visit-type classes: the visit-type codes of the data's vocabulary (none: MLM only)."""
+    from .objectives import visit_type_token_ids
+
+    tokens = json.loads((data_dir / "tokenizer" / "ehrfm_vocab.json").read_text())["tokens"]
+    ids = visit_type_token_ids(tokens)
+    if not ids:
+        log.warning("cehrbert: no visit-type codes in the vocabulary; visit-type prediction is off (MLM only)")
+    return ids
 
 
 def model_overrides(cfg: PretrainConfig) -> dict:

@@ -12,7 +12,19 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from .bert import EhrBertForMaskedLM, EhrBertModel
-from .configuration import CONFIG_CLASSES, EhrBertConfig, EhrLlamaConfig, EhrMamba2Config, EhrMambaConfig
+from .bigbird import EhrBigBirdForMaskedLM, EhrBigBirdModel
+from .bilstm import EhrBiLstmForMaskedLM, EhrBiLstmModel
+from .cehrbert import EhrCehrBertForMaskedLM, EhrCehrBertModel
+from .configuration import (
+    CONFIG_CLASSES,
+    EhrBertConfig,
+    EhrBigBirdConfig,
+    EhrBiLstmConfig,
+    EhrCehrBertConfig,
+    EhrLlamaConfig,
+    EhrMamba2Config,
+    EhrMambaConfig,
+)
 from .llama import EhrLlamaForCausalLM, EhrLlamaModel
 from .mamba import EhrMambaForCausalLM, EhrMambaModel
 from .mamba2 import EhrMamba2ForCausalLM, EhrMamba2Model
@@ -24,9 +36,18 @@ ARCHITECTURES = {
     "mamba2": (EhrMamba2Config, EhrMamba2Model, EhrMamba2ForCausalLM),
     "bert": (EhrBertConfig, EhrBertModel, EhrBertForMaskedLM),
 }
+# 001's comparison set (README "001 comparison set"); MultiBird is bigbird finetuned with MPF
+ARCHITECTURES.update(
+    bigbird=(EhrBigBirdConfig, EhrBigBirdModel, EhrBigBirdForMaskedLM),
+    cehrbert=(EhrCehrBertConfig, EhrCehrBertModel, EhrCehrBertForMaskedLM),
+    bilstm=(EhrBiLstmConfig, EhrBiLstmModel, EhrBiLstmForMaskedLM),
+)
 
 # architecture name -> pretraining objective: "ntp" next-token (causal), "mlm" masked, "plm" permutation (XLNet)
 OBJECTIVES = {"llama": "ntp", "mamba": "ntp", "mamba2": "ntp", "bert": "mlm"}
+# cehrbert adds visit-type prediction to MLM (an auxiliary loss of pretrain.objectives); bilstm is not
+# pretrained in 001 (finetuned from random init) but ehrfm can pretrain it with MLM
+OBJECTIVES.update(bigbird="mlm", cehrbert="mlm", bilstm="mlm")
 # objective -> the HF Auto class of its head model (HF files XLNet's permutation head under causal LM too)
 HEAD_AUTO = {"ntp": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "plm": AutoModelForCausalLM}
 # objective -> words for model cards and logs
@@ -70,6 +91,15 @@ __all__ = [
     "EhrBertConfig",
     "EhrBertForMaskedLM",
     "EhrBertModel",
+    "EhrBigBirdConfig",
+    "EhrBigBirdForMaskedLM",
+    "EhrBigBirdModel",
+    "EhrBiLstmConfig",
+    "EhrBiLstmForMaskedLM",
+    "EhrBiLstmModel",
+    "EhrCehrBertConfig",
+    "EhrCehrBertForMaskedLM",
+    "EhrCehrBertModel",
     "EhrLlamaConfig",
     "EhrLlamaForCausalLM",
     "EhrLlamaModel",

@@ -54,11 +54,13 @@ class EhrBertModel(EhrModelMixin, EhrBertPreTrainedModel):
     come from ``get_patient_embedding`` ([CLS] / first token of each document by default)."""
 
     default_pooling = "first"
+    embeddings_class: type = EhrBertEmbeddings
+    encoder_class: type = BertEncoder
 
     def __init__(self, config: EhrBertConfig):
         super().__init__(config)
-        self.embeddings = EhrBertEmbeddings(config)
-        self.encoder = BertEncoder(config)
+        self.embeddings = self.embeddings_class(config)
+        self.encoder = self.encoder_class(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -101,6 +103,13 @@ class EhrBertModel(EhrModelMixin, EhrBertPreTrainedModel):
             visit_orders=visit_orders,
             position_ids=position_ids,
         )
+        hidden = self._run_encoder(hidden, documents, position_ids, packed=document_ids is not None, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden.reshape(batch, length, -1))
+
+    def _run_encoder(self, hidden, documents, position_ids, packed: bool, **kwargs) -> torch.Tensor:
+        """Embeddings (B, L, H) -> last encoder states; each document attends only to itself (subclasses with
+        other encoders override this)."""
+        batch, length = documents.shape
         if uses_flash_attention(self.config):
             hidden = hidden.reshape(1, batch * length, -1)
             kwargs.update(flash_varlen_kwargs(position_ids.reshape(1, -1)))
@@ -109,8 +118,7 @@ class EhrBertModel(EhrModelMixin, EhrBertPreTrainedModel):
             mask = packed_attention_mask(
                 documents, causal=False, dtype=hidden.dtype, attn_implementation=self.config._attn_implementation
             )
-        hidden = self.encoder(hidden, attention_mask=mask, **kwargs).last_hidden_state
-        return BaseModelOutput(last_hidden_state=hidden.reshape(batch, length, -1))
+        return self.encoder(hidden, attention_mask=mask, **kwargs).last_hidden_state
 
     def _encode(self, **batch) -> torch.Tensor:
         return self(**batch).last_hidden_state
@@ -124,11 +132,14 @@ class EhrBertForMaskedLM(EhrModelMixin, EhrBertPreTrainedModel):
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
+    # subclasses (BigBird, CEHR-BERT) swap the encoder model and the MLM head, keeping the weight names
+    backbone_class: type = EhrBertModel
+    mlm_head_class: type = BertOnlyMLMHead
 
     def __init__(self, config: EhrBertConfig):
         super().__init__(config)
-        self.bert = EhrBertModel(config)
-        self.cls = BertOnlyMLMHead(config)
+        self.bert = self.backbone_class(config)
+        self.cls = self.mlm_head_class(config)
         self.post_init()
 
     def get_output_embeddings(self):

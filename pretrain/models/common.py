@@ -43,12 +43,18 @@ def pool_documents(
 
     hidden_states (B, L, H); document_ids (B, L) with 0 = padding. pooling: "last" (last non-pad token of each
     document, 001 3.2.4), "first" ([CLS] / task token at the start), "reg" (mean over [REG] tokens; needs
-    type_ids, falls back to zeros for a document without [REG]). Returns (B, D, H) with D = num_documents
+    type_ids, falls back to zeros for a document without [REG]), "ends" (bidirectional LSTM: the first half of
+    the last token's state beside the second half of the first token's state). Returns (B, D, H) with D = num_documents
     (default: the largest document id, one host sync); documents absent from a row give zero rows.
     """
     batch, length, hidden = hidden_states.shape
     if num_documents is None:
         num_documents = int(document_ids.max().clamp(min=1))
+    if pooling == "ends":  # bidirectional recurrent states: forward half at the last token, backward at the first
+        last, first = (
+            pool_documents(hidden_states, document_ids, p, num_documents=num_documents) for p in ("last", "first")
+        )
+        return torch.cat([last[..., : hidden // 2], first[..., hidden // 2 :]], dim=-1)
     real = document_ids != 0
     if pooling == "last":
         is_end = torch.ones_like(real)

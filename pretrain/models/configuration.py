@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import BertConfig, LlamaConfig, Mamba2Config, MambaConfig
+from transformers import BertConfig, BigBirdConfig, LlamaConfig, Mamba2Config, MambaConfig, PretrainedConfig
 
 from ...data_shards.schema import NUM_TOKEN_TYPES, PAD_ID
 
@@ -184,3 +184,114 @@ CONFIG_CLASSES = {
     "mamba2": EhrMamba2Config,
     "bert": EhrBertConfig,
 }
+
+
+# Paper 001 (EhrMamba) Appendix C: the configurations of its comparison set, as the size "paper001" of each
+# baseline backbone (001 gives no parameter counts for them). Dropout 0.1 everywhere (HF's default here).
+PAPER001_SIZE = "paper001"
+_PAPER001_TRANSFORMER = dict(hidden_size=768, num_hidden_layers=6, intermediate_size=3072, time_embedding_size=32)
+
+
+class EhrBigBirdConfig(_PresetMixin, BigBirdConfig, EhrEmbeddingFields):
+    """BigBird (block-sparse attention: sliding + global + random blocks; BERT-style post-LayerNorm encoder,
+    bidirectional MLM) over EHR embeddings: 001's BigBird baseline, and MultiBird when finetuned with MPF.
+
+    ``attention_type`` "block_sparse" runs HF's block-sparse attention on unpacked rows longer than
+    ``(5 + 2 * num_random_blocks) * block_size`` tokens; shorter or packed rows use full attention (see
+    ``bigbird.py``). 001 (Appendix C): hidden 768, 6 layers, 12 heads, intermediate 3072, context 2048; block
+    size and random blocks are not given in 001: HF's defaults (64, 3) are kept."""
+
+    model_type = "ehr_bigbird"
+    type_vocab_size: int = NUM_TOKEN_TYPES
+    # class defaults = the Tiny preset
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 2048
+    hidden_act: str = "gelu_new"
+    pad_token_id: int | None = PAD_ID
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    sep_token_id: int | None = None
+    PRESETS = {
+        **{k: {**_COMMON, "max_position_embeddings": 2048, **v} for k, v in _TRANSFORMER_SIZES.items()},
+        PAPER001_SIZE: {
+            **_COMMON,
+            **_PAPER001_TRANSFORMER,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 2048,
+        },
+    }
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+
+
+class EhrCehrBertConfig(EhrBertConfig):
+    """CEHR-BERT (Pang et al. 2021) as 001 configures it: BERT over EHR embeddings whose concept/time/age
+    concatenation is projected through tanh, pretrained with MLM plus visit-type prediction (``cehrbert.py``).
+
+    visit_type_loss_weight: weight of the visit-type term added to the MLM loss (CEHR-BERT sums the two).
+    visit_type_token_ids: vocabulary ids of the visit-type codes, the classes of visit-type prediction (set by
+        ``ehrfm pretrain`` from the data's vocabulary; empty = MLM only)."""
+
+    model_type = "ehr_cehrbert"
+    visit_type_loss_weight: float = 1.0
+    visit_type_token_ids: list[int] | tuple[int, ...] = ()
+    PRESETS = {
+        **EhrBertConfig.PRESETS,
+        PAPER001_SIZE: {**_COMMON, **_PAPER001_TRANSFORMER, "num_attention_heads": 8, "max_position_embeddings": 512},
+    }
+
+
+class EhrBiLstmConfig(_PresetMixin, PretrainedConfig, EhrEmbeddingFields):
+    """A stack of bidirectional LSTM layers over EHR embeddings: 001's LSTM baseline (not pretrained in 001;
+    ehrfm can still pretrain it with MLM, its bidirectional objective).
+
+    hidden_size: width of the embeddings and of every layer's output (forward and backward states
+        concatenated), so each direction has ``hidden_size // 2`` units (001: embeddings 768, LSTM hidden 384).
+    num_hidden_layers: stacked bidirectional layers (001: 6). hidden_dropout_prob: dropout between layers.
+    hidden_act / layer_norm_eps: the MLM head's transform (as BERT's)."""
+
+    model_type = "ehr_bilstm"
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    hidden_dropout_prob: float = 0.1
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 2048  # context the presets were sized for (the LSTM has no position table)
+    pad_token_id: int | None = PAD_ID
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = True
+    PRESETS = {
+        **{
+            k: {**_COMMON, "hidden_size": v["hidden_size"], "num_hidden_layers": v["num_hidden_layers"]}
+            for k, v in _TRANSFORMER_SIZES.items()
+        },
+        PAPER001_SIZE: {
+            **_COMMON,
+            "hidden_size": 768,
+            "num_hidden_layers": 6,
+            "time_embedding_size": 32,
+            "max_position_embeddings": 512,
+        },
+    }
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+        if self.hidden_size % 2:
+            raise ValueError(f"hidden_size must be even (two LSTM directions), got {self.hidden_size}")
+
+    @property
+    def lstm_hidden_size(self) -> int:
+        return self.hidden_size // 2
+
+
+CONFIG_CLASSES.update(bigbird=EhrBigBirdConfig, cehrbert=EhrCehrBertConfig, bilstm=EhrBiLstmConfig)
