@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
 
 
 def sizes_of(config_cls) -> list[str]:
-    """The sizes an architecture has presets for, in ``SIZE_NAMES`` order ("paper001": 001's baselines only)."""
+    """The sizes an architecture has presets for, in ``SIZE_NAMES`` order ("paper001": 001's comparison set and EhrMamba only)."""
     return [size for size in SIZE_NAMES if size in config_cls.PRESETS]
 
 

@@ -18,7 +18,7 @@ Architecture = Literal["llama", "mamba", "mamba2", "bert", "bigbird", "cehrbert"
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 ARCHITECTURE_NAMES = get_args(Architecture)
 # "mini" is ehrfm's laptop size (demo, studies); tiny / small / medium are 003 Table 5 (models.configuration);
-# "paper001" is 001 Appendix C's configuration of its comparison set (bigbird, cehrbert, bilstm only)
+# "paper001" is 001 Appendix C's configuration of its comparison set (bigbird, cehrbert, bilstm, and mamba = EhrMamba)
 Size = Literal["mini", "tiny", "small", "medium", "paper001"]
 SIZE_NAMES = get_args(Size)
 STRATEGIES = get_args(Strategy)

@@ -16,12 +16,12 @@ Rows of the ``ehrmamba`` preset (001 section 4.2, Appendix C):
     EhrMamba   mamba     NTP          MPF, one model for all tasks  2048           6
 
 Choices where 001 does not transfer to a laptop (also in the README): every backbone uses one ``--size``
-preset (001's own widths are 768 hidden, far beyond a CPU); ``--context-scale`` multiplies 001's context
-lengths, keeping their 4:1 ratio (0.25: 128 and 512); pretraining runs ``--steps`` optimiser steps rather
-than 001's 15 epochs; MultiBird reuses BigBird's pretraining run (001 trains both the same way and differs in
-the finetuning). F1 is the best F1 over thresholds on the evaluated split (``best_f1``), as 001 does not
-state its threshold. XGBoost's CI comes from the same bootstrap of its test predictions (001 shows 0.00 for
-its single run).
+preset (``paper001`` is 001's own configurations, 768 hidden, for GPUs); ``--context-scale`` multiplies
+001's context lengths, keeping their 4:1 ratio (0.25: 128 and 512); pretraining runs ``--steps`` optimiser
+steps rather than 001's 15 epochs; MultiBird reuses BigBird's pretraining run (001 trains both the same way
+and differs in the finetuning), on padded rows so that its long rows are block sparse. F1 is the best F1
+over thresholds on the evaluated split (``best_f1``), as 001 does not state its threshold. XGBoost's CI
+comes from the same bootstrap of its test predictions (001 shows 0.00 for its single run).
 
 OUT layout: ``runs/<backbone>`` (pretraining), ``exported/<backbone>``, ``cells/<row>[/<task>]/finetune``
 and ``eval``, ``results.jsonl`` (one line per finished row: re-running skips it), ``compare.md``,
@@ -49,15 +49,27 @@ class Row:
     separate_tasks: bool = True  # one finetuned model per task (001: all but MultiBird and EhrMamba)
     context: int = 512  # 001 Appendix C
     epochs: int = 5  # 001 Appendix C, finetuning
+    pretrain_overrides: tuple[str, ...] = ()  # extra `ehrfm pretrain` key=value
 
+
+# BigBird's block-sparse attention needs unpacked rows (packed rows run full attention with a document mask)
+BLOCK_SPARSE = ("data.mode=padded",)
 
 PRESETS: dict[str, tuple[Row, ...]] = {
     "ehrmamba": (
         Row("XGBoost", None),
         Row("LSTM", "bilstm", pretrained=False, context=512, epochs=5),
         Row("CEHR-BERT", "cehrbert", context=512, epochs=5),
-        Row("BigBird", "bigbird", context=2048, epochs=3),
-        Row("MultiBird", "bigbird", method="mpf", separate_tasks=False, context=2048, epochs=6),
+        Row("BigBird", "bigbird", context=2048, epochs=3, pretrain_overrides=BLOCK_SPARSE),
+        Row(
+            "MultiBird",
+            "bigbird",
+            method="mpf",
+            separate_tasks=False,
+            context=2048,
+            epochs=6,
+            pretrain_overrides=BLOCK_SPARSE,
+        ),
         Row("EhrMamba", "mamba", method="mpf", separate_tasks=False, context=2048, epochs=6),
     )
 }
@@ -117,7 +129,7 @@ def run_rows(data: Path, out: Path, rows: tuple[Row, ...], settings: Settings, t
                     steps=settings.steps,
                     context_length=settings.context(row),
                     batch_size=settings.batch_size,
-                    overrides=[f"train.seed={settings.seed}"],
+                    overrides=[f"train.seed={settings.seed}", *row.pretrain_overrides],
                 )
                 pretrain_stage(data, out / "runs" / key, spec, quiet=True)
                 export_stage(out / "runs" / key, hf_dir)

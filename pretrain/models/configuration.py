@@ -81,6 +81,12 @@ _MAMBA_SIZES = {
     "medium": dict(hidden_size=512, num_hidden_layers=12),
 }
 _MAMBA2_HEAD_DIM = {"mini": 32, "tiny": 32, "small": 64, "medium": 64}
+# Paper 001 (EhrMamba) Appendix C: the configurations of its comparison set, as the size "paper001" of each
+# baseline backbone (001 gives no parameter counts for them). Dropout 0.1 everywhere (HF's default here).
+PAPER001_SIZE = "paper001"
+_PAPER001_TRANSFORMER = dict(hidden_size=768, num_hidden_layers=6, intermediate_size=3072, time_embedding_size=32)
+# 001 Appendix C, EhrMamba: embedding 768, 32 Mamba blocks, state size 16, convolution kernel 4
+_PAPER001_MAMBA = dict(hidden_size=768, num_hidden_layers=32, time_embedding_size=32)
 
 
 class EhrLlamaConfig(_PresetMixin, LlamaConfig, EhrEmbeddingFields):
@@ -136,7 +142,10 @@ class EhrMambaConfig(_PresetMixin, MambaConfig, EhrEmbeddingFields):
     pad_token_id: int | None = PAD_ID
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    PRESETS = {k: {**_COMMON, "state_size": 16, "expand": 2, "conv_kernel": 4, **v} for k, v in _MAMBA_SIZES.items()}
+    PRESETS = {
+        k: {**_COMMON, "state_size": 16, "expand": 2, "conv_kernel": 4, **v}
+        for k, v in {**_MAMBA_SIZES, PAPER001_SIZE: _PAPER001_MAMBA}.items()
+    }
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -184,12 +193,6 @@ CONFIG_CLASSES = {
     "mamba2": EhrMamba2Config,
     "bert": EhrBertConfig,
 }
-
-
-# Paper 001 (EhrMamba) Appendix C: the configurations of its comparison set, as the size "paper001" of each
-# baseline backbone (001 gives no parameter counts for them). Dropout 0.1 everywhere (HF's default here).
-PAPER001_SIZE = "paper001"
-_PAPER001_TRANSFORMER = dict(hidden_size=768, num_hidden_layers=6, intermediate_size=3072, time_embedding_size=32)
 
 
 class EhrBigBirdConfig(_PresetMixin, BigBirdConfig, EhrEmbeddingFields):
