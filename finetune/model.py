@@ -39,6 +39,8 @@ LORA_TARGETS = {
     "ehr_mamba": r".*layers\.\d+\.mixer\.(in_proj|out_proj)",
     "ehr_mamba2": r".*layers\.\d+\.mixer\.(in_proj|out_proj)",
 }
+# BERT-family text encoders of the clinical-text path (finetune/text.py) share ehr_bert's module names
+LORA_TARGETS.update({name: LORA_TARGETS["ehr_bert"] for name in ("bert", "roberta", "xlm-roberta", "electra")})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ehrfm_vocab.json")
 
 
