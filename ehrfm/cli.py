@@ -29,6 +29,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.apps.bench",  # bench
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed
     "ehrfm.finetune.probe",  # probe
+    "ehrfm.finetune.text_cli",  # text serialize / finetune / boost / report (002's clinical-text path)
     "ehrfm.tool_envs",  # tools (ACES, MEDS-Tab in their own environments)
 )
 

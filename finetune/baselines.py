@@ -9,7 +9,7 @@ before the prediction time (NaN without a visit). ALFIA-boost (002 2.4): ``--emb
 
 Training uses the ``finetune`` split; scoring the requested split (default ``test``); the output folder has
 the format of ``ehrfm evaluate`` plus ``models/<task>.*``. Defaults: XGBoost as in 003 (100 trees, depth 6,
-learning rate 0.3), LightGBM's defaults, logistic regression on log1p counts scaled to [0, 1] (L2, C = 1).
+learning rate 0.3), LightGBM's and CatBoost's defaults (one thread), logistic regression on log1p counts scaled to [0, 1] (L2, C = 1).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .data import TRAIN_SPLIT, FinetuneInputError, check_label_counts, resolve_t
 from .evaluate import write_evaluation
 
 log = logging.getLogger("ehrfm.finetune")
-BASELINE_MODELS = ("xgboost", "lightgbm", "logreg")
+BASELINE_MODELS = ("xgboost", "lightgbm", "catboost", "logreg")
 _NOT_COUNTED = np.array(sorted({int(t) for t in SPECIAL_TYPES} | {int(TokenType.PAD)}))
 
 
@@ -97,6 +97,10 @@ def make_model(name: str, seed: int):
         from lightgbm import LGBMClassifier
 
         return LGBMClassifier(random_state=seed, n_jobs=1, verbose=-1)
+    if name == "catboost":
+        from catboost import CatBoostClassifier
+
+        return CatBoostClassifier(random_seed=seed, thread_count=1, verbose=False, allow_writing_files=False)
     if name == "logreg":
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
@@ -204,7 +208,7 @@ def run_baseline(
 
 def save_baseline_model(model, name: str, stem: Path) -> Path:
     """Write a fitted baseline in a format that loads without unpickling (never pickle: a pickle file executes
-    code when loaded): XGBoost JSON, LightGBM text, logistic-regression coefficients as JSON."""
+    code when loaded): XGBoost JSON, LightGBM text, CatBoost JSON, logistic-regression coefficients as JSON."""
     from ehrfm.outputs import atomic_file, write_json_atomic
 
     if name == "xgboost":
@@ -215,6 +219,10 @@ def save_baseline_model(model, name: str, stem: Path) -> Path:
         path = stem.with_suffix(".lgbm.txt")
         with atomic_file(path) as tmp:
             model.booster_.save_model(str(tmp))
+    elif name == "catboost":
+        path = stem.with_suffix(".catboost.json")
+        with atomic_file(path, suffix=".json") as tmp:
+            model.save_model(str(tmp), format="json")
     else:
         scaler, clf = model[-2], model[-1]
         path = stem.with_suffix(".logreg.json")
@@ -270,17 +278,24 @@ def _write_embeddings(
     for split in splits:
         dataset = FinetuneDataset(data_dir, meta["tasks"], split, meta["context_length"], mpf_ids)
         pred = predict(model, dataset, batch_size)
-        frame = dataset.label_frame()
-        emb = pred["embedding"].reshape(len(frame), -1)
-        emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
-        frame = frame.with_columns(embedding=pl.Series(emb.astype(np.float32).tolist(), dtype=pl.List(pl.Float32)))
-        if pred["layer_weights"] is not None:
-            frame = frame.with_columns(
-                layer_weights=pl.Series(pred["layer_weights"].astype(np.float32).tolist(), dtype=pl.List(pl.Float32))
-            )
-        for task in meta["tasks"]:
-            path = tmp / task / f"{split}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            frame.filter(pl.col("task") == task).drop("task").write_parquet(path)
-            written.append(path)
+        written += write_embedding_files(tmp, split, dataset.label_frame(), pred, meta["tasks"])
+    return written
+
+
+def write_embedding_files(folder: Path, split: str, frame: pl.DataFrame, pred: dict, tasks: list[str]) -> list[Path]:
+    """``folder/<task>/<split>.parquet`` of one split: the label rows of ``frame`` (with ``task``) and the
+    prediction's embeddings L2-normalised (and ALFIA layer weights), the format ``--embeddings`` reads."""
+    emb = pred["embedding"].reshape(len(frame), -1)
+    emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    frame = frame.with_columns(embedding=pl.Series(emb.astype(np.float32).tolist(), dtype=pl.List(pl.Float32)))
+    if pred["layer_weights"] is not None:
+        frame = frame.with_columns(
+            layer_weights=pl.Series(pred["layer_weights"].astype(np.float32).tolist(), dtype=pl.List(pl.Float32))
+        )
+    written = []
+    for task in tasks:
+        path = Path(folder) / task / f"{split}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.filter(pl.col("task") == task).drop("task").write_parquet(path)
+        written.append(path)
     return written

@@ -3,7 +3,7 @@
 ehrfm finetune --model HFDIR --data DIR --out FT --method per-task|mpf|alfia [--lora] [--freeze]
                [--tasks a,b] [--train-fraction 0.1] [--anaa] [--neftune-alpha 5] [key=value ...]
 ehrfm evaluate --model FT --data DIR --split test --out EVAL
-ehrfm baseline --model xgboost|lightgbm|logreg|meds-tab --data DIR --out EVAL [--embeddings EMB]
+ehrfm baseline --model xgboost|lightgbm|catboost|logreg|meds-tab --data DIR --out EVAL [--embeddings EMB]
 ehrfm embed    --model FT --data DIR --out EMB
 ehrfm forecast --model HFDIR --data DIR --out ZS [--tasks a,b] [--samples 20] [--split test]
 ehrfm explain  --model FT --data DIR --task T --out EXPLAIN [--rows 64] [--steps 64]
@@ -85,7 +85,7 @@ def add_parser(subparsers) -> None:
     b = subparsers.add_parser(
         "baseline", help="GBDT / logistic-regression baselines on code counts; MEDS-Tab (its own environment)"
     )
-    b.add_argument("--model", required=True, choices=["xgboost", "lightgbm", "logreg", "meds-tab"])
+    b.add_argument("--model", required=True, choices=["xgboost", "lightgbm", "catboost", "logreg", "meds-tab"])
     b.add_argument("--data", required=True, type=Path)
     b.add_argument("--out", required=True, type=Path)
     b.add_argument("--split", default="test")

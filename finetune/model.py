@@ -41,6 +41,8 @@ LORA_TARGETS = {
 }
 # BigBird / CEHR-BERT: BERT's module names; the Bi-LSTM has none (peft cannot wrap nn.LSTM)
 LORA_TARGETS.update(ehr_bigbird=LORA_TARGETS["ehr_bert"], ehr_cehrbert=LORA_TARGETS["ehr_bert"])
+# BERT-family text encoders of the clinical-text path (finetune/text.py) share ehr_bert's module names
+LORA_TARGETS.update({name: LORA_TARGETS["ehr_bert"] for name in ("bert", "roberta", "xlm-roberta", "electra")})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ehrfm_vocab.json")
 
 

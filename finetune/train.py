@@ -59,7 +59,7 @@ def pos_weights(cfg: FinetuneConfig, counts: dict, tasks: list[str]) -> torch.Te
 
 @torch.no_grad()
 def predict(
-    model: FinetuneModel, dataset: FinetuneDataset, batch_size: int = 64, precision: str = "auto"
+    model: FinetuneModel, dataset, batch_size: int = 64, precision: str = "auto", collate_fn=collate
 ) -> dict[str, np.ndarray]:
     """Probabilities (N,), labels (N,), task indices (N,), ALF/pooled embeddings (N, H), layer weights (N, N_f),
     and with time-to-event tasks survival curves (N, G) on ``SURVIVAL_GRID`` x each task's horizon (NaN rows
@@ -70,7 +70,7 @@ def predict(
     model.eval()
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, pin_memory=device.type == "cuda"
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, pin_memory=device.type == "cuda"
     )
     probs, labels, tasks, embs, lams, curves = [], [], [], [], [], []
     for batch in loader:
@@ -127,14 +127,20 @@ def prepare_run(model_dir: Path, data_dir: Path, cfg: FinetuneConfig) -> dict:
     meta = read_export_metadata(model_dir)
     manifest = read_manifest(data_dir)
     check_vocabulary(meta["vocab_fingerprint"], Path(model_dir) / "ehrfm_export.json", data_dir, manifest)
-    tasks = resolve_tasks(manifest, data_dir, cfg.tasks)
-    if not cfg.tasks:
+    tasks, counts = select_tasks(data_dir, manifest, cfg.tasks)
+    token_ids = task_token_ids(data_dir, manifest, tasks) if cfg.method == "mpf" else None
+    return {"export": meta, "manifest": manifest, "tasks": tasks, "counts": counts, "token_ids": token_ids}
+
+
+def select_tasks(data_dir: Path, manifest: dict, requested: list[str]) -> tuple[list[str], dict]:
+    """(tasks, label counts of the finetune and validation splits): the requested ones, which must all be
+    trainable, or every task of the data that is (the others dropped with a warning)."""
+    tasks = resolve_tasks(manifest, data_dir, requested)
+    if not requested:
         tasks, dropped = trainable_tasks(data_dir, tasks)
         if dropped:
             log.warning("dropped task(s) without both classes in the training splits: %s", "; ".join(dropped))
-    counts = check_label_counts(data_dir, tasks, (TRAIN_SPLIT, VAL_SPLIT))
-    token_ids = task_token_ids(data_dir, manifest, tasks) if cfg.method == "mpf" else None
-    return {"export": meta, "manifest": manifest, "tasks": tasks, "counts": counts, "token_ids": token_ids}
+    return tasks, check_label_counts(data_dir, tasks, (TRAIN_SPLIT, VAL_SPLIT))
 
 
 def trainable_tasks(data_dir: Path, tasks: list[str]) -> tuple[list[str], list[str]]:
@@ -198,22 +204,6 @@ def finetune(
     model.to(device)
     use_fast_attention(hf_model(model.backbone), device)  # flash-attn where it runs (before ANAA's swap)
     pw = pos_weights(cfg, run["counts"], tasks)
-    pw = pw.to(device) if pw is not None else None
-    head_params = list(model.heads.parameters())
-    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": cfg.head_learning_rate or cfg.learning_rate}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": cfg.learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle"))
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=generator,
-        pin_memory=device.type == "cuda",
-    )
     regs = attach_regularizers(model.backbone, cfg.neftune_alpha, anaa)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
@@ -228,62 +218,17 @@ def finetune(
         device,
         " (ANAA)" if regs.anaa_active else "",
     )
-    trainable = [p for g in groups for p in g["params"]]
 
-    def train_step(batches) -> dict:
-        """One optimizer step on the next batch (raises StopIteration at the end of the epoch)."""
-        batch = to_device(next(batches), device)
-        model.train()
-        if cfg.freeze:
-            model.backbone.eval()
-        with autocast(cfg.precision, device):
-            out_ = model(batch)
-        loss = model.loss(out_, batch, pw)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        mask = batch["attention_mask"]
-        return {
-            "loss": float(loss.detach()),
-            "grad_norm": float(grad_norm),
-            "real_tokens": int(mask.sum()),
-            "padded_tokens": mask.numel(),
-        }
-
-    def evaluate(loop: Loop) -> dict:
-        score, per_task = validation_score(predict(model, val_set, cfg.batch_size, cfg.precision), tasks)
-        train_loss = float(np.mean([r["loss"] for r in loop.epoch_records]))
-        log.info("epoch %d: train loss %.4f, val AUPRC %.4f", loop.state.epoch, train_loss, score)
-        return {"train_loss": train_loss, "val_auprc": score, "val": per_task}
-
-    best = KeepBestWeights(model)
-    state = LoopState()
-    resume = None
-    if cfg.resume:
+    def checkpoint(optimizer, generator, best):
+        if not cfg.resume:
+            return None
         fingerprint = run_fingerprint(cfg, model_dir, data_dir, run["export"])
-        resume = EpochCheckpoint(
+        return EpochCheckpoint(
             resume_folder(out), fingerprint, model, optimizer, generator, best, inputs=[model_dir, data_dir]
         )
-        resume.restore(state)
-    sink = MetricsLogger(
-        None,
-        enabled=True,
-        total_steps=cfg.epochs * len(loader),
-        start_step=state.step,
-        progress=cfg.progress_bar,
-        desc="finetune",
-    )
-    callbacks = [
-        Throughput(),
-        LogTrainRecords(sink),
-        *fault_injection_from_env(),
-        Validation(evaluate, score="val_auprc", higher_is_better=True, at_epoch_end=True, patience=cfg.patience),
-        best,
-        *([resume] if resume is not None else []),
-    ]
+
     try:
-        Loop(state, train_step, callbacks, max_epochs=cfg.epochs).fit(lambda epoch: iter(loader))
+        state, best, resume = train_epochs(model, train_set, val_set, tasks, cfg, device, pw, checkpoint=checkpoint)
     finally:
         regs.remove()
     model.to("cpu")  # saved from the host
@@ -324,3 +269,90 @@ def finetune(
         resume.finish()
     log.info("saved %s (best epoch %d, val AUPRC %.4f, %.1f s)", out, best_epoch, best_score, meta["seconds"])
     return meta
+
+
+def train_epochs(
+    model: FinetuneModel,
+    train_set,
+    val_set,
+    tasks: list[str],
+    cfg: FinetuneConfig,
+    device: torch.device,
+    pw: torch.Tensor | None,
+    *,
+    collate_fn=collate,
+    checkpoint=None,
+):
+    """The training loop of a built model on ``device``: AdamW (head and backbone learning rates), shuffled
+    batches, one validation pass per epoch scored by the mean validation AUPRC, early stopping, the best state
+    kept (restored by the caller after moving the model to the host). ``checkpoint(optimizer, generator,
+    best)`` may return an :class:`EpochCheckpoint` to resume from and write after each epoch.
+    Returns (loop state, :class:`KeepBestWeights`, checkpoint or None)."""
+    pw = pw.to(device) if pw is not None else None
+    head_params = list(model.heads.parameters())
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": cfg.head_learning_rate or cfg.learning_rate}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle"))
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate_fn,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+    )
+    trainable = [p for g in groups for p in g["params"]]
+
+    def train_step(batches) -> dict:
+        """One optimizer step on the next batch (raises StopIteration at the end of the epoch)."""
+        batch = to_device(next(batches), device)
+        model.train()
+        if cfg.freeze:
+            model.backbone.eval()
+        with autocast(cfg.precision, device):
+            out_ = model(batch)
+        loss = model.loss(out_, batch, pw)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        mask = batch["attention_mask"]
+        return {
+            "loss": float(loss.detach()),
+            "grad_norm": float(grad_norm),
+            "real_tokens": int(mask.sum()),
+            "padded_tokens": mask.numel(),
+        }
+
+    def evaluate(loop: Loop) -> dict:
+        score, per_task = validation_score(predict(model, val_set, cfg.batch_size, cfg.precision, collate_fn), tasks)
+        train_loss = float(np.mean([r["loss"] for r in loop.epoch_records]))
+        log.info("epoch %d: train loss %.4f, val AUPRC %.4f", loop.state.epoch, train_loss, score)
+        return {"train_loss": train_loss, "val_auprc": score, "val": per_task}
+
+    best = KeepBestWeights(model)
+    state = LoopState()
+    resume = checkpoint(optimizer, generator, best) if checkpoint is not None else None
+    if resume is not None:
+        resume.restore(state)
+    sink = MetricsLogger(
+        None,
+        enabled=True,
+        total_steps=cfg.epochs * len(loader),
+        start_step=state.step,
+        progress=cfg.progress_bar,
+        desc="finetune",
+    )
+    callbacks = [
+        Throughput(),
+        LogTrainRecords(sink),
+        *fault_injection_from_env(),
+        Validation(evaluate, score="val_auprc", higher_is_better=True, at_epoch_end=True, patience=cfg.patience),
+        best,
+        *([resume] if resume is not None else []),
+    ]
+    Loop(state, train_step, callbacks, max_epochs=cfg.epochs).fit(lambda epoch: iter(loader))
+    return state, best, resume
