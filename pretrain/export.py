@@ -48,6 +48,8 @@ VENDORED = {
     "ehrfm_mamba.py": "pretrain/models/mamba.py",
     "ehrfm_mamba2.py": "pretrain/models/mamba2.py",
     "ehrfm_bert.py": "pretrain/models/bert.py",
+    "ehrfm_xlnet.py": "pretrain/models/xlnet.py",
+    "ehrfm_modernbert.py": "pretrain/models/modernbert.py",
 }
 # import path as written in the sources -> shipped module
 _IMPORT_MAP = {
@@ -69,6 +71,8 @@ _IMPORT_MAP = {
             "mamba",
             "mamba2",
             "bert",
+            "xlnet",
+            "modernbert",
         )
     },
 }
