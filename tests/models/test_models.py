@@ -457,3 +457,19 @@ def test_modernbert_masks_equal_hf_modernbert_with_its_window(attn):
         masks = base.attention_masks(torch.ones(1, 16, dtype=torch.long), raw.dtype)
         assert not torch.equal(masks["full_attention"], masks["sliding_attention"])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch, kind", [("xlnet", "plm"), ("modernbert", "mlm")])
+def test_objective_prepares_each_backbones_targets_and_validation_agrees(arch, kind):
+    from ehrfm.pretrain.objectives import Objective
+
+    model = small_model(arch)
+    objective = Objective(arch, model, seed=0, rank=0, mlm_probability=0.3, plm_probability=0.3, first_code_id=20)
+    assert objective.kind == kind and not objective.causal
+    docs = [make_document(n, seed) for seed, n in enumerate([12, 9, 14], start=70)]
+    batch = objective.prepare(pack_rows([docs[:2], docs[2:]], length=24), step=1, micro=0, device=torch.device("cpu"))
+    assert ("plm_rank" in batch) == (kind == "plm") and (batch["labels"] != -100).any()
+    with torch.no_grad():
+        loss, _ = objective(model, batch)
+        sums = objective.validation_sums(model, batch)
+    torch.testing.assert_close(loss.double(), sums[0] / sums[1], atol=1e-5, rtol=1e-5)
