@@ -11,7 +11,7 @@ HFDIR layout (the finetune stage reads exactly this)::
     README.md              model card
     ehrfm_*.py             the modeling code, vendored: loads without ehrfm installed (trust_remote_code=True)
 
-Loading: ``import ehrfm.pretrain.models; AutoModelForCausalLM.from_pretrained(HFDIR)`` (or AutoModelForMaskedLM for BERT;
+Loading: ``import ehrfm.pretrain.models; AutoModelForCausalLM.from_pretrained(HFDIR)`` (or AutoModelForMaskedLM for BERT and ModernBERT;
 AutoModel gives the backbone), or ``AutoModel*.from_pretrained(HFDIR, trust_remote_code=True)`` anywhere.
 Weights are read from safetensors only; no pickle is loaded.
 """
