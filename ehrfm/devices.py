@@ -54,12 +54,12 @@ def preferred_attn_implementation(device: torch.device) -> str:
 
 
 def use_fast_attention(model, device: torch.device) -> str | None:
-    """Switch an attention backbone (Llama, BERT) to :func:`preferred_attn_implementation`; returns the
+    """Switch an attention backbone (Llama, BERT, ModernBERT; not XLNet, which has one einsum path) to :func:`preferred_attn_implementation`; returns the
     implementation now in use (None for models without attention). A user's explicit choice other than sdpa
     (e.g. eager for debugging) is kept."""
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if config is None or getattr(config, "model_type", "") not in ("ehr_llama", "ehr_bert"):
+    if config is None or getattr(config, "model_type", "") not in ("ehr_llama", "ehr_bert", "ehr_modernbert"):
         return None
     wanted = preferred_attn_implementation(device)
     if current in (None, "sdpa") and wanted != "sdpa":

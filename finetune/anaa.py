@@ -17,7 +17,8 @@ itself; a new document starts where position i may not see i - 1).
 Choices (documented defaults): ``variant=None`` picks "causal" for causal attention modules (Llama: no
 position ever sees the future) and "symmetric" -- the paper's operator -- for bidirectional ones (BERT);
 ``sigma_norm="paper"``; ``detach_sigma=True``; ``mode="rna"`` gives the paper's noise-only ablation. Attention
-dropout is not applied on top of ANAA. Mamba / Mamba2 backbones have no attention and are refused.
+dropout is not applied on top of ANAA. Mamba / Mamba2 backbones have no attention and XLNet no attention
+function to swap: both are refused. ModernBERT's local layers keep sdpa (ANAA's kernel has no window).
 """
 
 from __future__ import annotations
@@ -44,10 +45,17 @@ class _State:
         self.doc: torch.Tensor | None = None
 
 
-def _is_mamba(model) -> bool:
+def _names(model) -> list[str]:
     cfg = getattr(model, "config", None)
-    names = [str(getattr(cfg, "model_type", ""))] + [type(m).__name__ for m in model.modules()]
-    return any("mamba" in name.lower() for name in names)
+    return [str(getattr(cfg, "model_type", "")).lower()] + [type(m).__name__.lower() for m in model.modules()]
+
+
+def _is_mamba(model) -> bool:
+    return any("mamba" in name for name in _names(model))
+
+
+def _is_xlnet(model) -> bool:
+    return any("xlnet" in name for name in _names(model))
 
 
 def _attention_modules(model):
@@ -58,6 +66,8 @@ def _attention_modules(model):
         and hasattr(m, "is_causal")
         and hasattr(m, "config")
         and not getattr(m, "is_cross_attention", False)
+        # ANAA's kernel knows documents, not windows: ModernBERT's local layers keep sdpa with their banded mask
+        and getattr(m, "sliding_window", None) is None
     ]
 
 
@@ -144,7 +154,8 @@ class ANAAHandle:
 def enable_anaa(model, cfg: ANAAConfig | None = None) -> ANAAHandle:
     """Make every self-attention module of ``model`` (an HF Llama / BERT style model) run ANAA.
 
-    Raises ValueError for Mamba backbones (no attention to augment) and for models without attention modules.
+    Raises FinetuneInputError for Mamba and XLNet backbones (no attention function to swap), ValueError for models
+    without attention modules. ModernBERT: its global layers run ANAA, its local (windowed) layers keep sdpa.
     """
     cfg = cfg or ANAAConfig()
     if _is_mamba(model):
@@ -153,6 +164,14 @@ def enable_anaa(model, cfg: ANAAConfig | None = None) -> ANAAHandle:
         raise FinetuneInputError(
             "ANAA (--anaa) perturbs self-attention weights, but this is a Mamba/Mamba2 backbone "
             "which has no attention; finetune it without --anaa (use a Llama or BERT backbone for ANAA)."
+        )
+    if _is_xlnet(model):
+        from .data import FinetuneInputError
+
+        raise FinetuneInputError(
+            "ANAA (--anaa) swaps the attention function, but XLNet has no attention function to swap (its "
+            "two-stream relative attention is inline); finetune it without --anaa (or use a Llama, BERT or "
+            "ModernBERT backbone)."
         )
     modules = _attention_modules(model)
     if any(hasattr(m, "_ehrfm_anaa") for m in modules):

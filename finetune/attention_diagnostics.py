@@ -202,6 +202,8 @@ def save_finetuned_diagnostics(
     base = hf_model(model.backbone)
     if "mamba" in type(base).__name__.lower():
         raise FinetuneInputError(f"{ft_dir}: a Mamba backbone has no attention to diagnose")
+    if "xlnet" in type(base).__name__.lower():
+        raise FinetuneInputError(f"{ft_dir}: XLNet's relative attention is not captured by the diagnostics")
     task = (tasks or meta["tasks"])[0]
     context = meta.get("context_length") or 512
     dataset = TaskExamples(data_dir, task, split, context)

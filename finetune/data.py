@@ -14,8 +14,8 @@ discharge or 24 h after admission never sees them. Our rule:
 * then the sequence is cut to the most recent ``context_length`` tokens, and the first token -- [CLS], or
   after a left cut the oldest kept event -- is replaced by the task token.
 
-The classifier reads the last task token (last non-pad position) for causal backbones and the first one
-for BERT. Task tokens come from the data manifest (``tasks.<name>.token``) and the vocabulary; a new task
+The classifier reads the token of the backbone's ``default_pooling``: the last task token (last non-pad
+position) for causal backbones and XLNet, the first one for BERT and ModernBERT. Task tokens come from the data manifest (``tasks.<name>.token``) and the vocabulary; a new task
 needs only a task config with a token when the data is prepared.
 """
 

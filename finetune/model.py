@@ -31,13 +31,16 @@ from .survival import SURVIVAL_GRID, SurvivalHead
 
 log = logging.getLogger("ehrfm.finetune")
 
-# LoRA targets (peft regex on module names of the base model): attention + MLP for Llama / BERT,
-# in/out projections for Mamba / Mamba2.
+# LoRA targets (peft regex on module names of the base model): attention + MLP for Llama / BERT / ModernBERT,
+# in/out projections for Mamba / Mamba2, the feed-forward for XLNet.
 LORA_TARGETS = {
     "ehr_llama": r".*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
     "ehr_bert": r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
     "ehr_mamba": r".*layers\.\d+\.mixer\.(in_proj|out_proj)",
     "ehr_mamba2": r".*layers\.\d+\.mixer\.(in_proj|out_proj)",
+    # XLNet's q/k/v/o/r are raw (H, n, d) parameters that peft cannot wrap: LoRA on its feed-forward only
+    "ehr_xlnet": r".*layer\.\d+\.ff\.(layer_1|layer_2)",
+    "ehr_modernbert": r".*layers\.\d+\.(attn\.(Wqkv|Wo)|mlp\.(Wi|Wo))",
 }
 # BigBird / CEHR-BERT: BERT's module names; the Bi-LSTM has none (peft cannot wrap nn.LSTM)
 LORA_TARGETS.update(ehr_bigbird=LORA_TARGETS["ehr_bert"], ehr_cehrbert=LORA_TARGETS["ehr_bert"])
@@ -98,10 +101,13 @@ def apply_lora(backbone, cfg: FinetuneConfig):
 
 
 def layer_modules(backbone) -> nn.ModuleList:
-    """The block list of a backbone: ``layers`` (Llama, Mamba, Mamba2) or ``encoder.layer`` (BERT)."""
+    """The block list of a backbone: ``layers`` (Llama, Mamba, Mamba2, ModernBERT), ``encoder.layer`` (BERT) or
+    ``layer`` (XLNet)."""
     model = hf_model(backbone)
     if hasattr(model, "layers"):
         return model.layers
+    if isinstance(getattr(model, "layer", None), nn.ModuleList):
+        return model.layer
     if hasattr(model, "encoder") and hasattr(model.encoder, "layer"):
         return model.encoder.layer
     raise FinetuneInputError(f"{type(model).__name__}: cannot find its layer list for ALFIA")
@@ -111,7 +117,7 @@ class FinetuneModel(nn.Module):
     """Backbone + heads. ``forward(batch) -> dict(logits (B,), layer_weights (B, N_f) | None, embedding (B, H))``.
 
     per-task: one :class:`ClassificationHead` per task on the pooled state (last non-pad token; first token
-    for BERT); mpf: one shared head on the task-token state; alfia: one :class:`AlfiaHead` per task on the
+    for BERT and ModernBERT: the backbone's ``default_pooling``); mpf: one shared head on the task-token state; alfia: one :class:`AlfiaHead` per task on the
     top ``num_fuse`` hidden states (the embedding output counts as layer 0; the top one is the final, normed
     state). Rows are routed to their task's head by ``batch["task"]``.
     """
@@ -193,6 +199,8 @@ class FinetuneModel(nn.Module):
             for h in handles:
                 h.remove()
         shape = last.shape
+        if getattr(hf_model(self.backbone), "seq_first_layers", False):  # XLNet: layers see (T, B, H)
+            captured = [c.transpose(0, 1) for c in captured]
         states = [c.reshape(shape) for c in captured[:-1]] + [last]  # top layer: after the final norm
         return last, states[-self.num_fuse :]
 

@@ -169,10 +169,11 @@ def finetune(
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     check_output_dir(out, "finetune", inputs=[model_dir, data_dir], overwrite=overwrite)
     run = prepare_run(model_dir, data_dir, cfg)
-    if anaa is not None and "mamba" in str(run["export"].get("architecture", "")).lower():
+    architecture = str(run["export"].get("architecture", "")).lower()
+    if anaa is not None and ("mamba" in architecture or architecture == "xlnet"):
         raise FinetuneInputError(
             f"--anaa perturbs self-attention but {model_dir} is a {run['export']['architecture']} backbone "
-            "(no attention); drop --anaa or use a Llama / BERT export"
+            "(no attention function to swap); drop --anaa or use a Llama / BERT / ModernBERT export"
         )
     tasks = run["tasks"]
     seed_everything(cfg.seed)

@@ -14,7 +14,7 @@ from ..config import check_range
 from ..data_shards.config import StreamSettings
 from .dense_loss import DenseLossConfig
 
-Architecture = Literal["llama", "mamba", "mamba2", "bert", "bigbird", "cehrbert", "bilstm"]
+Architecture = Literal["llama", "mamba", "mamba2", "bert", "xlnet", "modernbert", "bigbird", "cehrbert", "bilstm"]
 Strategy = Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 ARCHITECTURE_NAMES = get_args(Architecture)
 # "mini" is ehrfm's laptop size (demo, studies); tiny / small / medium are 003 Table 5 (models.configuration);
@@ -83,7 +83,8 @@ class TrainConfig:
     strategy: how the model is wrapped (``parallel.py``). precision "auto" = bf16 autocast on GPU, fp32 on CPU.
     grad_accum: micro-steps per optimizer step. val_every / log_every (and checkpoint.every) in optimizer steps.
     patience: validations without improvement before early stopping (0 = never stop early).
-    mlm_probability: masked fraction for BERT (80% [MASK], 10% random, 10% unchanged).
+    mlm_probability: masked fraction for BERT and ModernBERT (80% [MASK], 10% random, 10% unchanged).
+    plm_probability: fraction of tokens XLNet predicts per sequence (1/6, XLNet's and HF's default; 003 is silent).
     """
 
     strategy: Strategy = "ddp"
@@ -100,6 +101,7 @@ class TrainConfig:
     log_every: int = 1
     progress_bar: bool = True
     mlm_probability: float = 0.15
+    plm_probability: float = 1 / 6
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up the GPU name (no MFU on CPU)
     save_probe: bool = True  # after training, save a validation batch and the model's logits (export check)
 
@@ -109,6 +111,7 @@ class TrainConfig:
         for name in ("val_every", "val_max_batches", "patience", "peak_flops"):
             check_range(self, name, ge=0)
         check_range(self, "mlm_probability", gt=0, lt=1)
+        check_range(self, "plm_probability", gt=0, lt=1)
 
 
 @dataclasses.dataclass

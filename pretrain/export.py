@@ -11,7 +11,7 @@ HFDIR layout (the finetune stage reads exactly this)::
     README.md              model card
     ehrfm_*.py             the modeling code, vendored: loads without ehrfm installed (trust_remote_code=True)
 
-Loading: ``import ehrfm.pretrain.models; AutoModelForCausalLM.from_pretrained(HFDIR)`` (or AutoModelForMaskedLM for BERT;
+Loading: ``import ehrfm.pretrain.models; AutoModelForCausalLM.from_pretrained(HFDIR)`` (or AutoModelForMaskedLM for BERT and ModernBERT;
 AutoModel gives the backbone), or ``AutoModel*.from_pretrained(HFDIR, trust_remote_code=True)`` anywhere.
 Weights are read from safetensors only; no pickle is loaded.
 """
@@ -48,6 +48,8 @@ VENDORED = {
     "ehrfm_mamba.py": "pretrain/models/mamba.py",
     "ehrfm_mamba2.py": "pretrain/models/mamba2.py",
     "ehrfm_bert.py": "pretrain/models/bert.py",
+    "ehrfm_xlnet.py": "pretrain/models/xlnet.py",
+    "ehrfm_modernbert.py": "pretrain/models/modernbert.py",
 }
 VENDORED.update({f"ehrfm_{name}.py": f"pretrain/models/{name}.py" for name in ("bigbird", "cehrbert", "bilstm")})
 # import path as written in the sources -> shipped module
@@ -70,6 +72,8 @@ _IMPORT_MAP = {
             "mamba",
             "mamba2",
             "bert",
+            "xlnet",
+            "modernbert",
         )
     },
 }

@@ -37,9 +37,10 @@ def flops_per_token(model: torch.nn.Module, context_length: int) -> float:
     * 6 N over the N parameters used in matmuls: every parameter except the input embedding tables (lookups),
       plus the output projection (the LM head, H x V, counted once whether or not it is tied to the input);
     * attention scores and values: 12 * layers * hidden * T for bidirectional attention (BERT), half that for
-      causal attention (Llama: on average a token attends to T / 2 positions); BigBird's block-sparse
-    attention sees at most (3 sliding + 2 global + r random) blocks. Mamba and the Bi-LSTM have no attention
-    term (the LSTM's recurrent weights are matmul parameters, counted in N)."""
+      causal attention (Llama: on average a token attends to T / 2 positions); ModernBERT's local layers see
+      at most 2 w + 1 keys; XLNet's permutation LM runs two streams (see below); BigBird's block-sparse
+      attention sees at most (3 sliding + 2 global + r random) blocks. Mamba and the Bi-LSTM have no attention
+      term (the LSTM's recurrent weights are matmul parameters, counted in N)."""
     config = model.config
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_weight = head.weight if head is not None else None
@@ -58,6 +59,18 @@ def flops_per_token(model: torch.nn.Module, context_length: int) -> float:
         flops += 12.0 * config.num_hidden_layers * config.hidden_size * seen
     elif config.model_type == "ehr_llama":
         flops += 6.0 * config.num_hidden_layers * config.hidden_size * context_length
+    elif config.model_type == "ehr_xlnet":
+        # permutation LM runs a second (query) stream through q, o and the feed-forward; the relative position
+        # projection r sees 2 T offsets. Attention per stream: 12 for content scores and values + 12 for the
+        # position scores over 2 T offsets; + 12 for the identity target mapping's two einsums.
+        again = (".rel_attn.q", ".rel_attn.o", ".rel_attn.r", ".ff.layer_")
+        flops += 6.0 * sum(p.numel() for name, p in model.named_parameters() if any(k in name for k in again))
+        flops += (2 * 24.0 + 12.0) * config.num_hidden_layers * config.hidden_size * context_length
+    elif config.model_type == "ehr_modernbert":  # local layers attend to a window of 2 w + 1 keys
+        local = sum(kind == "sliding_attention" for kind in config.layer_types)
+        keys = (config.num_hidden_layers - local) * context_length
+        keys += local * min(context_length, 2 * config.sliding_window + 1)
+        flops += 12.0 * config.hidden_size * keys
     return flops
 
 

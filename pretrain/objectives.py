@@ -1,8 +1,9 @@
-"""Pretraining objectives: NTP for causal backbones, MLM for BERT, and the auxiliary-loss extension point.
+"""Pretraining objectives: NTP for causal backbones, MLM for BERT and ModernBERT, permutation LM (PLM) for XLNet,
+and the auxiliary-loss extension point.
 
 Loss masking. The collator sets ``labels = input_ids`` with -100 on padding. NTP shifts inside the model and
-drops targets that cross a document boundary of a packed row (``models.common.next_token_loss``); MLM keeps
-labels only at masked positions. ``target_count`` counts exactly the targets each loss averages over, so
+drops targets that cross a document boundary of a packed row (``models.common.next_token_loss``); MLM and PLM
+keep labels only at their targets (PLM's logits are aligned with the targets like MLM's). ``target_count`` counts exactly the targets each loss averages over, so
 validation can sum token losses over ranks and batches.
 
 Auxiliary losses are callables ``(hidden_states (B, L, H), batch) -> (loss scalar, {name: scalar})`` added
@@ -18,9 +19,9 @@ import torch
 
 from ..data_shards.schema import PAD_ID, SPECIAL_TYPES, TokenType
 from ..seeding import derive_seed
-from .models import is_causal
+from .models import OBJECTIVES
 from .models.common import IGNORE_INDEX
-from .models.masking import document_starts
+from .models.masking import document_starts, resolve_document_ids
 
 AuxLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
@@ -57,6 +58,28 @@ def mlm_mask(
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[selected] = input_ids[selected]
     return {**batch, "input_ids": masked, "labels": labels}
+
+
+def plm_inputs(batch: dict, *, probability: float, seed: int) -> dict:
+    """XLNet's permutation LM: ``probability`` of the maskable tokens become targets (never a document's first
+    token, so every target sees at least one token of its own document), predicted in a random factorization
+    order from the other (context) tokens and the targets before them. Inputs stay unchanged (no [MASK]).
+
+    Deterministic in ``seed`` like ``mlm_mask``. Returns a new batch with labels (B, L) (the ids at targets,
+    else -100) and plm_rank (B, L) float (each target's order key in [0, 1), smaller = earlier; -1 for context
+    tokens), which the XLNet model turns into its permutation mask (``masking.plm_perm_mask``).
+    """
+    input_ids = batch["input_ids"]
+    shape, device = input_ids.shape, input_ids.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    drawn = (torch.rand(shape, generator=gen) < probability).to(device)
+    order = torch.rand(shape, generator=gen).to(device)
+    documents = resolve_document_ids(batch.get("document_ids"), batch.get("attention_mask"), shape, device)
+    starts = document_starts(documents)
+    starts[:, 0] = True
+    targets = drawn & maskable_positions(batch) & ~starts
+    labels = input_ids.masked_fill(~targets, IGNORE_INDEX)
+    return {**batch, "labels": labels, "plm_rank": torch.where(targets, order, -1.0)}
 
 
 def target_mask(batch: dict, causal: bool) -> torch.Tensor:
@@ -122,13 +145,15 @@ class Objective:
         seed: int,
         rank: int,
         mlm_probability: float = 0.15,
+        plm_probability: float = 1 / 6,
         mask_token_id: int = 2,
         first_code_id: int = 1,
         aux_losses: dict[str, AuxLoss] | None = None,
     ) -> None:
-        self.causal = is_causal(architecture)
+        self.kind = OBJECTIVES[architecture]
+        self.causal = self.kind == "ntp"
         self.seed, self.rank = seed, rank
-        self.mlm_probability = mlm_probability
+        self.mlm_probability, self.plm_probability = mlm_probability, plm_probability
         self.mask_token_id, self.first_code_id = mask_token_id, first_code_id
         self.vocab_size = head.config.vocab_size
         self.aux_losses = dict(aux_losses or {})
@@ -145,9 +170,16 @@ class Objective:
         self._hidden = output.last_hidden_state
 
     def prepare(self, batch: dict, step: int, micro: int, device: torch.device, split: str = "train") -> dict:
-        """Move to device; apply MLM masking (seeded by step / rank / micro-step / split)."""
+        """Move to device; apply MLM masking or draw the PLM targets and order (seeded by step / rank /
+        micro-step / split)."""
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if not self.causal:
+        if self.kind == "plm":
+            batch = plm_inputs(
+                batch,
+                probability=self.plm_probability,
+                seed=derive_seed(self.seed, "plm", split, step, self.rank, micro),
+            )
+        elif self.kind == "mlm":
             batch = mlm_mask(
                 batch,
                 probability=self.mlm_probability,

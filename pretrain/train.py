@@ -125,6 +125,7 @@ class Trainer:
             seed=cfg.train.seed,
             rank=info.rank,
             mlm_probability=cfg.train.mlm_probability,
+            plm_probability=cfg.train.plm_probability,
             first_code_id=first_code_id(self.data_dir),
             aux_losses=aux,
         )

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from ehrfm.apps.ablate import BASE_VALUES, ablation_plots, ablation_tables, cells, concept_groups, full_grid, quick_grid
+from ehrfm.apps.ablate import (
+    BASE_VALUES,
+    ablation_plots,
+    ablation_tables,
+    base_only,
+    cells,
+    concept_groups,
+    full_grid,
+    quick_grid,
+)
 from ehrfm.apps.demo import chance_verdict
 from ehrfm.apps.study import benefit_plots, benefit_table, convergence_rows, convergence_table
 
@@ -37,15 +46,25 @@ def test_each_axis_varies_alone_around_the_base():
             "train-fraction": {"train_fraction"},
         }[c.axis]
         assert differing <= allowed, c
-    # 4 backbones x (4 + 9 + 6 + 5 + 4) values, XGBoost per data variant (+ once for context/size and fractions)
+    # 6 backbones (003's columns) x (4 + 9 + 6 + 5 + 4) values, XGBoost per data variant (+ once for
+    # context/size and fractions)
+    assert grid.backbones == ("bert", "xlnet", "modernbert", "llama", "mamba", "mamba2")
     backbone_cells = [c for c in all_cells if c.model != "xgboost"]
-    assert len(backbone_cells) == 4 * 28
+    assert len(backbone_cells) == 6 * 28
     assert len([c for c in all_cells if c.model == "xgboost"]) == 4 + 1 + 6 + 5 + 1
     # the base setting appears under every axis but is one experiment per model
     base_keys = {
         c.experiment_key for c in all_cells if c.value in (*BASE_VALUES.values(), "C512-medium") and c.model == "llama"
     }
     assert len(base_keys) == 1
+    # --base-only: the same base experiment per model, under every axis, and nothing else
+    base_cells = cells(base_only(grid))
+    assert {c.experiment_key for c in base_cells if c.model != "xgboost"} == {
+        c.experiment_key
+        for c in all_cells
+        if c.model != "xgboost" and c.value in (*BASE_VALUES.values(), "C512-medium")
+    }
+    assert len({c.experiment_key for c in base_cells}) == 6 + 1 and len({c.axis for c in base_cells}) == 5
     assert concept_groups("DX") == ["DX", "IMM", "OTHER"]
     assert concept_groups("+MED") == ["DX", "VIT", "LAB", "MED", "IMM", "OTHER"]
 

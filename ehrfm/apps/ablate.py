@@ -2,7 +2,8 @@
 
 Design (003 section 4.1): one axis varies at a time around a base setting (003's gray rows: vocabulary b=10,
 i=3, full history "cutoff", every concept group, all training data, and the base context/size), for every
-backbone, plus XGBoost on code counts for every data variant. Axes and their values:
+backbone (003's columns: BERT and ModernBERT pretrained with MLM 0.15, XLNet with permutation LM, Llama, Mamba
+and Mamba2 with next-token prediction), plus XGBoost on code counts for every data variant. Axes and values:
 
     vocabulary      b5-i3 b10-i3 b5-i4 b10-i4        value bins b, ICD-10 level i (prepare: vocab.*)
     context-size    C128..C512 x tiny/small/medium   pretraining and finetuning context, model size
@@ -27,10 +28,10 @@ from __future__ import annotations
 import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-BACKBONES = ("llama", "mamba", "mamba2", "bert")
+BACKBONES = ("bert", "xlnet", "modernbert", "llama", "mamba", "mamba2")  # 003's column order
 CONCEPT_ORDER = ("DX", "VIT", "LAB", "MED", "PRO")
 ALWAYS_KEPT_GROUPS = ["IMM", "OTHER"]  # demographics and other events are kept in every concept variant
 HISTORY = {
@@ -95,6 +96,19 @@ def quick_grid(steps: int, epochs: int) -> Grid:
 
 
 BASE_VALUES = {"vocabulary": "b10-i3", "history": "cutoff", "concepts": "+PRO", "train-fraction": "100%"}
+
+
+def base_only(grid: Grid) -> Grid:
+    """``grid`` restricted to its base setting (``--base-only``): one experiment per backbone plus XGBoost, listed
+    under every axis as usual; e.g. a first cell for a new backbone."""
+    return replace(
+        grid,
+        vocabulary=(BASE_VALUES["vocabulary"],),
+        context_size=((grid.base_context, grid.base_size),),
+        history=(BASE_VALUES["history"],),
+        concepts=(BASE_VALUES["concepts"],),
+        train_fraction=(1.0,),
+    )
 
 
 def concept_groups(label: str) -> list[str]:
@@ -416,6 +430,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("ehrfm-ablation"))
     p.add_argument("--quick", action="store_true", help="two values per axis, Llama + Mamba, Tiny at C=128")
     p.add_argument("--backbones", default=None, help=f"comma-separated subset of {','.join(BACKBONES)}")
+    p.add_argument(
+        "--base-only",
+        action="store_true",
+        help="only the base setting: one experiment per backbone + XGBoost (no axis varies)",
+    )
     p.add_argument("--steps", type=int, default=None, help="pretraining steps per run (default 40 quick, 2000 full)")
     p.add_argument("--epochs", type=int, default=None, help="finetuning epochs (default 2 quick, 10 full)")
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -431,8 +450,6 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from ..data_shards.shards import write_text_atomic
     from ..data_shards.synthea import generate_cohort
 
@@ -447,6 +464,8 @@ def main(args: argparse.Namespace) -> int:
         if unknown:
             raise SystemExit(f"--backbones: unknown {unknown}; choose from {list(BACKBONES)}")
         grid = replace(grid, backbones=chosen)
+    if args.base_only:
+        grid = base_only(grid)
     if args.input is None:
         source, fmt = generate_cohort(args.patients, seed=args.seed, age=args.age), "fhir"
     else:

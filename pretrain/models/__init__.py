@@ -1,5 +1,5 @@
-"""EHR foundation-model backbones as HF ``transformers`` classes: Llama, Mamba, Mamba2 (causal NTP) and BERT
-(MLM), over the EHR embeddings of 001. Importing this package registers every config/model with the Auto
+"""EHR foundation-model backbones as HF ``transformers`` classes: Llama, Mamba, Mamba2 (causal NTP), BERT and
+ModernBERT (MLM) and XLNet (permutation LM), over the EHR embeddings of 001. Importing this package registers every config/model with the Auto
 classes (``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForMaskedLM``), so
 ``save_pretrained`` folders load back through ``AutoModel*.from_pretrained``.
 
@@ -24,10 +24,14 @@ from .configuration import (
     EhrLlamaConfig,
     EhrMamba2Config,
     EhrMambaConfig,
+    EhrModernBertConfig,
+    EhrXLNetConfig,
 )
 from .llama import EhrLlamaForCausalLM, EhrLlamaModel
 from .mamba import EhrMambaForCausalLM, EhrMambaModel
 from .mamba2 import EhrMamba2ForCausalLM, EhrMamba2Model
+from .modernbert import EhrModernBertForMaskedLM, EhrModernBertModel
+from .xlnet import EhrXLNetLMHeadModel, EhrXLNetModel
 
 # architecture name -> (config, base model, pretraining head model)
 ARCHITECTURES = {
@@ -35,19 +39,28 @@ ARCHITECTURES = {
     "mamba": (EhrMambaConfig, EhrMambaModel, EhrMambaForCausalLM),
     "mamba2": (EhrMamba2Config, EhrMamba2Model, EhrMamba2ForCausalLM),
     "bert": (EhrBertConfig, EhrBertModel, EhrBertForMaskedLM),
+    "xlnet": (EhrXLNetConfig, EhrXLNetModel, EhrXLNetLMHeadModel),
+    "modernbert": (EhrModernBertConfig, EhrModernBertModel, EhrModernBertForMaskedLM),
+    # 001's comparison set (README "001 comparison set"); MultiBird is bigbird finetuned with MPF
+    "bigbird": (EhrBigBirdConfig, EhrBigBirdModel, EhrBigBirdForMaskedLM),
+    "cehrbert": (EhrCehrBertConfig, EhrCehrBertModel, EhrCehrBertForMaskedLM),
+    "bilstm": (EhrBiLstmConfig, EhrBiLstmModel, EhrBiLstmForMaskedLM),
 }
-# 001's comparison set (README "001 comparison set"); MultiBird is bigbird finetuned with MPF
-ARCHITECTURES.update(
-    bigbird=(EhrBigBirdConfig, EhrBigBirdModel, EhrBigBirdForMaskedLM),
-    cehrbert=(EhrCehrBertConfig, EhrCehrBertModel, EhrCehrBertForMaskedLM),
-    bilstm=(EhrBiLstmConfig, EhrBiLstmModel, EhrBiLstmForMaskedLM),
-)
 
 # architecture name -> pretraining objective: "ntp" next-token (causal), "mlm" masked, "plm" permutation (XLNet)
-OBJECTIVES = {"llama": "ntp", "mamba": "ntp", "mamba2": "ntp", "bert": "mlm"}
 # cehrbert adds visit-type prediction to MLM (an auxiliary loss of pretrain.objectives); bilstm is not
 # pretrained in 001 (finetuned from random init) but ehrfm can pretrain it with MLM
-OBJECTIVES.update(bigbird="mlm", cehrbert="mlm", bilstm="mlm")
+OBJECTIVES = {
+    "llama": "ntp",
+    "mamba": "ntp",
+    "mamba2": "ntp",
+    "bert": "mlm",
+    "xlnet": "plm",
+    "modernbert": "mlm",
+    "bigbird": "mlm",
+    "cehrbert": "mlm",
+    "bilstm": "mlm",
+}
 # objective -> the HF Auto class of its head model (HF files XLNet's permutation head under causal LM too)
 HEAD_AUTO = {"ntp": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM, "plm": AutoModelForCausalLM}
 # objective -> words for model cards and logs
@@ -109,6 +122,12 @@ __all__ = [
     "EhrMambaConfig",
     "EhrMambaForCausalLM",
     "EhrMambaModel",
+    "EhrModernBertConfig",
+    "EhrModernBertForMaskedLM",
+    "EhrModernBertModel",
+    "EhrXLNetConfig",
+    "EhrXLNetLMHeadModel",
+    "EhrXLNetModel",
     "build_model",
     "head_auto_class",
     "is_causal",

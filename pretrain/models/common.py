@@ -1,4 +1,4 @@
-"""Pieces shared by the four backbones: the attribute streams, next-token loss on packed rows, patient
+"""Pieces shared by the backbones: the attribute streams, next-token loss on packed rows, patient
 embeddings (pooling) and generation with attribute streams."""
 
 from __future__ import annotations
@@ -30,6 +30,20 @@ def next_token_loss(
     return F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+def embed_inputs(word_embeddings, ehr_embeddings, input_ids, inputs_embeds, streams: dict) -> torch.Tensor:
+    """(B, L, H): the concept lookup (or ``inputs_embeds``, which replaces it) through the EHR embeddings over
+    the attribute streams present in ``streams`` (other keys are ignored)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids or inputs_embeds")
+    concept = word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+    return ehr_embeddings(concept, **{k: streams.get(k) for k in ATTRIBUTE_STREAMS})
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean fp32 cross-entropy over the labelled positions (labels (B, L), -100 = not a target)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def pool_documents(

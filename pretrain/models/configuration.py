@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import BertConfig, BigBirdConfig, LlamaConfig, Mamba2Config, MambaConfig, PretrainedConfig
+from transformers import (
+    BertConfig,
+    BigBirdConfig,
+    LlamaConfig,
+    Mamba2Config,
+    MambaConfig,
+    ModernBertConfig,
+    PretrainedConfig,
+    XLNetConfig,
+)
 
 from ...data_shards.schema import NUM_TOKEN_TYPES, PAD_ID
 
@@ -187,11 +196,76 @@ class EhrMamba2Config(_PresetMixin, Mamba2Config, EhrEmbeddingFields):
         self.validate_ehr_fields()
 
 
+class EhrXLNetConfig(_PresetMixin, XLNetConfig, EhrEmbeddingFields):
+    """XLNet (relative positions, GeLU, post-LayerNorm; permutation LM) over EHR embeddings.
+
+    HF's alias names (hidden_size, num_attention_heads, num_hidden_layers, and here intermediate_size for d_inner)
+    are accepted like everywhere else in ehrfm; d_head follows d_model // n_head. No absolute positions and no
+    length limit (XLNet has none). embedding_dropout defaults to 0: XLNet drops its input embeddings itself.
+    """
+
+    model_type = "ehr_xlnet"
+    attribute_map = {**XLNetConfig.attribute_map, "intermediate_size": "d_inner"}
+    # class defaults = the Tiny preset
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_inner: int = 512
+    mem_len: int | None = None
+    use_mems_eval: bool = False
+    embedding_dropout: float = 0.0
+    pad_token_id: int | None = PAD_ID
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    PRESETS = {k: {**_COMMON, **v} for k, v in _TRANSFORMER_SIZES.items()}
+
+    def __post_init__(self, **kwargs):
+        # XLNetConfig derives d_head before HF applies the alias kwargs: apply them first
+        for alias, field in self.attribute_map.items():
+            if alias in kwargs and field != "vocab_size":
+                setattr(self, field, kwargs.pop(alias))
+        self.d_head = self.d_model // self.n_head
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+
+
+class EhrModernBertConfig(_PresetMixin, ModernBertConfig, EhrEmbeddingFields):
+    """ModernBERT (RoPE, GeGLU, pre-LayerNorm without biases, global attention every third layer and a local
+    window of ``local_attention`` tokens otherwise; MLM) over EHR embeddings. Dropouts are 0.1 (003 P:98: "in
+    all dropout layers"); HF's defaults are 0."""
+
+    model_type = "ehr_modernbert"
+    # ModernBertConfig declares embedding_dropout too (0.0): re-declared so that ehrfm's default wins
+    embedding_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    mlp_dropout: float = 0.1
+    # class defaults = the Tiny preset
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 2048
+    pad_token_id: int | None = PAD_ID
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    PRESETS = {k: {**_COMMON, "max_position_embeddings": 2048, **v} for k, v in _TRANSFORMER_SIZES.items()}
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ehr_fields()
+
+
 CONFIG_CLASSES = {
     "llama": EhrLlamaConfig,
     "mamba": EhrMambaConfig,
     "mamba2": EhrMamba2Config,
     "bert": EhrBertConfig,
+    "xlnet": EhrXLNetConfig,
+    "modernbert": EhrModernBertConfig,
 }
 
 

@@ -9,7 +9,7 @@ names and LM-head tying are unchanged) with attribute embeddings:
 followed by LayerNorm and dropout. Special tokens ([CLS], [VS], [VE], [REG], interval and task tokens, and
 padding) get zero time, age, visit-segment and visit-order embeddings; they keep their concept, type and
 position embeddings (001 2.2). Absolute position embeddings exist only for backbones without their own
-position mechanism (BERT); Llama uses RoPE and Mamba needs none.
+position mechanism (BERT); Llama and ModernBERT use RoPE, XLNet relative positions and Mamba needs none.
 
 Streams that are not given (e.g. ``ages`` at inference from a bare token sequence) contribute nothing.
 """
@@ -62,7 +62,9 @@ class EhrEmbeddings(nn.Module):
     checkpoint keeps HF's key names.
     """
 
-    def __init__(self, config, use_position_embeddings: bool = False):
+    def __init__(self, config, use_position_embeddings: bool = False, normalize: bool = True):
+        """normalize=False: no LayerNorm and dropout (the raw sum is returned), for backbones that normalize
+        their input embeddings themselves (ModernBERT)."""
         super().__init__()
         hidden, tsize = config.hidden_size, config.time_embedding_size
         self.combine = config.embedding_combine
@@ -82,8 +84,8 @@ class EhrEmbeddings(nn.Module):
             # no bias: a token with zero time/age features (special tokens) must get a zero vector
             self.time_projection = nn.Linear(tsize, hidden, bias=False)
             self.age_projection = nn.Linear(tsize, hidden, bias=False)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=config.embedding_layer_norm_eps)
-        self.dropout = nn.Dropout(config.embedding_dropout)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=config.embedding_layer_norm_eps) if normalize else None
+        self.dropout = nn.Dropout(config.embedding_dropout) if normalize else None
         self.register_buffer("is_event_type", event_type_mask(config.type_vocab_size), persistent=False)
 
     def forward(
@@ -131,6 +133,8 @@ class EhrEmbeddings(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(length, device=hidden.device).expand(batch, length)
             hidden = hidden + self.position_embeddings(position_ids)
+        if self.LayerNorm is None or self.dropout is None:
+            return hidden
         return self.dropout(self.LayerNorm(hidden))
 
 

@@ -55,10 +55,16 @@ def position_ids_per_document(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def packed_attention_mask(
-    document_ids: torch.Tensor, *, causal: bool, dtype: torch.dtype, attn_implementation: str | None
+    document_ids: torch.Tensor,
+    *,
+    causal: bool,
+    dtype: torch.dtype,
+    attn_implementation: str | None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """(B, 1, L, L) mask allowing query i to see key j iff both are in the same non-padding document (and
-    j <= i when causal). Padding queries see only themselves, so no softmax row is empty (sdpa would give NaN).
+    j <= i when causal, and |i - j| <= window when a window is given: ModernBERT's local layers, HF's inclusive
+    convention). Padding queries see only themselves, so no softmax row is empty (sdpa would give NaN).
 
     Boolean (True = attend) for sdpa/flex, additive float (0 / dtype min) for eager.
     """
@@ -67,11 +73,32 @@ def packed_attention_mask(
     allowed = same & (document_ids != 0)[:, None, :]
     if causal:
         allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    if window is not None:
+        index = torch.arange(length, device=document_ids.device)
+        allowed = allowed & ((index[:, None] - index[None, :]).abs() <= window)
     allowed = allowed | torch.eye(length, dtype=torch.bool, device=document_ids.device)
     allowed = allowed[:, None]
     if attn_implementation in ("sdpa", "flex_attention"):
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def plm_perm_mask(document_ids: torch.Tensor, targets: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """XLNet's ``perm_mask`` (B, L, L) float, 1 = query i may NOT see key j, for permutation LM on packed rows.
+
+    document_ids (B, L) (0 = padding); targets (B, L) bool, the tokens to predict; order (B, L) float, their
+    factorization order (smaller = earlier). Non-targets form the context: they see every non-target of their
+    document and no target. A target sees the context and the targets before it in the order, never itself
+    (XLNet lets the content stream see its own token; the query stream, which predicts, does not) and never
+    another document. Padding sees only itself. Pure tensor arithmetic, no host sync.
+    """
+    rank = torch.where(targets, order.float(), torch.full_like(order, -1.0, dtype=torch.float))
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    visible = same & (document_ids != 0)[:, None, :]
+    eye = torch.eye(document_ids.shape[1], dtype=torch.bool, device=document_ids.device)
+    visible = visible | (eye & ~targets[:, :, None])  # padding sees itself: no fully blocked row
+    hidden_target = targets[:, None, :] & (rank[:, :, None] <= rank[:, None, :])
+    return (~visible | hidden_target).float()
 
 
 def flash_varlen_kwargs(flat_position_ids: torch.Tensor) -> dict:

@@ -24,6 +24,8 @@ SMALL = {
     "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     "mamba": dict(hidden_size=32, num_hidden_layers=2),
     "mamba2": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=32, state_size=16, chunk_size=16),
+    "xlnet": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "modernbert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
 }
 
 

@@ -110,7 +110,7 @@ def test_attentional_classifier_head_shape_and_gradients():
     assert z.grad is not None and ach.attn.in_proj_weight.grad is not None
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert", "mamba", "mamba2"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "mamba", "mamba2", "xlnet", "modernbert"])
 def test_alfia_model_on_every_backbone(arch):
     from ehrfm.finetune.model import FinetuneModel
     from ehrfm.pretrain.models import build_model
@@ -122,6 +122,8 @@ def test_alfia_model_on_every_backbone(arch):
         "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         "mamba": dict(hidden_size=32, num_hidden_layers=2),
         "mamba2": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=32, state_size=16, chunk_size=16),
+        "xlnet": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "modernbert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     }[arch]
     torch.manual_seed(0)
     backbone = build_model(arch, "tiny", head=False, vocab_size=40, **small)

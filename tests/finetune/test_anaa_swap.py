@@ -195,15 +195,15 @@ def test_enable_twice_refused_and_cli_flags():
     assert cfg == ANAAConfig(enabled=True, sigma_eh=1.0, mode="rna", detach_sigma=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert", "mamba", "mamba2"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "mamba", "mamba2", "xlnet", "modernbert"])
 def test_ehrfm_backbones_packed_rows_equal_documents_alone(arch):
     """On the ehrfm backbones (called with document_ids), a packed document's ANAA output equals the document
-    run alone; Mamba backbones are refused."""
+    run alone; Mamba and XLNet backbones are refused."""
     from ehrfm.pretrain.models import build_model
 
     torch.manual_seed(0)
     model = build_model(arch, "tiny", head=False)
-    if arch.startswith("mamba"):
+    if arch.startswith("mamba") or arch == "xlnet":
         with pytest.raises(ValueError, match="no attention"):
             enable_anaa(model)
         return
@@ -213,3 +213,11 @@ def test_ehrfm_backbones_packed_rows_equal_documents_alone(arch):
         packed = model(input_ids=ids, document_ids=docs).last_hidden_state
         alone = model(input_ids=ids[:1, 5:], document_ids=torch.ones(1, 7, dtype=torch.long)).last_hidden_state
     torch.testing.assert_close(packed[:1, 5:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_modernbert_anaa_runs_on_global_layers_only():
+    from ehrfm.pretrain.models import build_model
+
+    model = build_model("modernbert", "tiny", head=False)
+    with anaa_finetuning(model, ANAAConfig()) as handle:
+        assert [m.layer_idx for m in handle.modules] == [0, 3]  # global every third layer; 1, 2 are local

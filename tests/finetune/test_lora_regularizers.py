@@ -45,7 +45,13 @@ def test_lora_training_leaves_base_weights_untouched(llama_export, ft_data, task
 
 
 @pytest.mark.parametrize(
-    "arch,expected", [("mamba", {"in_proj", "out_proj"}), ("bert", {"query", "key", "value", "dense"})]
+    "arch,expected",
+    [
+        ("mamba", {"in_proj", "out_proj"}),
+        ("bert", {"query", "key", "value", "dense"}),
+        ("xlnet", {"layer_1", "layer_2"}),
+        ("modernbert", {"Wqkv", "Wo", "Wi"}),
+    ],
 )
 def test_lora_targets_per_backbone(arch, expected, ft_data, export_factory, tmp_path):
     cfg = FinetuneConfig()

@@ -1,14 +1,16 @@
 """Every backbone: Tiny forward/backward, packed == unpacked, save/load round trip through the Auto classes,
 generate(), patient embeddings, gradient checkpointing, bf16 autocast and HF weight-name compatibility."""
 
+import re
+
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoModel
 
 import ehrfm.pretrain.models as models
 from ehrfm.data_shards.schema import TokenType
 
-ARCHS = ["llama", "mamba", "mamba2", "bert"]
+ARCHS = ["llama", "mamba", "mamba2", "bert", "xlnet", "modernbert"]
 CAUSAL = ["llama", "mamba", "mamba2"]
 VOCAB = 40
 # small shapes for the exact-equality tests; Mamba2 chunks of 4 so documents cross chunk boundaries
@@ -17,14 +19,23 @@ SMALL = {
     "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
     "mamba": dict(hidden_size=32, num_hidden_layers=2),
     "mamba2": dict(hidden_size=32, num_hidden_layers=2, head_dim=16, num_heads=4, state_size=8, chunk_size=4),
+    "xlnet": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    # a local window of |i - j| <= 2 (documents are longer); layers 0 and 3 global, 1 and 2 local
+    "modernbert": dict(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, local_attention=4
+    ),
+}
+DROPOUTS = {
+    "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "xlnet": ("dropout",),
+    "modernbert": ("attention_dropout", "mlp_dropout"),
 }
 
 
 def small_model(arch, **overrides):
     torch.manual_seed(0)
     kwargs = dict(vocab_size=VOCAB, time_embedding_size=8, embedding_dropout=0.0, **SMALL[arch], **overrides)
-    if arch == "bert":
-        kwargs.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    kwargs.update(dict.fromkeys(DROPOUTS.get(arch, ()), 0.0))
     return models.build_model(arch, "tiny", **kwargs).eval()
 
 
@@ -87,7 +98,7 @@ def test_tiny_forward_backward(arch):
     model = models.build_model(arch, "tiny", vocab_size=VOCAB).train()
     assert model.config.hidden_size == 256
     batch = pad_rows([make_document(24, 1), make_document(17, 2)])
-    if arch == "bert":  # MLM: a few masked targets, the rest ignored
+    if models.OBJECTIVES[arch] == "mlm":  # MLM: a few masked targets, the rest ignored
         labels = torch.full_like(batch["labels"], -100)
         labels[:, 3:20:4] = batch["input_ids"][:, 3:20:4]
         batch["labels"] = labels
@@ -95,14 +106,39 @@ def test_tiny_forward_backward(arch):
     assert out.logits.shape == (2, 24, VOCAB)
     assert torch.isfinite(out.loss) and 2.0 < out.loss.item() < 6.0  # ~ln(40) at init
     out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    missing = [n for n, p in model.named_parameters() if p.grad is None and p.requires_grad]
     assert not missing, f"parameters without gradient: {missing}"
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def assert_documents_run_as_alone(model, docs, packed, sliced=()):
+    """The logits of each packed document (rows of ``pack_rows([docs[:3], docs[3:]])``) equal those of the
+    document run alone; the packed keys in ``sliced`` are cut to the document and passed too."""
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
+        at = {0: 0, 1: 0}
+        for i, doc in enumerate(docs):
+            row = 0 if i < 3 else 1
+            span = slice(at[row], at[row] + len(doc["input_ids"]))
+            extra = {k: packed[k][row : row + 1, span] for k in sliced}
+            alone = model(**{k: v[None] for k, v in doc.items()}, **extra).logits[0]
+            torch.testing.assert_close(packed_logits[row, span], alone, atol=1e-5, rtol=1e-5)
+            at[row] = span.stop
 
 
 @pytest.mark.parametrize(
     "arch,attn",
-    [("llama", "sdpa"), ("llama", "eager"), ("bert", "sdpa"), ("bert", "eager"), ("mamba", None), ("mamba2", None)],
+    [
+        ("llama", "sdpa"),
+        ("llama", "eager"),
+        ("bert", "sdpa"),
+        ("bert", "eager"),
+        ("mamba", None),
+        ("mamba2", None),
+        ("xlnet", None),
+        ("modernbert", "sdpa"),
+        ("modernbert", "eager"),
+    ],
 )
 def test_packed_equals_unpacked(arch, attn):
     model = small_model(arch)
@@ -111,15 +147,7 @@ def test_packed_equals_unpacked(arch, attn):
         assert model.config._attn_implementation == attn
     docs = [make_document(n, seed) for seed, n in enumerate([7, 5, 9, 11, 6], start=10)]
     packed = pack_rows([docs[:3], docs[3:]], length=24)
-    with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
-        at = {0: 0, 1: 0}
-        for i, doc in enumerate(docs):
-            row = 0 if i < 3 else 1
-            n = len(doc["input_ids"])
-            alone = model(**{k: v[None] for k, v in doc.items()}).logits[0]
-            torch.testing.assert_close(packed_logits[row, at[row] : at[row] + n], alone, atol=1e-5, rtol=1e-5)
-            at[row] += n
+    assert_documents_run_as_alone(model, docs, packed)
     if arch in CAUSAL:  # the NTP loss of a packed batch == the loss of the padded one-document-per-row batch
         with torch.no_grad():
             loss_packed = model(**packed).loss
@@ -145,8 +173,7 @@ def test_attention_needs_the_block_mask():
 def test_save_pretrained_round_trip(arch, tmp_path):
     model = small_model(arch)
     model.save_pretrained(tmp_path)
-    head_auto = AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM
-    loaded = head_auto.from_pretrained(tmp_path).eval()
+    loaded = models.head_auto_class(arch).from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
     batch = pad_rows([make_document(12, 3), make_document(8, 4)])
     with torch.no_grad():
@@ -189,7 +216,7 @@ def test_patient_embedding_per_sequence_and_per_document(arch):
     torch.testing.assert_close(per_doc[0], single, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         hidden = model.base_model(**{k: v for k, v in padded.items() if k != "labels"}).last_hidden_state
-    expected = hidden[:, 0] if arch == "bert" else hidden[torch.arange(2), torch.tensor([6, 8])]
+    expected = hidden[:, 0] if model.default_pooling == "first" else hidden[torch.arange(2), torch.tensor([6, 8])]
     torch.testing.assert_close(single, expected)
     reg = model.get_patient_embedding(padded, pooling="reg")
     torch.testing.assert_close(reg[0], hidden[0, 7 // 2 + 1])
@@ -210,7 +237,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(arch):
         next(first_layer.children()).register_forward_hook(lambda *args: count.append(1))
         model(**batch).loss.backward()
         calls.append(len(count))
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert calls == [1, 2]  # the checkpointed layer is recomputed in backward
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
@@ -236,6 +263,8 @@ def test_bf16_autocast(arch):
         ("mamba", "MambaForCausalLM"),
         ("mamba2", "Mamba2ForCausalLM"),
         ("bert", "BertForMaskedLM"),
+        ("xlnet", "XLNetLMHeadModel"),
+        ("modernbert", "ModernBertForMaskedLM"),
     ],
 )
 def test_backbone_weights_load_into_plain_hf_classes(arch, hf_name, tmp_path):
@@ -245,7 +274,7 @@ def test_backbone_weights_load_into_plain_hf_classes(arch, hf_name, tmp_path):
 
     model = small_model(arch)
     fields = {k: getattr(model.config, k) for k in model.config.to_diff_dict() if hasattr(model.config, k)}
-    hf_config_cls = getattr(transformers, hf_name.replace("ForCausalLM", "Config").replace("ForMaskedLM", "Config"))
+    hf_config_cls = getattr(transformers, re.sub("(ForCausalLM|ForMaskedLM|LMHeadModel)$", "Config", hf_name))
     hf_fields = {
         k: v for k, v in fields.items() if k in {f.name for f in __import__("dataclasses").fields(hf_config_cls)}
     }
@@ -273,7 +302,7 @@ def test_left_padded_prompt_generates_like_the_unpadded_prompt(arch):
     assert torch.equal(together[0, 10:], alone[0, 6:])
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "xlnet", "modernbert"])
 def test_patient_embedding_is_differentiable(arch):
     model = small_model(arch).train()
     emb = model.get_patient_embedding(pad_rows([make_document(8, 41), make_document(6, 42)]))
@@ -342,3 +371,106 @@ def test_cache_is_passed_under_the_installed_transformers_name(arch, monkeypatch
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert not [m for m in seen if "deprecated" in m]
+
+
+def plm_batch(batch, probability=0.5, seed=3):
+    from ehrfm.pretrain.objectives import plm_inputs
+
+    return plm_inputs(batch, probability=probability, seed=seed)
+
+
+def test_plm_inputs_draw_seeded_targets_never_a_documents_first_token():
+    docs = [make_document(n, seed) for seed, n in enumerate([7, 5, 9, 11, 6], start=10)]
+    packed = pack_rows([docs[:3], docs[3:]], length=24)
+    plm = plm_batch(packed)
+    again = plm_batch(packed)
+    assert torch.equal(plm["plm_rank"], again["plm_rank"]) and torch.equal(plm["input_ids"], packed["input_ids"])
+    targets = plm["plm_rank"] >= 0
+    assert targets.any() and not targets[~plm_maskable(packed)].any()
+    starts = models.masking.document_starts(packed["document_ids"])
+    starts[:, 0] = True
+    assert not targets[starts].any()
+    assert torch.equal(plm["labels"] != -100, targets)
+    assert torch.equal(plm["labels"][targets], packed["input_ids"][targets])
+
+
+def plm_maskable(batch):
+    from ehrfm.pretrain.objectives import maskable_positions
+
+    return maskable_positions(batch)
+
+
+def test_plm_packed_equals_unpacked():
+    model = small_model("xlnet")
+    docs = [make_document(n, seed) for seed, n in enumerate([7, 5, 9, 11, 6], start=10)]
+    packed = plm_batch(pack_rows([docs[:3], docs[3:]], length=24))
+    assert_documents_run_as_alone(model, docs, packed, sliced=("plm_rank",))
+
+
+def test_plm_never_leaks_a_target_into_its_own_or_earlier_predictions():
+    """Changing a target token changes neither its own query-stream logits nor those of targets before it in
+    the factorization order, nor anything in another document; later targets do see it."""
+    model = small_model("xlnet")
+    docs = [make_document(12, 51), make_document(10, 52)]
+    batch = plm_batch(pack_rows([docs], length=24), probability=0.6, seed=5)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    rank, documents = batch["plm_rank"][0], batch["document_ids"][0]
+    with torch.no_grad():
+        reference = model(**inputs).logits[0]
+        checked = 0
+        for t in torch.nonzero(rank >= 0).view(-1).tolist():
+            changed = {**inputs, "input_ids": inputs["input_ids"].clone()}
+            changed["input_ids"][0, t] = 20 + (int(inputs["input_ids"][0, t]) - 19) % (VOCAB - 20)
+            logits = model(**changed).logits[0]
+            same_doc = documents == documents[t]
+            earlier = same_doc & (rank >= 0) & (rank <= rank[t])  # the target itself included
+            frozen = earlier | ~same_doc | (same_doc & (rank < 0))  # context tokens never see targets
+            torch.testing.assert_close(logits[frozen], reference[frozen], atol=1e-5, rtol=1e-5)
+            later = same_doc & (rank > rank[t])
+            if later.any():
+                assert (logits[later] - reference[later]).abs().max() > 1e-4
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_modernbert_masks_equal_hf_modernbert_with_its_window(attn):
+    """One unpadded document: our block/window masks give what HF ModernBertModel computes with its own."""
+    from transformers.models.modernbert.modeling_modernbert import ModernBertModel
+
+    model = small_model("modernbert")
+    model.set_attn_implementation(attn)
+    batch = pad_rows([make_document(16, 61)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    base = model.base_model
+    with torch.no_grad():
+        ours = base(**inputs).last_hidden_state
+        raw = base.ehr_embeddings(
+            base.embeddings.tok_embeddings(inputs["input_ids"]),
+            inputs["type_ids"],
+            inputs["ages"],
+            inputs["times"],
+            inputs["visit_segments"],
+            inputs["visit_orders"],
+        )
+        theirs = ModernBertModel.forward(base, inputs_embeds=raw).last_hidden_state
+        # without the window (all layers global) the result differs: the window is in effect
+        masks = base.attention_masks(torch.ones(1, 16, dtype=torch.long), raw.dtype)
+        assert not torch.equal(masks["full_attention"], masks["sliding_attention"])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch, kind", [("xlnet", "plm"), ("modernbert", "mlm")])
+def test_objective_prepares_each_backbones_targets_and_validation_agrees(arch, kind):
+    from ehrfm.pretrain.objectives import Objective
+
+    model = small_model(arch)
+    objective = Objective(arch, model, seed=0, rank=0, mlm_probability=0.3, plm_probability=0.3, first_code_id=20)
+    assert objective.kind == kind and not objective.causal
+    docs = [make_document(n, seed) for seed, n in enumerate([12, 9, 14], start=70)]
+    batch = objective.prepare(pack_rows([docs[:2], docs[2:]], length=24), step=1, micro=0, device=torch.device("cpu"))
+    assert ("plm_rank" in batch) == (kind == "plm") and (batch["labels"] != -100).any()
+    with torch.no_grad():
+        loss, _ = objective(model, batch)
+        sums = objective.validation_sums(model, batch)
+    torch.testing.assert_close(loss.double(), sums[0] / sums[1], atol=1e-5, rtol=1e-5)

@@ -16,8 +16,11 @@ HEAD_AUTO = {
     "mamba": "AutoModelForCausalLM",
     "mamba2": "AutoModelForCausalLM",
     "bert": "AutoModelForMaskedLM",
+    "xlnet": "AutoModelForCausalLM",  # HF files XLNet's LM head there
+    "modernbert": "AutoModelForMaskedLM",
 }
 BASE_CLS = {"llama": "EhrLlamaModel", "mamba": "EhrMambaModel", "mamba2": "EhrMamba2Model", "bert": "EhrBertModel"}
+BASE_CLS.update(xlnet="EhrXLNetModel", modernbert="EhrModernBertModel")
 
 
 @pytest.mark.parametrize(
@@ -25,6 +28,8 @@ BASE_CLS = {"llama": "EhrLlamaModel", "mamba": "EhrMambaModel", "mamba2": "EhrMa
     [
         ("mamba2", ["dense.enabled=true", "dense.k=4", "dense.lam=0.1"]),  # + the auxiliary-loss extension point
         ("bert", []),
+        ("xlnet", []),  # permutation LM
+        ("modernbert", []),
         pytest.param("mamba", [], marks=pytest.mark.slow),  # default run: mamba export in test_distributed
     ],
 )
@@ -34,9 +39,10 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     from ehrfm.data_shards.shards import read_manifest
     from ehrfm.metrics_log import read_metrics
     from ehrfm.pretrain.export import export
-    from ehrfm.pretrain.models import register_auto_classes
+    from ehrfm.pretrain.models import is_causal, register_auto_classes
 
     register_auto_classes()
+    causal = is_causal(arch)
 
     run, hf = tmp_path / "run", tmp_path / "hf"
     run_pretrain(pt_data, run, arch, "train.max_steps=3", "train.val_every=3", "checkpoint.every=0", *extra)
@@ -59,10 +65,10 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
     assert val and val[-1]["val_ppl"] == pytest.approx(torch.tensor(val[-1]["val_loss"]).exp().item(), rel=1e-6)
     # the count-model references of the data folder's manifest sit beside every validation perplexity
     # (MLM: the unigram over code targets, the tokens BERT masks; no bigram reference)
-    reference = read_manifest(pt_data)["reference_perplexity"]["codes" if arch == "bert" else "all"]
+    reference = read_manifest(pt_data)["reference_perplexity"]["all" if causal else "codes"]
     assert val[-1]["ref_unigram_ppl"] == pytest.approx(reference["unigram"])
-    assert val[-1].get("ref_bigram_ppl") == (None if arch == "bert" else pytest.approx(reference["bigram"]))
-    if arch != "bert":  # and the perplexity on clinical-code targets beside the code-target references
+    assert val[-1].get("ref_bigram_ppl") == (pytest.approx(reference["bigram"]) if causal else None)
+    if causal:  # and the perplexity on clinical-code targets beside the code-target references
         codes = read_manifest(pt_data)["reference_perplexity"]["codes"]
         assert val[-1]["ref_code_bigram_ppl"] == pytest.approx(codes["bigram"])
         assert 1 < val[-1]["val_code_ppl"] < float("inf") and val[-1]["val_code_ppl"] != val[-1]["val_ppl"]
@@ -104,7 +110,7 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
         "ehrfm_export.json",
         "README.md",
     } <= names
-    assert ("generation_config.json" in names) == (arch != "bert")
+    assert ("generation_config.json" in names) == causal
     meta = json.loads((hf / "ehrfm_export.json").read_text())
     manifest = read_manifest(pt_data)
     assert set(meta) == {
@@ -119,7 +125,7 @@ def test_export_round_trip(arch, extra, pt_data, tmp_path, run_pretrain, remote_
         "config",
     }
     card = (hf / "README.md").read_text()
-    assert "unigram count model" in card and (arch == "bert") != ("bigram count model" in card)
+    assert "unigram count model" in card and causal == ("bigram count model" in card)
     assert meta["architecture"] == arch and meta["step"] == 3 and meta["strategy"] == "ddp"
     assert meta["vocab_fingerprint"] == manifest["vocab_fingerprint"]
     assert meta["data_fingerprint"] == manifest["source"]["fingerprint"]
