@@ -137,7 +137,7 @@ def run_rows(data: Path, out: Path, rows: tuple[Row, ...], settings: Settings, t
         record = {
             "cell": row.name,
             "architecture": row.architecture,
-            "pretrained": row.pretrained,
+            "pretrained": row.pretrained if row.architecture else None,
             "method": row.method if row.architecture else "xgboost",
             "separate_tasks": row.separate_tasks,
             "context": settings.context(row) if row.architecture else None,
