@@ -24,29 +24,55 @@ def test_stage_folders_map_into_one_namespace():
         assert Path(module.__file__).resolve().parent == REPO / stage
 
 
+def _run_python(code: str, cwd: Path | str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=True).stdout
+
+
+# Where the top-level name `kernels` resolves, and whether transformers takes it for HF's hub-kernel package.
+_WHERE_KERNELS_RESOLVES = (
+    "import importlib.util, transformers.utils as u; s = importlib.util.find_spec('kernels'); "
+    "import transformers.activations; "  # imports HF's `kernels` when transformers finds it (>= 5.25 requires it)
+    "import sys; m = sys.modules.get('kernels'); "
+    "print(getattr(m, '__file__', None), u.is_kernels_available())"
+)
+
+
 def test_the_checkout_ehrfm_folder_is_the_whole_package():
     """ehrfm/<stage> links the stage folders, so Python, mypy and IDEs started in the checkout see every
-    subpackage; in Python started there, `kernels` is a bare folder that transformers does not take for HF's."""
+    subpackage; in Python started there, the `kernels` folder steps aside for HF's package of that name."""
     for stage in ("data_shards", "pretrain", "finetune", "kernels", "launch"):
         link = REPO / "ehrfm" / stage
         assert link.is_symlink() and link.resolve() == REPO / stage, link
-    code = "import ehrfm.pretrain.train as t, transformers.utils as u; print(t.__file__, u.is_kernels_available())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    file, kernels_available = out.split()
-    assert Path(file).resolve() == REPO / "pretrain" / "train.py" and kernels_available == "False"
+    out = _run_python("import ehrfm.pretrain.train as t; print(t.__file__)", cwd=REPO)
+    assert Path(out.strip()).resolve() == REPO / "pretrain" / "train.py"
+    # transformers imports `kernels` the same way from the checkout root as from anywhere else
+    assert _run_python(_WHERE_KERNELS_RESOLVES, cwd=REPO) == _run_python(_WHERE_KERNELS_RESOLVES, cwd="/")
 
 
 def test_no_top_level_kernels_package_is_installed():
     dist = importlib.metadata.distribution("ehrfm")
     top_level = {Path(f).parts[0] for f in (dist.files or [])}
     assert "kernels" not in top_level
-    # from outside the checkout, `kernels` must not resolve to our folder (transformers probes that name)
+    # `kernels`, if it resolves at all, is HF's distribution of that name, never our folder
+    file, available = _run_python(_WHERE_KERNELS_RESOLVES, cwd=REPO).split()
+    if file == "None":
+        assert available == "False"
+    else:
+        hf = importlib.metadata.distribution("kernels")
+        assert Path(file).resolve() == Path(hf.locate_file("kernels/__init__.py")).resolve()
+        assert Path(file).resolve() != REPO / "kernels" / "__init__.py"
+
+
+def test_the_kernels_folder_alone_is_no_top_level_package():
+    """With only the checkout root on the path, `import kernels` fails with a clear message."""
     code = (
-        "import importlib.util, transformers.utils as u; s = importlib.util.find_spec('kernels'); "
-        "print(s.origin if s else None, u.is_kernels_available())"
+        f"import sys; sys.path = [{str(REPO)!r}]\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('refused:', e)\n"
+        "else:\n    print('imported', kernels.__file__)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
-    assert out.split() == ["None", "False"]
+    out = _run_python(code, cwd="/")
+    assert out.startswith("refused:") and "is ehrfm.kernels, not a top-level package" in out, out
+    assert "kernels" not in out.split("refused:")[0]
 
 
 def test_cli_lists_subcommands():
