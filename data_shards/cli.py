@@ -27,6 +27,12 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="FHIR input: write only the MEDS dataset (data/ + metadata/, validated) to --out and stop",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes for the per-shard work (FHIR conversion, both passes); the output is the same for any N",
+    )
     add_overwrite_argument(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     add_config_arguments(p, PrepareConfig)
@@ -42,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(PrepareConfig, args.config, config_overrides(args))
     if args.meds_only:
         summary = convert_fhir(
-            args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite, config_file=args.config
+            args.input,
+            args.out,
+            cfg,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            config_file=args.config,
+            jobs=args.jobs,
         )
         meds = summary["meds"]
         print(
@@ -50,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     manifest = prepare(
-        args.input, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite, config_file=args.config
+        args.input,
+        args.out,
+        cfg,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        config_file=args.config,
+        jobs=args.jobs,
     )
     counts = manifest["counts"]
     print(

@@ -31,28 +31,32 @@ from tqdm.auto import tqdm
 
 from ..config import save_config, to_dict
 from ..outputs import atomic_output, set_fingerprint
-from . import aces, meds_dataset
+from . import aces, meds_dataset, passes
 from . import splits as splits_mod
-from .cleaning import Tally, clean_events
+from .cleaning import Tally
 from .config import CleaningConfig, PrepareConfig, parse_time
 from .errors import DataError
+from .parallel import ordered_map
 from .readers import fhir
-from .readers.meds import iter_meds, list_meds_shards, read_subject_splits
+from .readers.meds import list_meds_shards, read_subject_splits
 from .reference_ppl import reference_perplexities
 from .schema import SPECIAL_TOKENS
 from .shards import FORMAT_VERSION, SplitShardWriter, subject_splits, write_json_atomic
-from .tasks import TaskConfig, TaskTally, compute_labels, external_task_names, load_tasks, read_external_labels
-from .timeline import build_sequences, code_counts, prepare_events
+from .tasks import TaskConfig, TaskTally, external_task_names, load_tasks, read_external_labels
 from .vocab import ValueReservoir, Vocabulary
 
 log = logging.getLogger("ehrfm.prepare")
 
 
-def source_fingerprint(files: list[Path], root: Path) -> str:
-    """Content hash of the input files (relative path + bytes), so a corpus records exactly what it saw."""
+def source_fingerprint(files: list[Path], root: Path, digests: dict[Path, bytes] | None = None) -> str:
+    """Content hash of the input files (relative path + bytes), so a corpus records exactly what it saw.
+    ``digests`` holds :func:`fhir.file_digest` of files already read (the FHIR conversion reads each once)."""
     digest = hashlib.sha256()
     for path in sorted(files):
         digest.update(str(path.relative_to(root)).encode())
+        if digests is not None and path in digests:
+            digest.update(digests[path])
+            continue
         file_hash = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
@@ -61,20 +65,41 @@ def source_fingerprint(files: list[Path], root: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def convert_fhir_to_meds(input_dir: Path, meds_root: Path, patients_per_shard: int, progress: bool) -> fhir.FhirTally:
-    """FHIR bundles / NDJSON -> MEDS folder (``data/<i>.parquet``, whole patients per shard)."""
+def convert_fhir_to_meds(
+    input_dir: Path,
+    meds_root: Path,
+    patients_per_shard: int,
+    progress: bool,
+    jobs: int = 1,
+    digests: dict[Path, bytes] | None = None,
+) -> fhir.FhirTally:
+    """FHIR bundles / NDJSON -> MEDS folder (``data/<i>.parquet``, whole patients per shard). Groups of
+    ``patients_per_shard`` bundle files are converted by ``jobs`` processes; shards, tally and the owner check
+    are folded in group order, so the output is the same for any ``jobs``. ``digests`` receives each bundle
+    file's content hash (for :func:`source_fingerprint`)."""
     bundles, ndjson = fhir.list_fhir_files(input_dir)
     data_dir = meds_root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     tally = fhir.FhirTally()
     owners: dict = {}  # subject id -> the bundle file holding it: a patient split over two files is an error
     shard = 0
-    for start in tqdm(
-        range(0, len(bundles), patients_per_shard), desc="fhir bundles", unit="shard", disable=not progress
+    groups = [
+        fhir.BundleGroup(bundles[start : start + patients_per_shard], data_dir / f"_group-{start}.parquet")
+        for start in range(0, len(bundles), patients_per_shard)
+    ]
+    results = ordered_map(fhir.convert_bundle_group, groups, jobs=jobs)
+    for group, result in tqdm(
+        zip(groups, results), total=len(groups), desc="fhir bundles", unit="shard", disable=not progress
     ):
-        frame = fhir.read_bundle_files(bundles[start : start + patients_per_shard], tally, owners)
-        if frame.height:
-            meds_dataset.write_shard(frame, data_dir / f"{shard}.parquet")
+        for sid, path in result.owners.items():
+            first = owners.setdefault(sid, path)
+            if first != path:
+                raise fhir.split_patient_error(result.patient_ids.get(sid, str(sid)), first, path)
+        tally.merge(result.tally)
+        if digests is not None:
+            digests.update(result.digests)
+        if result.events:
+            group.out.rename(data_dir / f"{shard}.parquet")
             shard += 1
     if ndjson:
         # Resources of one patient are spread over files: bucket events by subject, then merge each bucket.
@@ -140,35 +165,6 @@ def derive_data_end(last_times_us: np.ndarray, cfg: CleaningConfig) -> tuple[dt.
     return data_end, rule
 
 
-def _last_times_us(events: pl.DataFrame) -> np.ndarray:
-    """Per-subject last event time (epoch microseconds) of the subjects in ``events``."""
-    last = events.filter(pl.col("time").is_not_null()).group_by("subject_id").agg(last=pl.col("time").max())
-    return last["last"].dt.epoch("us").to_numpy().astype(np.int64)
-
-
-def _with_splits(frame: pl.DataFrame, cfg: PrepareConfig, meds_splits) -> pl.DataFrame:
-    assigned = splits_mod.assign_splits(frame.select("subject_id"), cfg.splits, meds_splits)
-    return frame.join(assigned, on="subject_id", how="left")
-
-
-UNLABELLED_SPLITS = ("pretrain", "pretrain_val")
-
-
-def _sequences(events: pl.DataFrame, vocab, cfg: PrepareConfig) -> pl.DataFrame:
-    """Token sequences of a shard. ``history.lookback`` truncates the pretraining splits here (relative to the
-    last visit); labelled splits keep their whole history and are truncated relative to each prediction time
-    when cut (``examples.cut_at``): truncating them by the end of the record would leak the outcome."""
-    if cfg.history.lookback == "all":
-        return build_sequences(events.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=cfg.history)
-    full = dataclasses.replace(cfg.history, lookback="all")
-    parts = []
-    for unlabelled, history in ((True, cfg.history), (False, full)):
-        part = events.filter(pl.col("split").is_in(UNLABELLED_SPLITS) == unlabelled)
-        if part.height:
-            parts.append(build_sequences(part.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=history))
-    return pl.concat(parts, how="vertical_relaxed")
-
-
 def prepare(
     input_dir: Path,
     out: Path,
@@ -177,6 +173,7 @@ def prepare(
     progress: bool = True,
     overwrite: bool = False,
     config_file: Path | None = None,
+    jobs: int = 1,
 ) -> dict:
     """Run both passes; returns the manifest. ``out`` appears only when everything succeeded, and replaces an
     existing folder only if `ehrfm prepare` wrote it (or ``overwrite``; never an input: :mod:`ehrfm.outputs`)."""
@@ -189,7 +186,7 @@ def prepare(
     aces_tasks = aces.resolve_aces_tasks(cfg.aces_tasks)
     inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels, *(f for _, f in aces_tasks)]
     with atomic_output(out, "prepare", inputs=inputs, overwrite=overwrite) as tmp:
-        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress, aces_tasks)
+        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress, aces_tasks, jobs)
         manifest["reference_perplexity"] = reference_perplexities(tmp, manifest)
         manifest["seconds"] = round(time.time() - started, 2)
         write_json_atomic(tmp / "manifest.json", manifest)
@@ -213,6 +210,7 @@ def convert_fhir(
     progress: bool = True,
     overwrite: bool = False,
     config_file: Path | None = None,
+    jobs: int = 1,
 ) -> dict:
     """``ehrfm prepare --format fhir --meds-only``: FHIR -> a MEDS dataset at ``out`` (data + metadata, validated
     with the ``meds`` schemas; :mod:`.meds_dataset`) and nothing else. The subject splits are the ones a full
@@ -225,8 +223,11 @@ def convert_fhir(
         raise DataError("--meds-only converts FHIR input: set --format fhir (MEDS input is a MEDS dataset already)")
     with atomic_output(out, "prepare", inputs=[input_dir, config_file], overwrite=overwrite) as tmp:
         bundles, ndjson = fhir.list_fhir_files(input_dir)
-        tally = convert_fhir_to_meds(input_dir, tmp, cfg.shards.fhir_bundles_per_shard, progress)
-        fingerprint = source_fingerprint(bundles + ndjson, input_dir)
+        digests: dict[Path, bytes] = {}
+        tally = convert_fhir_to_meds(
+            input_dir, tmp, cfg.shards.fhir_bundles_per_shard, progress, jobs=jobs, digests=digests
+        )
+        fingerprint = source_fingerprint(bundles + ndjson, input_dir, digests)
         subjects = pl.concat([pl.read_parquet(path, columns=["subject_id"]).unique() for path in list_meds_shards(tmp)])
         meds_dataset.write_metadata(
             tmp,
@@ -254,7 +255,7 @@ def _task_files(specs: list[str]) -> list[Path]:
 
 
 def _prepare_into(
-    input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool, aces_tasks=()
+    input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool, aces_tasks=(), jobs: int = 1
 ) -> dict:
     external_names = external_task_names(cfg.external_labels, tasks)  # ConfigError before any work
     taken = {t.name for t in tasks} | set(external_names)
@@ -263,30 +264,44 @@ def _prepare_into(
         raise DataError(f"aces_tasks: task name(s) {clash} already used by tasks or external_labels")
     reserved = (*SPECIAL_TOKENS, *task_tokens)  # input codes spelled like these are escaped (cleaning.py)
     fhir_tally = None
+    digests: dict[Path, bytes] = {}
     if cfg.format == "fhir":
         bundles, ndjson = fhir.list_fhir_files(input_dir)
         input_files = bundles + ndjson
         meds_root = tmp / "events"
-        fhir_tally = convert_fhir_to_meds(input_dir, meds_root, cfg.shards.fhir_bundles_per_shard, progress)
+        fhir_tally = convert_fhir_to_meds(
+            input_dir, meds_root, cfg.shards.fhir_bundles_per_shard, progress, jobs=jobs, digests=digests
+        )
     else:
         meds_root = input_dir
         input_files = list_meds_shards(input_dir)
-    fingerprint = source_fingerprint(input_files, input_dir if input_dir.is_dir() else input_dir.parent)
+    fingerprint = source_fingerprint(input_files, input_dir if input_dir.is_dir() else input_dir.parent, digests)
     meds_splits = read_subject_splits(meds_root)
-    n_shards = len(list_meds_shards(meds_root))
+    shard_paths = list_meds_shards(meds_root)
+    context = passes.PassContext(cfg=cfg, meds_root=meds_root, reserved=reserved, meds_splits=meds_splits)
 
     # Pass 1: vocabulary and value bins from the pretraining split.
     counts: Counter = Counter()
     reservoir = ValueReservoir(cfg.vocab.max_values_per_code, cfg.splits.seed)
     last_times: list[np.ndarray] = []
     tally = Tally()
-    for _, frame in tqdm(iter_meds(meds_root), total=n_shards, desc="pass 1 vocab", unit="shard", disable=not progress):
-        events = prepare_events(clean_events(frame, cfg.cleaning, tally, reserved), cfg.vocab)
-        last_times.append(_last_times_us(events))
-        pre = _with_splits(events, cfg, meds_splits).filter(pl.col("split") == "pretrain")
-        for code, count in code_counts(pre, cfg.history).iter_rows():
+    owners: dict[int, Path] = {}  # subject id -> its MEDS shard: a subject in two shards is an error
+    results = ordered_map(
+        passes.vocab_pass, shard_paths, jobs=jobs, initializer=passes.install_context, initargs=(context,)
+    )
+    for result in tqdm(results, total=len(shard_paths), desc="pass 1 vocab", unit="shard", disable=not progress):
+        for sid in result.subjects:
+            first = owners.setdefault(sid, result.path)
+            if first != result.path:
+                raise DataError(
+                    f"subject_id {sid} appears in both {first} and {result.path}; MEDS shards must hold whole subjects"
+                )
+        tally.merge(result.tally)
+        last_times.append(result.last_times_us)
+        for code, count in result.code_counts:
             counts[code] += count
-        reservoir.add(pre.filter(pl.col("time").is_not_null()))
+        reservoir.add_grouped(result.values)
+    del owners
     if tally.subjects_out == 0:
         raise DataError(
             f"{input_dir}: no patient has any usable event after cleaning ({tally.to_dict()['dropped_rows']})"
@@ -310,27 +325,22 @@ def _prepare_into(
     split_counts: Counter = Counter()
     split_parts: list[pl.DataFrame] = []  # subject_id -> split, per input shard
     unk_tokens = 0
-    for _, frame in tqdm(
-        iter_meds(meds_root), total=n_shards, desc="pass 2 tokens", unit="shard", disable=not progress
-    ):
-        events = prepare_events(clean_events(frame, cfg.cleaning, Tally(), reserved), cfg.vocab)
-        after_end = events.filter(pl.col("time") > data_end).height
-        if after_end:
-            tally.notes["events_after_data_end"] += after_end
-        events = _with_splits(events, cfg, meds_splits)
-        seqs = _sequences(events, vocab, cfg)
-        seqs = seqs.join(events.select("subject_id", "split").unique(), on="subject_id", how="left")
-        unk_tokens += int(seqs["input_ids"].explode().eq(vocab.unk_id).sum())
-        for (split,), part in seqs.partition_by("split", as_dict=True).items():
-            writers[split].write(part.sort("subject_id"))
+    context = dataclasses.replace(context, vocab=vocab, data_end=data_end, tasks=tuple(tasks))
+    results = ordered_map(
+        passes.token_pass, shard_paths, jobs=jobs, initializer=passes.install_context, initargs=(context,)
+    )
+    for result in tqdm(results, total=len(shard_paths), desc="pass 2 tokens", unit="shard", disable=not progress):
+        if result.events_after_data_end:
+            tally.notes["events_after_data_end"] += result.events_after_data_end
+        unk_tokens += result.unk_tokens
+        for split, part in result.sequences.items():
+            writers[split].write(part)
             split_counts[split] += part.height
-        subject_split = events.select("subject_id", "split").unique()
-        split_parts.append(subject_split)
-        for task in tasks:
-            task_labels = compute_labels(events, task, data_end, task_tallies[task.name])
-            task_labels = task_labels.join(subject_split, on="subject_id", how="left")
-            for (split,), part in task_labels.partition_by("split", as_dict=True).items():
-                labels.setdefault((task.name, split), []).append(part.drop("split"))
+        split_parts.append(result.subject_split)
+        for key, part in result.labels.items():
+            labels.setdefault(key, []).append(part)
+        for name, task_tally in result.task_tallies.items():
+            task_tallies[name].merge(task_tally)
     shard_lists = {s: w.finish() for s, w in writers.items()}
     if fhir_tally is not None:  # the MEDS folder written from FHIR gets its metadata once the splits are known
         meds_dataset.write_metadata(

@@ -115,12 +115,24 @@ class ValueReservoir:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add(self, frame: pl.DataFrame) -> None:
+        self.add_grouped(self.group(frame))
+
+    @staticmethod
+    def group(frame: pl.DataFrame) -> list[tuple[str, np.ndarray]]:
+        """(code, float64 values) of the finite numeric values in ``frame``, codes sorted: what :meth:`add`
+        folds in. Computed where the shard is read; folding the groups in shard order gives the same sample
+        whichever process grouped them."""
         numeric = frame.filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite())
         if not numeric.height:
-            return
+            return []
         grouped = numeric.group_by("code").agg(pl.col("numeric_value").cast(pl.Float64)).sort("code")
-        for code, vals in zip(grouped["code"].to_list(), grouped["numeric_value"].to_list()):
-            arr = np.asarray(vals, dtype=np.float64)
+        return [
+            (code, np.asarray(vals, dtype=np.float64))
+            for code, vals in zip(grouped["code"].to_list(), grouped["numeric_value"].to_list())
+        ]
+
+    def add_grouped(self, groups: list[tuple[str, np.ndarray]]) -> None:
+        for code, arr in groups:
             self.counts[code] = self.counts.get(code, 0) + len(arr)
             merged = np.concatenate([self.values[code], arr]) if code in self.values else arr
             if len(merged) > self.cap:

@@ -404,8 +404,15 @@ def empty_events() -> pl.DataFrame:
     return pl.DataFrame(schema=EVENT_SCHEMA)
 
 
-def _load_json(path: Path) -> dict:
+def file_digest(data: bytes) -> bytes:
+    """The per-file content hash that :func:`ehrfm.data_shards.prepare.source_fingerprint` folds in."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _load_json(path: Path, digests: dict[Path, bytes] | None = None) -> dict:
     data = path.read_bytes()
+    if digests is not None:
+        digests[path] = file_digest(data)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as err:
@@ -413,8 +420,8 @@ def _load_json(path: Path) -> dict:
         raise DataError(f"{path}: {kind} ({err})") from None
 
 
-def _bundle_resources(path: Path) -> Iterator[dict]:
-    bundle = _load_json(path)
+def _bundle_resources(path: Path, digests: dict[Path, bytes] | None = None) -> Iterator[dict]:
+    bundle = _load_json(path, digests)
     if not isinstance(bundle, dict):
         raise DataError(f"{path}: expected a FHIR resource object, got {type(bundle).__name__}")
     if bundle.get("resourceType") != "Bundle":
@@ -454,31 +461,69 @@ def list_fhir_files(root: Path) -> tuple[list[Path], list[Path]]:
     return bundles, ndjson
 
 
-def _split_patient_error(patient: str, first: Path, second: Path) -> DataError:
+def split_patient_error(patient: str, first: Path, second: Path) -> DataError:
     return DataError(
         f"Patient {patient} is split over two bundle files, {first} and {second}; a bundle file must hold all "
         f"resources of its patients (merge them, or provide the resources as NDJSON)"
     )
 
 
-def read_bundle_files(paths: Iterable[Path], tally: FhirTally, owners: dict[int, Path] | None = None) -> pl.DataFrame:
+def read_bundle_files(
+    paths: Iterable[Path],
+    tally: FhirTally,
+    owners: dict[int, Path] | None = None,
+    *,
+    patient_ids: dict[int, str] | None = None,
+    digests: dict[Path, bytes] | None = None,
+) -> pl.DataFrame:
     """Events of a group of bundle files (each normally one patient), as one DataFrame.
 
     ``owners`` (subject id -> bundle file), shared over the calls of one conversion, makes a patient found in
-    two bundle files a :class:`DataError` naming both files and the Patient id.
+    two bundle files a :class:`DataError` naming both files and the Patient id. ``patient_ids`` receives
+    subject id -> Patient id as written, ``digests`` each file's :func:`file_digest` (read once for both).
     """
     owners = {} if owners is None else owners
     buffer = _EventBuffer()
     for path in paths:
         tally.files += 1
         start = len(buffer)
-        for resource in _bundle_resources(path):
+        for resource in _bundle_resources(path, digests):
             _convert_resource(resource, path, buffer, tally)
         for sid in sorted(set(buffer.cols["subject_id"][start:])):
             first = owners.setdefault(sid, path)
             if first != path:
-                raise _split_patient_error(buffer.patient_ids.get(sid, str(sid)), first, path)
+                raise split_patient_error(buffer.patient_ids.get(sid, str(sid)), first, path)
+    if patient_ids is not None:
+        patient_ids.update(buffer.patient_ids)
     return _to_frame(buffer, tally)
+
+
+@dataclasses.dataclass
+class BundleGroup:
+    """Bundle files converted together into one MEDS shard file ``out`` (written only if it has events)."""
+
+    paths: list[Path]
+    out: Path
+
+
+@dataclasses.dataclass
+class BundleGroupResult:
+    events: int
+    tally: FhirTally
+    owners: dict[int, Path]  # subject id -> its bundle file, in the order first seen
+    patient_ids: dict[int, str]  # subject id -> Patient id as written (error messages)
+    digests: dict[Path, bytes]  # bundle file -> file_digest of its bytes
+
+
+def convert_bundle_group(group: BundleGroup) -> BundleGroupResult:
+    """One group of bundle files -> ``group.out`` (a MEDS data shard) and what the parent folds in."""
+    from ..meds_dataset import write_shard
+
+    tally, owners, patient_ids, digests = FhirTally(), {}, {}, {}
+    frame = read_bundle_files(group.paths, tally, owners, patient_ids=patient_ids, digests=digests)
+    if frame.height:
+        write_shard(frame, group.out)
+    return BundleGroupResult(frame.height, tally, owners, patient_ids, digests)
 
 
 def iter_ndjson_events(
@@ -493,7 +538,7 @@ def iter_ndjson_events(
         if bundle_owners:
             for sid in sorted(set(buffer.cols["subject_id"])):
                 if sid in bundle_owners:
-                    raise _split_patient_error(buffer.patient_ids.get(sid, str(sid)), bundle_owners[sid], path)
+                    raise split_patient_error(buffer.patient_ids.get(sid, str(sid)), bundle_owners[sid], path)
         return _to_frame(buffer, tally)
 
     for line_no, resource in _ndjson_resources(path):

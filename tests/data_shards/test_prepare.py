@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pytest
 import yaml
 from transformers import AutoTokenizer
 
 from ehrfm.data_shards.config import PrepareConfig
+from ehrfm.data_shards.errors import DataError
 from ehrfm.data_shards.prepare import prepare
 from ehrfm.data_shards.schema import CLS, REG, VE, VS
 from ehrfm.data_shards.shards import file_sha256
@@ -128,3 +131,58 @@ def test_cli_prepare_writes_resolved_config(meds_dataset, tmp_path):
     )
     assert bad.returncode != 0 and "vocab.nope" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+# Files whose only run-to-run differences are wall-clock facts: (file, keys that may differ).
+_WALL_CLOCK_FIELDS = {
+    "manifest.json": ("seconds",),
+    ".ehrfm-output.json": ("pid", "written_at"),
+    "events/metadata/dataset.json": ("created_at",),
+}
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(root))
+        data = path.read_bytes()
+        if rel in _WALL_CLOCK_FIELDS:
+            record = json.loads(data)
+            for key in _WALL_CLOCK_FIELDS[rel]:
+                record.pop(key, None)
+            data = json.dumps(record, sort_keys=True).encode()
+        files[rel] = data
+    return files
+
+
+def test_jobs_write_the_same_bytes_for_any_n(synthea_fhir, meds_dataset, tmp_path):
+    """`ehrfm prepare --jobs N`: every file of the output (MEDS events, shards, labels, tokenizer, manifest)
+    is the same bytes for N = 1 and N = 3, from FHIR (3 bundle groups) and from MEDS; only wall-clock fields
+    differ."""
+    cfg = PrepareConfig(format="fhir", tasks=["demo", "heart_failure"])
+    cfg.shards.fhir_bundles_per_shard = 2  # 6 patients -> 3 groups, i.e. 3 MEDS shards for the passes
+    cfg.shards.patients_per_shard = 2
+    one = prepare(synthea_fhir, tmp_path / "fhir-1", cfg, progress=False, jobs=1)
+    three = prepare(synthea_fhir, tmp_path / "fhir-3", cfg, progress=False, jobs=3)
+    assert len(list((tmp_path / "fhir-1" / "events" / "data").glob("*.parquet"))) == 3
+    assert one["counts"] == three["counts"]
+    assert _tree_bytes(tmp_path / "fhir-1") == _tree_bytes(tmp_path / "fhir-3")
+    meds = PrepareConfig(format="meds")
+    prepare(meds_dataset, tmp_path / "meds-1", meds, progress=False, jobs=1)
+    prepare(meds_dataset, tmp_path / "meds-2", meds, progress=False, jobs=2)
+    assert _tree_bytes(tmp_path / "meds-1") == _tree_bytes(tmp_path / "meds-2")
+
+
+def test_a_patient_split_over_bundle_groups_is_an_error_with_jobs(synthea_fhir, tmp_path):
+    """The bundle-owner check spans the groups that different processes converted."""
+    src = tmp_path / "fhir"
+    src.mkdir()
+    bundles = sorted(synthea_fhir.glob("*.json"))[:3]
+    for path in bundles:
+        shutil.copy(path, src / path.name)
+    shutil.copy(bundles[0], src / "zz-copy-of-the-first.json")  # sorts last: another group than the original
+    cfg = PrepareConfig(format="fhir", tasks=[])
+    cfg.shards.fhir_bundles_per_shard = 2
+    with pytest.raises(DataError, match=r"is split over two bundle files, .*zz-copy-of-the-first\.json"):
+        prepare(src, tmp_path / "out", cfg, progress=False, jobs=2)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,157 @@
+"""The per-shard work of `ehrfm prepare`'s two passes, as functions of one MEDS shard path.
+
+Each function reads one input shard and returns everything the parent needs from it (counts, samples,
+sequences, labels); the parent folds the results in shard order (:func:`.parallel.ordered_map`), which is why
+``--jobs N`` writes the same bytes for every N. The shared, read-only inputs of a pass (configuration,
+vocabulary, splits, ...) are a :class:`PassContext`, installed once per process by :func:`install_context`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from . import splits as splits_mod
+from .cleaning import Tally, clean_events
+from .config import PrepareConfig
+from .readers.meds import read_meds_shard
+from .tasks import TaskConfig, TaskTally, compute_labels
+from .timeline import build_sequences, code_counts, prepare_events
+from .vocab import ValueReservoir, Vocabulary
+
+UNLABELLED_SPLITS = ("pretrain", "pretrain_val")
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Read-only inputs of a pass. ``vocab``, ``data_end`` and ``tasks`` are set for pass 2 only."""
+
+    cfg: PrepareConfig
+    meds_root: Path
+    reserved: tuple[str, ...]
+    meds_splits: pl.DataFrame | None
+    vocab: Vocabulary | None = None
+    data_end: dt.datetime | None = None
+    tasks: tuple[TaskConfig, ...] = ()
+
+
+_CONTEXT: PassContext | None = None
+
+
+def install_context(context: PassContext) -> None:
+    """Makes ``context`` the one the pass functions of this process use (a pool's ``initializer``)."""
+    global _CONTEXT
+    _CONTEXT = context
+
+
+def _context() -> PassContext:
+    if _CONTEXT is None:
+        raise RuntimeError("install_context() was not called in this process")
+    return _CONTEXT
+
+
+def _with_splits(frame: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
+    assigned = splits_mod.assign_splits(frame.select("subject_id"), ctx.cfg.splits, ctx.meds_splits)
+    return frame.join(assigned, on="subject_id", how="left")
+
+
+def _cleaned(frame: pl.DataFrame, ctx: PassContext, tally: Tally) -> pl.DataFrame:
+    return prepare_events(clean_events(frame, ctx.cfg.cleaning, tally, ctx.reserved), ctx.cfg.vocab)
+
+
+def _last_times_us(events: pl.DataFrame) -> np.ndarray:
+    """Per-subject last event time (epoch microseconds) of the subjects in ``events``."""
+    last = events.filter(pl.col("time").is_not_null()).group_by("subject_id").agg(last=pl.col("time").max())
+    return last["last"].dt.epoch("us").to_numpy().astype(np.int64)
+
+
+@dataclasses.dataclass
+class VocabPassResult:
+    """Pass 1 of one shard: what the vocabulary, the value bins and the data end are learned from."""
+
+    path: Path
+    subjects: list[int]  # distinct subject ids of the shard (the parent checks no subject spans two shards)
+    last_times_us: np.ndarray  # (subjects,) int64 last event time per subject
+    code_counts: list[tuple[str, int]]  # pretraining-split token-producing events per code
+    values: list[tuple[str, np.ndarray]]  # pretraining-split numeric values per code (ValueReservoir.group)
+    tally: Tally  # cleaning counts
+
+
+def vocab_pass(path: Path) -> VocabPassResult:
+    ctx = _context()
+    frame = read_meds_shard(path, ctx.meds_root)
+    tally = Tally()
+    events = _cleaned(frame, ctx, tally)
+    pre = _with_splits(events, ctx).filter(pl.col("split") == "pretrain")
+    return VocabPassResult(
+        path=path,
+        subjects=frame["subject_id"].unique(maintain_order=True).to_list(),
+        last_times_us=_last_times_us(events),
+        code_counts=list(code_counts(pre, ctx.cfg.history).iter_rows()),
+        values=ValueReservoir.group(pre.filter(pl.col("time").is_not_null())),
+        tally=tally,
+    )
+
+
+@dataclasses.dataclass
+class TokenPassResult:
+    """Pass 2 of one shard: its sequences and labels, by split."""
+
+    path: Path
+    events_after_data_end: int
+    sequences: dict[str, pl.DataFrame]  # split -> sequences sorted by subject_id (shards.SHARD_SCHEMA columns)
+    unk_tokens: int
+    subject_split: pl.DataFrame  # subject_id, split
+    labels: dict[tuple[str, str], pl.DataFrame]  # (task, split) -> MEDS labels
+    task_tallies: dict[str, TaskTally]
+
+
+def _sequences(events: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
+    """Token sequences of a shard. ``history.lookback`` truncates the pretraining splits here (relative to the
+    last visit); labelled splits keep their whole history and are truncated relative to each prediction time
+    when cut (``examples.cut_at``): truncating them by the end of the record would leak the outcome."""
+    cfg, vocab = ctx.cfg, ctx.vocab
+    assert vocab is not None
+    if cfg.history.lookback == "all":
+        return build_sequences(events.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=cfg.history)
+    full = dataclasses.replace(cfg.history, lookback="all")
+    parts = []
+    for unlabelled, history in ((True, cfg.history), (False, full)):
+        part = events.filter(pl.col("split").is_in(UNLABELLED_SPLITS) == unlabelled)
+        if part.height:
+            parts.append(build_sequences(part.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=history))
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def token_pass(path: Path) -> TokenPassResult:
+    ctx = _context()
+    assert ctx.vocab is not None and ctx.data_end is not None
+    events = _cleaned(read_meds_shard(path, ctx.meds_root), ctx, Tally())
+    after_end = events.filter(pl.col("time") > ctx.data_end).height
+    events = _with_splits(events, ctx)
+    seqs = _sequences(events, ctx)
+    subject_split = events.select("subject_id", "split").unique()
+    seqs = seqs.join(subject_split, on="subject_id", how="left")
+    unk_tokens = int(seqs["input_ids"].explode().eq(ctx.vocab.unk_id).sum())
+    sequences = {split: part.sort("subject_id") for (split,), part in seqs.partition_by("split", as_dict=True).items()}
+    labels: dict[tuple[str, str], pl.DataFrame] = {}
+    tallies = {}
+    for task in ctx.tasks:
+        tallies[task.name] = TaskTally()
+        task_labels = compute_labels(events, task, ctx.data_end, tallies[task.name])
+        task_labels = task_labels.join(subject_split, on="subject_id", how="left")
+        for (split,), part in task_labels.partition_by("split", as_dict=True).items():
+            labels[(task.name, split)] = part.drop("split")
+    return TokenPassResult(
+        path=path,
+        events_after_data_end=after_end,
+        sequences=sequences,
+        unk_tokens=unk_tokens,
+        subject_split=subject_split,
+        labels=labels,
+        task_tallies=tallies,
+    )
