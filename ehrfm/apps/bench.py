@@ -18,7 +18,7 @@ from pathlib import Path
 from ..outputs import write_text_atomic
 
 BENCHMARKS = {
-    "prepare": "ehrfm.data_shards.bench:run",
+    "prepare": "ehrfm.data_shards.bench_prepare:run",
     "packing": "ehrfm.data_shards.bench:run_packing",
     "mamba-scan": "ehrfm.kernels.mamba_scan.bench:run",
     "anaa": "ehrfm.kernels.anaa.bench:run",
