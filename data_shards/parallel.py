@@ -4,15 +4,18 @@ Results come back in input order, so whatever the parent writes from them (shard
 same bytes for any N: the parallel run differs from the sequential one only in *where* each item is computed.
 With ``jobs == 1`` everything runs in this process (no pool, no pickling).
 
-Workers are started with the ``spawn`` method (polars' thread pool does not survive ``fork``); a worker's
-shared context (configuration, vocabulary, ...) is sent once per worker through ``initializer`` rather than
-once per item. At most ``2 * jobs`` items are in flight, so finished results never pile up in memory faster
-than the parent consumes them.
+One :class:`ShardPool` serves a whole `ehrfm prepare` (FHIR conversion and both passes), so its workers start
+once. Workers are started with the ``spawn`` method (polars' thread pool does not survive ``fork``). A map's
+shared, read-only ``context`` (configuration, vocabulary, ...) is pickled once in the parent and unpickled
+once per worker and map, not once per item. At most ``2 * jobs`` items are in flight, so finished results
+never pile up in memory faster than the parent consumes them.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
+import pickle
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -21,33 +24,50 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+_map_ids = itertools.count()
+_worker_context: tuple[int, Any] = (-1, None)  # (map id, unpickled context) cached in a worker process
 
-def ordered_map(
-    fn: Callable[[T], R],
-    items: Iterable[T],
-    *,
-    jobs: int,
-    initializer: Callable[..., None] | None = None,
-    initargs: tuple[Any, ...] = (),
-) -> Iterator[R]:
-    """``fn(item)`` for each item, in input order, computed by ``jobs`` processes (``fn`` and ``initializer``
-    must be importable top-level functions). An exception in a worker is re-raised here, for its item."""
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
-    if jobs == 1:
-        if initializer is not None:
-            initializer(*initargs)
-        for item in items:
-            yield fn(item)
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+
+def _call_with_context(fn: Callable[[T, Any], R], item: T, map_id: int, blob: bytes) -> R:
+    global _worker_context
+    if _worker_context[0] != map_id:
+        _worker_context = (map_id, pickle.loads(blob))
+    return fn(item, _worker_context[1])
+
+
+class ShardPool:
+    """``jobs`` worker processes (none for ``jobs == 1``) for the lifetime of a ``with`` block."""
+
+    def __init__(self, jobs: int) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
+        self.jobs = jobs
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> ShardPool:
+        if self.jobs > 1:
+            context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def map(self, fn: Callable[[T, Any], R], items: Iterable[T], context: Any = None) -> Iterator[R]:
+        """``fn(item, context)`` for each item, in input order (``fn`` must be a top-level function). An
+        exception in a worker is re-raised here, for its item."""
+        if self._executor is None:
+            for item in items:
+                yield fn(item, context)
+            return
+        map_id, blob = next(_map_ids), pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
         pending: deque = deque()
-        iterator = iter(items)
         try:
-            for item in iterator:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= 2 * jobs:
+            for item in items:
+                pending.append(self._executor.submit(_call_with_context, fn, item, map_id, blob))
+                if len(pending) >= 2 * self.jobs:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

@@ -1,9 +1,9 @@
 """The per-shard work of `ehrfm prepare`'s two passes, as functions of one MEDS shard path.
 
 Each function reads one input shard and returns everything the parent needs from it (counts, samples,
-sequences, labels); the parent folds the results in shard order (:func:`.parallel.ordered_map`), which is why
+sequences, labels); the parent folds the results in shard order (:meth:`.parallel.ShardPool.map`), which is why
 ``--jobs N`` writes the same bytes for every N. The shared, read-only inputs of a pass (configuration,
-vocabulary, splits, ...) are a :class:`PassContext`, installed once per process by :func:`install_context`.
+vocabulary, splits, ...) are a :class:`PassContext`, the second argument of every pass function.
 """
 
 from __future__ import annotations
@@ -39,21 +39,6 @@ class PassContext:
     tasks: tuple[TaskConfig, ...] = ()
 
 
-_CONTEXT: PassContext | None = None
-
-
-def install_context(context: PassContext) -> None:
-    """Makes ``context`` the one the pass functions of this process use (a pool's ``initializer``)."""
-    global _CONTEXT
-    _CONTEXT = context
-
-
-def _context() -> PassContext:
-    if _CONTEXT is None:
-        raise RuntimeError("install_context() was not called in this process")
-    return _CONTEXT
-
-
 def _with_splits(frame: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
     assigned = splits_mod.assign_splits(frame.select("subject_id"), ctx.cfg.splits, ctx.meds_splits)
     return frame.join(assigned, on="subject_id", how="left")
@@ -81,8 +66,7 @@ class VocabPassResult:
     tally: Tally  # cleaning counts
 
 
-def vocab_pass(path: Path) -> VocabPassResult:
-    ctx = _context()
+def vocab_pass(path: Path, ctx: PassContext) -> VocabPassResult:
     frame = read_meds_shard(path, ctx.meds_root)
     tally = Tally()
     events = _cleaned(frame, ctx, tally)
@@ -127,8 +111,7 @@ def _sequences(events: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
     return pl.concat(parts, how="vertical_relaxed")
 
 
-def token_pass(path: Path) -> TokenPassResult:
-    ctx = _context()
+def token_pass(path: Path, ctx: PassContext) -> TokenPassResult:
     assert ctx.vocab is not None and ctx.data_end is not None
     events = _cleaned(read_meds_shard(path, ctx.meds_root), ctx, Tally())
     after_end = events.filter(pl.col("time") > ctx.data_end).height

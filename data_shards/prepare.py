@@ -36,7 +36,7 @@ from . import splits as splits_mod
 from .cleaning import Tally
 from .config import CleaningConfig, PrepareConfig, parse_time
 from .errors import DataError
-from .parallel import ordered_map
+from .parallel import ShardPool
 from .readers import fhir
 from .readers.meds import list_meds_shards, read_subject_splits
 from .reference_ppl import reference_perplexities
@@ -70,12 +70,12 @@ def convert_fhir_to_meds(
     meds_root: Path,
     patients_per_shard: int,
     progress: bool,
-    jobs: int = 1,
+    pool: ShardPool,
     digests: dict[Path, bytes] | None = None,
 ) -> fhir.FhirTally:
     """FHIR bundles / NDJSON -> MEDS folder (``data/<i>.parquet``, whole patients per shard). Groups of
-    ``patients_per_shard`` bundle files are converted by ``jobs`` processes; shards, tally and the owner check
-    are folded in group order, so the output is the same for any ``jobs``. ``digests`` receives each bundle
+    ``patients_per_shard`` bundle files are converted by the processes of ``pool``; shards, tally and the owner
+    check are folded in group order, so the output is the same for any number of processes. ``digests`` receives each bundle
     file's content hash (for :func:`source_fingerprint`)."""
     bundles, ndjson = fhir.list_fhir_files(input_dir)
     data_dir = meds_root / "data"
@@ -87,7 +87,7 @@ def convert_fhir_to_meds(
         fhir.BundleGroup(bundles[start : start + patients_per_shard], data_dir / f"_group-{start}.parquet")
         for start in range(0, len(bundles), patients_per_shard)
     ]
-    results = ordered_map(fhir.convert_bundle_group, groups, jobs=jobs)
+    results = pool.map(fhir.convert_bundle_group, groups)
     for group, result in tqdm(
         zip(groups, results), total=len(groups), desc="fhir bundles", unit="shard", disable=not progress
     ):
@@ -186,7 +186,8 @@ def prepare(
     aces_tasks = aces.resolve_aces_tasks(cfg.aces_tasks)
     inputs = [input_dir, config_file, *_task_files(cfg.tasks), *cfg.external_labels, *(f for _, f in aces_tasks)]
     with atomic_output(out, "prepare", inputs=inputs, overwrite=overwrite) as tmp:
-        manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress, aces_tasks, jobs)
+        with ShardPool(jobs) as pool:
+            manifest = _prepare_into(input_dir, tmp, cfg, tasks, task_tokens, progress, pool, aces_tasks)
         manifest["reference_perplexity"] = reference_perplexities(tmp, manifest)
         manifest["seconds"] = round(time.time() - started, 2)
         write_json_atomic(tmp / "manifest.json", manifest)
@@ -224,9 +225,8 @@ def convert_fhir(
     with atomic_output(out, "prepare", inputs=[input_dir, config_file], overwrite=overwrite) as tmp:
         bundles, ndjson = fhir.list_fhir_files(input_dir)
         digests: dict[Path, bytes] = {}
-        tally = convert_fhir_to_meds(
-            input_dir, tmp, cfg.shards.fhir_bundles_per_shard, progress, jobs=jobs, digests=digests
-        )
+        with ShardPool(jobs) as pool:
+            tally = convert_fhir_to_meds(input_dir, tmp, cfg.shards.fhir_bundles_per_shard, progress, pool, digests)
         fingerprint = source_fingerprint(bundles + ndjson, input_dir, digests)
         subjects = pl.concat([pl.read_parquet(path, columns=["subject_id"]).unique() for path in list_meds_shards(tmp)])
         meds_dataset.write_metadata(
@@ -255,7 +255,7 @@ def _task_files(specs: list[str]) -> list[Path]:
 
 
 def _prepare_into(
-    input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool, aces_tasks=(), jobs: int = 1
+    input_dir: Path, tmp: Path, cfg: PrepareConfig, tasks, task_tokens, progress: bool, pool: ShardPool, aces_tasks=()
 ) -> dict:
     external_names = external_task_names(cfg.external_labels, tasks)  # ConfigError before any work
     taken = {t.name for t in tasks} | set(external_names)
@@ -270,7 +270,7 @@ def _prepare_into(
         input_files = bundles + ndjson
         meds_root = tmp / "events"
         fhir_tally = convert_fhir_to_meds(
-            input_dir, meds_root, cfg.shards.fhir_bundles_per_shard, progress, jobs=jobs, digests=digests
+            input_dir, meds_root, cfg.shards.fhir_bundles_per_shard, progress, pool, digests
         )
     else:
         meds_root = input_dir
@@ -286,9 +286,7 @@ def _prepare_into(
     last_times: list[np.ndarray] = []
     tally = Tally()
     owners: dict[int, Path] = {}  # subject id -> its MEDS shard: a subject in two shards is an error
-    results = ordered_map(
-        passes.vocab_pass, shard_paths, jobs=jobs, initializer=passes.install_context, initargs=(context,)
-    )
+    results = pool.map(passes.vocab_pass, shard_paths, context)
     for result in tqdm(results, total=len(shard_paths), desc="pass 1 vocab", unit="shard", disable=not progress):
         for sid in result.subjects:
             first = owners.setdefault(sid, result.path)
@@ -326,9 +324,7 @@ def _prepare_into(
     split_parts: list[pl.DataFrame] = []  # subject_id -> split, per input shard
     unk_tokens = 0
     context = dataclasses.replace(context, vocab=vocab, data_end=data_end, tasks=tuple(tasks))
-    results = ordered_map(
-        passes.token_pass, shard_paths, jobs=jobs, initializer=passes.install_context, initargs=(context,)
-    )
+    results = pool.map(passes.token_pass, shard_paths, context)
     for result in tqdm(results, total=len(shard_paths), desc="pass 2 tokens", unit="shard", disable=not progress):
         if result.events_after_data_end:
             tally.notes["events_after_data_end"] += result.events_after_data_end

@@ -515,8 +515,9 @@ class BundleGroupResult:
     digests: dict[Path, bytes]  # bundle file -> file_digest of its bytes
 
 
-def convert_bundle_group(group: BundleGroup) -> BundleGroupResult:
-    """One group of bundle files -> ``group.out`` (a MEDS data shard) and what the parent folds in."""
+def convert_bundle_group(group: BundleGroup, _context: None = None) -> BundleGroupResult:
+    """One group of bundle files -> ``group.out`` (a MEDS data shard) and what the parent folds in (a
+    :meth:`ehrfm.data_shards.parallel.ShardPool.map` function; it needs no shared context)."""
     from ..meds_dataset import write_shard
 
     tally, owners, patient_ids, digests = FhirTally(), {}, {}, {}
