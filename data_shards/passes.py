@@ -87,7 +87,7 @@ class TokenPassResult:
 
     path: Path
     events_after_data_end: int
-    sequences: dict[str, pl.DataFrame]  # split -> sequences sorted by subject_id (shards.SHARD_SCHEMA columns)
+    sequences: dict[str, pl.DataFrame]  # split -> sequences sorted by subject_id (build_sequences columns)
     unk_tokens: int
     subject_split: pl.DataFrame  # subject_id, split
     labels: dict[tuple[str, str], pl.DataFrame]  # (task, split) -> MEDS labels

@@ -317,7 +317,7 @@ def _prepare_into(
     save_config(cfg, tmp / "config.yaml")
 
     # Pass 2: sequences and labels.
-    writers = {s: SplitShardWriter(tmp, s, cfg.shards.patients_per_shard) for s in splits_mod.SPLITS}
+    writers = {s: SplitShardWriter(tmp, s, cfg.shards.patients_per_shard, len(vocab)) for s in splits_mod.SPLITS}
     labels: dict[tuple[str, str], list[pl.DataFrame]] = {}
     task_tallies = {t.name: TaskTally() for t in tasks}
     split_counts: Counter = Counter()

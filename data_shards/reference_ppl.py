@@ -27,9 +27,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from .schema import SPECIAL_TYPES, TokenType
+from .shard_codec import read_streams
 
 SMOOTHING_K = 0.01
 SCORED = {
@@ -42,11 +42,9 @@ def split_tokens(root: Path, shards: list[dict]) -> tuple[np.ndarray, np.ndarray
     """(ids, types, is_first) over all sequences of the shards, concatenated; is_first marks sequence starts."""
     ids, types, first = [], [], []
     for shard in shards:
-        with pa.memory_map(str(root / shard["path"])) as source:
-            table = pa.ipc.open_file(source).read_all()
-        for column, out in (("input_ids", ids), ("type_ids", types)):
-            out.append(table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False))
-        lengths = table.column("length").to_numpy()
+        lengths, streams, _ = read_streams(root / shard["path"], ("input_ids", "type_ids"))
+        ids.append(streams["input_ids"])
+        types.append(streams["type_ids"])
         starts = np.zeros(int(lengths.sum()), dtype=bool)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         starts[offsets[lengths > 0]] = True

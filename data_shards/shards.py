@@ -5,7 +5,8 @@ Layout of a prepared folder::
     manifest.json                  format version, source fingerprint, counts, shard list + checksums, config
     config.yaml                    the resolved prepare config
     tokenizer/                     HF tokenizer (AutoTokenizer.from_pretrained) + ehrfm_vocab.json (bins, counts)
-    shards/<split>/<split>-00000.arrow   one row per patient (Arrow IPC, uncompressed: memory-mapped reads)
+    shards/<split>/<split>-00000.arrow   one row per patient (Arrow IPC, uncompressed: memory-mapped reads;
+                                   the columns and their decoding: :mod:`.shard_codec`)
     labels/<task>/<split>.parquet  MEDS label schema (subject_id, prediction_time, boolean_value)
 
 Everything is written into ``<out>.tmp-<pid>`` and renamed to ``<out>`` only when complete, so an
@@ -23,27 +24,17 @@ import pyarrow as pa
 
 from ehrfm.outputs import file_sha256, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 2  # 2: stay-length tokens ([S<k>D]) and TokenType.STAY
-SHARD_SCHEMA = pa.schema(
-    [
-        ("subject_id", pa.int64()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("type_ids", pa.list_(pa.int8())),
-        ("ages", pa.list_(pa.float32())),
-        ("times", pa.list_(pa.float32())),
-        ("visit_segments", pa.list_(pa.int8())),
-        ("visit_orders", pa.list_(pa.int32())),
-        ("event_time_s", pa.list_(pa.int64())),
-        ("length", pa.int32()),
-    ]
-)
+from .shard_codec import encode, shard_schema
+
+FORMAT_VERSION = 3  # 3: compact rows (.shard_codec: 8 bytes per token); 2: stay-length tokens ([S<k>D])
 
 
 class SplitShardWriter:
     """Appends patient sequences to ``shards/<split>/`` files, starting a new file every N patients."""
 
-    def __init__(self, root: Path, split: str, patients_per_shard: int) -> None:
+    def __init__(self, root: Path, split: str, patients_per_shard: int, vocab_size: int) -> None:
         self.dir = root / "shards" / split
+        self.schema = shard_schema(vocab_size)
         self.split = split
         self.per_shard = patients_per_shard
         self.shards: list[dict] = []
@@ -55,7 +46,7 @@ class SplitShardWriter:
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._path = self.dir / f"{self.split}-{len(self.shards):05d}.arrow"
-        self._writer = pa.ipc.new_file(str(self._path), SHARD_SCHEMA)
+        self._writer = pa.ipc.new_file(str(self._path), self.schema)
         self._rows = self._tokens = 0
 
     def _close(self) -> None:
@@ -74,7 +65,8 @@ class SplitShardWriter:
         self._writer = None
 
     def write(self, seqs: pl.DataFrame) -> None:
-        table = seqs.select(SHARD_SCHEMA.names).to_arrow().cast(SHARD_SCHEMA)
+        """Appends sequences (:func:`.timeline.build_sequences` columns), encoded by :func:`.shard_codec.encode`."""
+        table = encode(seqs.to_arrow(), self.schema)
         offset = 0
         while offset < table.num_rows:
             if self._writer is None:

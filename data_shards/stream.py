@@ -35,13 +35,14 @@ from .collate import assemble_rows, best_fit_pack, cut_document
 from .config import StreamSettings
 from .errors import DataError
 from .schema import SEQUENCE_STREAMS
+from .shard_codec import birth_as_float, decode, stored_columns_for
 from .shards import read_manifest
 
 STATE_VERSION = 1
 
 
 class ShardReader:
-    """Random access to rows of a split's Arrow shards (memory-mapped; list columns as numpy views)."""
+    """Random access to rows of a split's Arrow shards (memory-mapped; a row's streams decoded when read)."""
 
     def __init__(self, root: Path, shards: list[dict], columns=SEQUENCE_STREAMS + ("event_time_s",)) -> None:
         self.root = Path(root)
@@ -60,22 +61,34 @@ class ShardReader:
                 self._open.pop(next(iter(self._open)))
             path = self.root / self.shards[shard]["path"]
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            cols = {}
-            for name in self.columns:
+            stored = {}
+            for name in stored_columns_for(self.columns):
                 arr = table.column(name).combine_chunks()
-                cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False))
-            cols["subject_id"] = table.column("subject_id").to_numpy()
-            self._open[shard] = cols
+                stored[name] = arr.values.to_numpy(zero_copy_only=False)
+                stored["offsets"] = arr.offsets.to_numpy()
+            self._open[shard] = {
+                "stored": stored,
+                "subject_id": table.column("subject_id").to_numpy(),
+                "base_time_s": table.column("base_time_s").to_numpy(),
+                "birth_s": birth_as_float(table),
+            }
         return self._open[shard]
 
     def get(self, row: int) -> dict[str, np.ndarray]:
+        """The streams of ``self.columns`` of one row (decoded: :func:`.shard_codec.decode`), and subject_id."""
         shard = int(np.searchsorted(self.starts, row, side="right") - 1)
         local = row - int(self.starts[shard])
         cols = self._load(shard)
-        sample = {}
-        for name in self.columns:
-            offsets, values = cols[name]
-            sample[name] = values[offsets[local] : offsets[local + 1]]
+        stored = cols["stored"]
+        lo, hi = int(stored["offsets"][local]), int(stored["offsets"][local + 1])
+        birth = cols["birth_s"]
+        decoded = decode(
+            {name: values[lo:hi] for name, values in stored.items() if name != "offsets"},
+            np.array([hi - lo]),
+            cols["base_time_s"][local : local + 1],
+            None if birth is None else birth[local : local + 1],
+        )
+        sample = {name: decoded[name] for name in self.columns}
         sample["subject_id"] = cols["subject_id"][local]
         return sample
 

@@ -27,7 +27,7 @@ import polars as pl
 
 from . import schema
 from .config import HistoryConfig, VisitConfig, VocabConfig
-from .schema import SPECIAL_TYPES, TokenType
+from .schema import DAYS_PER_YEAR, SPECIAL_TYPES, US_PER_DAY, US_PER_WEEK, TokenType
 from .vocab import (
     NON_TOKEN_CODES,
     NON_TOKEN_PREFIXES,
@@ -38,9 +38,6 @@ from .vocab import (
     normalize_codes,
 )
 
-US_PER_WEEK = 7 * 86400 * 1_000_000
-US_PER_DAY = 86400 * 1_000_000
-DAYS_PER_YEAR = 365.25
 LOOKBACK_DAYS = {"1y": 365.25, "3y": 3 * 365.25}
 
 
@@ -158,7 +155,8 @@ def build_sequences(
     """Cleaned + prepared events (with ``birth``) -> one row per subject with aligned list columns.
 
     Output columns: subject_id, input_ids (i32), type_ids (i8), ages (f32, years), times (f32, weeks since
-    epoch), visit_segments (i8), visit_orders (i32), event_time_s (i64), length (i32).
+    epoch), visit_segments (i8), visit_orders (i32), event_time_s (i64, epoch seconds), length (i32),
+    birth_s (i64 epoch seconds of the birth, null when unknown).
     """
     token_rows = events.filter(is_token_code(pl.col("code")) & pl.col("event_type").is_in(history_cfg.concept_groups))
     static = token_rows.filter(pl.col("time").is_null())
@@ -248,22 +246,26 @@ def build_sequences(
         .then(pl.lit(vocab.unk_id, pl.Int32))
         .otherwise(token_ids)
     )
-    epoch_us = pl.col("time").dt.epoch("us")
-    age_years = (
-        (pl.col("time") - pl.col("birth")).dt.total_microseconds().cast(pl.Float64) / (US_PER_DAY * DAYS_PER_YEAR)
-    ).fill_null(0.0)
+    # Ages and times from whole seconds, with the operations that decoding a shard row repeats
+    # (:func:`.shard_codec.decode`), so that the streams read back equal these bit for bit.
+    seconds = pl.col("time").dt.epoch("us") // 1_000_000
+    birth_s = pl.col("birth").dt.epoch("us") // 1_000_000
+    age_years = (((seconds - birth_s) * 1_000_000).cast(pl.Float64) / (US_PER_DAY * DAYS_PER_YEAR)).fill_null(0.0)
     rows = rows.select(
         "subject_id",
         token_ids.alias("input_ids"),
         pl.col("type_id").alias("type_ids"),
         age_years.cast(pl.Float32).alias("ages"),
-        (epoch_us.cast(pl.Float64) / US_PER_WEEK).cast(pl.Float32).alias("times"),
+        ((seconds * 1_000_000).cast(pl.Float64) / US_PER_WEEK).cast(pl.Float32).alias("times"),
         pl.col("visit_segment").cast(pl.Int8).alias("visit_segments"),
         pl.col("visit_order").cast(pl.Int32).alias("visit_orders"),
-        (epoch_us // 1_000_000).alias("event_time_s"),
+        seconds.alias("event_time_s"),
     )
     seqs = rows.group_by("subject_id", maintain_order=True).agg(pl.all())
-    return seqs.with_columns(length=pl.col("input_ids").list.len().cast(pl.Int32))
+    births = birth.select("subject_id", birth_s.alias("birth_s"))
+    return seqs.with_columns(length=pl.col("input_ids").list.len().cast(pl.Int32)).join(
+        births, on="subject_id", how="left", maintain_order="left"
+    )
 
 
 def code_counts(events: pl.DataFrame, history_cfg: HistoryConfig) -> pl.DataFrame:

@@ -113,18 +113,16 @@ def token_statistics(
     """From ``split``'s shards: the type the data gives each token id (its most frequent type_id) and, per
     stay-length token id, the mean length in days of the visits it closes (token time minus the time of the
     visit's first token)."""
-    import pyarrow as pa
-
     from ehrfm.data_shards.schema import NUM_TOKEN_TYPES, TokenType
+    from ehrfm.data_shards.shard_codec import read_streams
 
     columns: dict[str, list[np.ndarray]] = {"input_ids": [], "type_ids": [], "event_time_s": [], "visit_orders": []}
     rows = []
     for shard in manifest["shards"][split]:
-        with pa.memory_map(str(Path(data_dir) / shard["path"])) as source:
-            table = pa.ipc.open_file(source).read_all()
+        lengths, streams, _ = read_streams(Path(data_dir) / shard["path"], tuple(columns))
         for name, parts in columns.items():
-            parts.append(table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False))
-        rows.append(np.repeat(np.arange(table.num_rows) + sum(len(r) for r in rows), table.column("length")))
+            parts.append(streams[name])
+        rows.append(np.repeat(np.arange(len(lengths)) + sum(len(r) for r in rows), lengths))
     if not rows:
         return {}, {}
     ids, types, times, orders, row = (

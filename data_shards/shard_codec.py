@@ -1,0 +1,183 @@
+"""The on-disk encoding of a shard row (one patient sequence) and its decoding back into the token streams.
+
+A patient sequence has seven per-token streams (:data:`.schema.SEQUENCE_STREAMS` + ``event_time_s``); four of
+them are functions of the others, so a shard stores (bytes per token in brackets):
+
+==================  ===========================================================================  =========
+column              content                                                                      bytes
+==================  ===========================================================================  =========
+input_ids           vocabulary ids: uint16 when the vocabulary has at most 65,536 ids, else int32  2 (4)
+type_ids            TokenType                                                                    1
+visit_steps         visit order minus the previous token's (the first token: its own order);     1
+                    0 or 1, as orders are sorted and numbered without gaps
+time_offsets_s      seconds from the row's ``base_time_s`` (its earliest token) to the token's   4
+                    event: a record may span up to 2**32 - 1 s (136 years)
+==================  ===========================================================================  =========
+
+plus per row ``subject_id``, ``base_time_s`` (int64, epoch seconds), ``birth_s`` (int64 epoch seconds, null
+when unknown) and ``length``: 8 bytes per token (10 with a vocabulary over 65,536 ids), against 26 for the
+seven streams stored as they are used. Decoding (:func:`decode`) is exact:
+
+* ``event_time_s = base_time_s + time_offsets_s``
+* ``visit_orders = cumsum(visit_steps)``; ``visit_segments = 0`` where the order is 0, else ``2 - order % 2``
+  (1, 2, 1, ... per visit, as :func:`.timeline.assign_visits` numbers them)
+* ``times = event_time_s * 1e6 / US_PER_WEEK`` and ``ages = (event_time_s - birth_s) * 1e6 / (US_PER_DAY *
+  365.25)`` in float64, then float32; ``ages = 0`` without a birth time. :func:`.timeline.build_sequences`
+  computes them from whole seconds with the same operations, so prepared streams and decoded ones agree bit
+  for bit.
+
+Shards stay uncompressed Arrow IPC (memory-mapped, zero-copy reads); the loader decodes one row at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import DataError
+from .schema import DAYS_PER_YEAR, US_PER_DAY, US_PER_WEEK
+
+US_PER_YEAR = US_PER_DAY * DAYS_PER_YEAR  # the float that build_sequences divides by
+MAX_OFFSET_S = 2**32 - 1
+ROW_COLUMNS = ("subject_id", "base_time_s", "birth_s", "length")
+STORED_TOKEN_COLUMNS = ("input_ids", "type_ids", "visit_steps", "time_offsets_s")
+
+
+def shard_schema(vocab_size: int) -> pa.Schema:
+    """Arrow schema of the shards of a corpus whose vocabulary has ``vocab_size`` ids."""
+    ids = pa.uint16() if vocab_size <= 1 << 16 else pa.int32()
+    return pa.schema(
+        [
+            ("subject_id", pa.int64()),
+            ("input_ids", pa.list_(ids)),
+            ("type_ids", pa.list_(pa.int8())),
+            ("visit_steps", pa.list_(pa.int8())),
+            ("time_offsets_s", pa.list_(pa.uint32())),
+            ("base_time_s", pa.int64()),
+            ("birth_s", pa.int64()),
+            ("length", pa.int32()),
+        ]
+    )
+
+
+def _list_values(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (rows + 1,), values) of a list column."""
+    arr = table.column(name).combine_chunks()
+    return arr.offsets.to_numpy().astype(np.int64), arr.values.to_numpy(zero_copy_only=False)
+
+
+def _row_starts(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def encode(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Sequences as :func:`.timeline.build_sequences` makes them (its Arrow table) -> the stored columns."""
+    offsets, times = _list_values(table, "event_time_s")
+    lengths = np.diff(offsets)
+    times = times.astype(np.int64)
+    starts = offsets[:-1]
+    nonempty = lengths > 0
+    base = np.zeros(len(lengths), np.int64)
+    base[nonempty] = np.minimum.reduceat(times, starts[nonempty]) if len(times) else []
+    rel = times - np.repeat(base, lengths)
+    if len(rel) and rel.max() > MAX_OFFSET_S:
+        row = int(np.searchsorted(offsets, int(rel.argmax()), side="right") - 1)
+        raise DataError(
+            f"subject_id {table.column('subject_id')[row].as_py()}: events span {rel.max() / 3.156e7:.0f} years, "
+            f"more than the 136 a shard row can hold; check cleaning.min_time / max_time and the birth date"
+        )
+    _, orders = _list_values(table, "visit_orders")
+    steps = np.diff(orders.astype(np.int64), prepend=0)
+    if len(steps):
+        steps[starts[nonempty]] = orders[starts[nonempty]]
+    if len(steps) and (steps.min() < 0 or steps.max() > 127):
+        raise AssertionError("visit orders are not sorted without gaps within a sequence")  # by construction
+
+    def as_list(values: np.ndarray, field: str) -> pa.ListArray:
+        kind = schema.field(field).type.value_type
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values).cast(kind))
+
+    _, ids = _list_values(table, "input_ids")
+    _, types = _list_values(table, "type_ids")
+    columns = {
+        "subject_id": table.column("subject_id"),
+        "input_ids": as_list(ids, "input_ids"),
+        "type_ids": as_list(types, "type_ids"),
+        "visit_steps": as_list(steps, "visit_steps"),
+        "time_offsets_s": as_list(rel, "time_offsets_s"),
+        "base_time_s": pa.array(base),
+        "birth_s": table.column("birth_s"),
+        "length": pa.array(lengths.astype(np.int32)),
+    }
+    return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+def decode(
+    stored: dict[str, np.ndarray], lengths: np.ndarray, base_time_s: np.ndarray, birth_s: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """The token streams of one or more consecutive rows from their stored columns.
+
+    ``stored``: flat values over the rows of any of :data:`STORED_TOKEN_COLUMNS`; ``lengths`` and
+    ``base_time_s``: per row; ``birth_s``: per row, float64 epoch seconds with NaN where a row has no birth
+    time, or None when none has. Returns the streams those columns give, flat, in the dtypes
+    :func:`.timeline.build_sequences` makes them (ids int32, types int8, ages and times float32, segments
+    int8, orders int32, event_time_s int64).
+    """
+    out: dict[str, np.ndarray] = {}
+    if "input_ids" in stored:
+        out["input_ids"] = stored["input_ids"].astype(np.int32)
+    if "type_ids" in stored:
+        out["type_ids"] = stored["type_ids"].astype(np.int8, copy=False)
+    if "visit_steps" in stored:
+        cumulative = np.cumsum(stored["visit_steps"], dtype=np.int64)
+        if len(lengths) > 1:  # restart the sum at each row
+            starts = _row_starts(lengths)
+            before = np.where(starts > 0, cumulative[np.maximum(starts - 1, 0)], 0)
+            cumulative -= np.repeat(before, lengths)
+        out["visit_orders"] = cumulative.astype(np.int32)
+        out["visit_segments"] = np.where(cumulative > 0, 2 - cumulative % 2, 0).astype(np.int8)
+    if "time_offsets_s" in stored:
+        seconds = np.repeat(base_time_s.astype(np.int64), lengths) + stored["time_offsets_s"].astype(np.int64)
+        out["event_time_s"] = seconds
+        out["times"] = ((seconds * 1_000_000).astype(np.float64) / US_PER_WEEK).astype(np.float32)
+        ages = np.zeros(len(seconds), np.float32)
+        if birth_s is not None:
+            birth = np.repeat(birth_s, lengths)
+            known = ~np.isnan(birth)
+            since = seconds[known] - birth[known].astype(np.int64)
+            ages[known] = ((since * 1_000_000).astype(np.float64) / US_PER_YEAR).astype(np.float32)
+        out["ages"] = ages
+    return out
+
+
+def stored_columns_for(streams: tuple[str, ...]) -> tuple[str, ...]:
+    """The stored columns that :func:`decode` needs for ``streams``."""
+    need = {
+        "input_ids": "input_ids",
+        "type_ids": "type_ids",
+        "visit_orders": "visit_steps",
+        "visit_segments": "visit_steps",
+        "event_time_s": "time_offsets_s",
+        "times": "time_offsets_s",
+        "ages": "time_offsets_s",
+    }
+    return tuple(dict.fromkeys(need[s] for s in streams))
+
+
+def read_streams(path, streams: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(lengths, {stream: flat values over all rows}, subject ids) of a whole shard file: for passes over a
+    whole corpus (reference perplexities, forecast statistics, tests)."""
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    lengths = table.column("length").to_numpy().astype(np.int64)
+    stored = {name: _list_values(table, name)[1] for name in stored_columns_for(streams)}
+    decoded = decode(stored, lengths, table.column("base_time_s").to_numpy(), birth_as_float(table))
+    return lengths, {s: decoded[s] for s in streams}, table.column("subject_id").to_numpy()
+
+
+def birth_as_float(table: pa.Table) -> np.ndarray | None:
+    """Per-row birth seconds as float64 with NaN for unknown (None when no row has one)."""
+    birth = table.column("birth_s")
+    if birth.null_count == len(birth):
+        return None
+    return birth.to_numpy(zero_copy_only=False).astype(np.float64)
