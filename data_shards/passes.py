@@ -48,10 +48,13 @@ def _cleaned(frame: pl.DataFrame, ctx: PassContext, tally: Tally) -> pl.DataFram
     return prepare_events(clean_events(frame, ctx.cfg.cleaning, tally, ctx.reserved), ctx.cfg.vocab)
 
 
-def _last_times_us(events: pl.DataFrame) -> np.ndarray:
-    """Per-subject last event time (epoch microseconds) of the subjects in ``events``."""
-    last = events.filter(pl.col("time").is_not_null()).group_by("subject_id").agg(last=pl.col("time").max())
-    return last["last"].dt.epoch("us").to_numpy().astype(np.int64)
+def _time_range_us(events: pl.DataFrame) -> tuple[np.ndarray, int]:
+    """(per-subject last event time, longest first-to-last span) in epoch microseconds / microseconds."""
+    timed = events.filter(pl.col("time").is_not_null()).group_by("subject_id")
+    ranges = timed.agg(first=pl.col("time").min(), last=pl.col("time").max())
+    last = ranges["last"].dt.epoch("us").to_numpy().astype(np.int64)
+    first = ranges["first"].dt.epoch("us").to_numpy().astype(np.int64)
+    return last, int((last - first).max()) if len(last) else 0
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class VocabPassResult:
     path: Path
     subjects: list[int]  # distinct subject ids of the shard (the parent checks no subject spans two shards)
     last_times_us: np.ndarray  # (subjects,) int64 last event time per subject
+    max_span_s: int  # longest first-to-last event span of a subject, whole seconds rounded up
     code_counts: list[tuple[str, int]]  # pretraining-split token-producing events per code
     values: list[tuple[str, np.ndarray]]  # pretraining-split numeric values per code (ValueReservoir.group)
     tally: Tally  # cleaning counts
@@ -71,10 +75,12 @@ def vocab_pass(path: Path, ctx: PassContext) -> VocabPassResult:
     tally = Tally()
     events = _cleaned(frame, ctx, tally)
     pre = _with_splits(events, ctx).filter(pl.col("split") == "pretrain")
+    last_times, span_us = _time_range_us(events)
     return VocabPassResult(
         path=path,
         subjects=frame["subject_id"].unique(maintain_order=True).to_list(),
-        last_times_us=_last_times_us(events),
+        last_times_us=last_times,
+        max_span_s=-(-span_us // 1_000_000) + 1,  # + 1: whole-second flooring of both ends
         code_counts=list(code_counts(pre, ctx.cfg.history).iter_rows()),
         values=ValueReservoir.group(pre.filter(pl.col("time").is_not_null())),
         tally=tally,

@@ -285,6 +285,7 @@ def _prepare_into(
     reservoir = ValueReservoir(cfg.vocab.max_values_per_code, cfg.splits.seed)
     last_times: list[np.ndarray] = []
     tally = Tally()
+    max_span_s = 0
     owners: dict[int, Path] = {}  # subject id -> its MEDS shard: a subject in two shards is an error
     results = pool.map(passes.vocab_pass, shard_paths, context)
     for result in tqdm(results, total=len(shard_paths), desc="pass 1 vocab", unit="shard", disable=not progress):
@@ -296,6 +297,7 @@ def _prepare_into(
                 )
         tally.merge(result.tally)
         last_times.append(result.last_times_us)
+        max_span_s = max(max_span_s, result.max_span_s)
         for code, count in result.code_counts:
             counts[code] += count
         reservoir.add_grouped(result.values)
@@ -317,7 +319,9 @@ def _prepare_into(
     save_config(cfg, tmp / "config.yaml")
 
     # Pass 2: sequences and labels.
-    writers = {s: SplitShardWriter(tmp, s, cfg.shards.patients_per_shard, len(vocab)) for s in splits_mod.SPLITS}
+    writers = {
+        s: SplitShardWriter(tmp, s, cfg.shards.patients_per_shard, len(vocab), max_span_s) for s in splits_mod.SPLITS
+    }
     labels: dict[tuple[str, str], list[pl.DataFrame]] = {}
     task_tallies = {t.name: TaskTally() for t in tasks}
     split_counts: Counter = Counter()

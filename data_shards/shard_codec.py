@@ -10,13 +10,14 @@ input_ids           vocabulary ids: uint16 when the vocabulary has at most 65,53
 type_ids            TokenType                                                                    1
 visit_steps         visit order minus the previous token's (the first token: its own order);     1
                     0 or 1, as orders are sorted and numbered without gaps
-time_offsets_s      seconds from the row's ``base_time_s`` (its earliest token) to the token's   4
-                    event: a record may span up to 2**32 - 1 s (136 years)
+time_offsets_s      seconds from the row's ``base_time_s`` (its earliest token) to the token's   4 (8)
+                    event: uint32 when no patient's events span more than 2**32 - 1 s (136
+                    years, see :func:`shard_schema`), else int64
 ==================  ===========================================================================  =========
 
 plus per row ``subject_id``, ``base_time_s`` (int64, epoch seconds), ``birth_s`` (int64 epoch seconds, null
-when unknown) and ``length``: 8 bytes per token (10 with a vocabulary over 65,536 ids), against 26 for the
-seven streams stored as they are used. Decoding (:func:`decode`) is exact:
+when unknown) and ``length``: 8 bytes per token (more only with a vocabulary over 65,536 ids or a record over
+136 years), against 26 for the seven streams stored as they are used. Decoding (:func:`decode`) is exact:
 
 * ``event_time_s = base_time_s + time_offsets_s``
 * ``visit_orders = cumsum(visit_steps)``; ``visit_segments = 0`` where the order is 0, else ``2 - order % 2``
@@ -43,16 +44,18 @@ ROW_COLUMNS = ("subject_id", "base_time_s", "birth_s", "length")
 STORED_TOKEN_COLUMNS = ("input_ids", "type_ids", "visit_steps", "time_offsets_s")
 
 
-def shard_schema(vocab_size: int) -> pa.Schema:
-    """Arrow schema of the shards of a corpus whose vocabulary has ``vocab_size`` ids."""
+def shard_schema(vocab_size: int, max_span_s: int = 0) -> pa.Schema:
+    """Arrow schema of the shards of a corpus whose vocabulary has ``vocab_size`` ids and whose longest
+    record spans ``max_span_s`` seconds (first to last event of a patient, known after prepare's pass 1)."""
     ids = pa.uint16() if vocab_size <= 1 << 16 else pa.int32()
+    offsets = pa.uint32() if max_span_s <= MAX_OFFSET_S else pa.int64()
     return pa.schema(
         [
             ("subject_id", pa.int64()),
             ("input_ids", pa.list_(ids)),
             ("type_ids", pa.list_(pa.int8())),
             ("visit_steps", pa.list_(pa.int8())),
-            ("time_offsets_s", pa.list_(pa.uint32())),
+            ("time_offsets_s", pa.list_(offsets)),
             ("base_time_s", pa.int64()),
             ("birth_s", pa.int64()),
             ("length", pa.int32()),
@@ -80,11 +83,12 @@ def encode(table: pa.Table, schema: pa.Schema) -> pa.Table:
     base = np.zeros(len(lengths), np.int64)
     base[nonempty] = np.minimum.reduceat(times, starts[nonempty]) if len(times) else []
     rel = times - np.repeat(base, lengths)
-    if len(rel) and rel.max() > MAX_OFFSET_S:
+    limit = MAX_OFFSET_S if schema.field("time_offsets_s").type.value_type == pa.uint32() else np.iinfo(np.int64).max
+    if len(rel) and rel.max() > limit:
         row = int(np.searchsorted(offsets, int(rel.argmax()), side="right") - 1)
         raise DataError(
-            f"subject_id {table.column('subject_id')[row].as_py()}: events span {rel.max() / 3.156e7:.0f} years, "
-            f"more than the 136 a shard row can hold; check cleaning.min_time / max_time and the birth date"
+            f"subject_id {table.column('subject_id')[row].as_py()}: events span {rel.max()} s, more than the "
+            f"{limit} s that this corpus's shard schema was sized for (pass 1 saw a shorter record)"
         )
     _, orders = _list_values(table, "visit_orders")
     steps = np.diff(orders.astype(np.int64), prepend=0)

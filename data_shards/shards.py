@@ -32,9 +32,9 @@ FORMAT_VERSION = 3  # 3: compact rows (.shard_codec: 8 bytes per token); 2: stay
 class SplitShardWriter:
     """Appends patient sequences to ``shards/<split>/`` files, starting a new file every N patients."""
 
-    def __init__(self, root: Path, split: str, patients_per_shard: int, vocab_size: int) -> None:
+    def __init__(self, root: Path, split: str, patients_per_shard: int, vocab_size: int, max_span_s: int = 0) -> None:
         self.dir = root / "shards" / split
-        self.schema = shard_schema(vocab_size)
+        self.schema = shard_schema(vocab_size, max_span_s)
         self.split = split
         self.per_shard = patients_per_shard
         self.shards: list[dict] = []

@@ -204,11 +204,11 @@ def test_killed_prepare_leaves_no_complete_looking_folder(tmp_path, meds_dataset
     out = tmp_path / "out"
     code = (
         "import sys, time; from pathlib import Path\n"
-        "import ehrfm.data_shards.prepare as p\n"
-        "orig = p.build_sequences\n"
+        "import ehrfm.data_shards.prepare as p, ehrfm.data_shards.passes as passes\n"
+        "orig = passes.build_sequences\n"
         "def slow(*a, **k):\n"
         "    print('tokenizing', flush=True); time.sleep(60); return orig(*a, **k)\n"
-        "p.build_sequences = slow\n"
+        "passes.build_sequences = slow\n"
         f"p.prepare(Path({str(meds_dataset)!r}), Path({str(out)!r}), p.PrepareConfig(tasks=[]), progress=False)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -98,16 +99,17 @@ def test_inputs_precede_prediction_time(frame, extra_days):
 
 def _samples(frame, lookback: str, split: str) -> dict:
     from ehrfm.data_shards.config import PrepareConfig
-    from ehrfm.data_shards.prepare import _sequences
+    from ehrfm.data_shards.passes import PassContext, _sequences
 
     events = prepare_events(clean_events(frame, CleaningConfig(), Tally()), VocabConfig())
     counts = dict(events.group_by("code").len().iter_rows())
     vocab = Vocabulary.build(counts, {}, min_frequency=1, task_tokens=[])
     cfg = PrepareConfig()
     cfg.history.lookback = lookback
-    seqs = _sequences(events.with_columns(split=pl.lit(split)), vocab, cfg)
+    context = PassContext(cfg=cfg, meds_root=Path("."), reserved=(), meds_splits=None, vocab=vocab)
+    seqs = _sequences(events.with_columns(split=pl.lit(split)), context)
     return {
-        row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length")}
+        row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length", "birth_s")}
         for row in seqs.iter_rows(named=True)
     }, vocab
 

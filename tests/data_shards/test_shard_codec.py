@@ -36,7 +36,9 @@ def _sequences(rng: np.random.Generator, n: int, vocab_size: int) -> pl.DataFram
                 "input_ids": rng.integers(0, vocab_size, length).astype(np.int32).tolist(),
                 "type_ids": rng.integers(1, 15, length).astype(np.int8).tolist(),
                 "ages": (ages.astype(np.float32) if birth is not None else np.zeros(length, np.float32)).tolist(),
-                "times": ((seconds * 1_000_000).astype(np.float64) / (7 * 86400 * 1_000_000)).astype(np.float32).tolist(),
+                "times": ((seconds * 1_000_000).astype(np.float64) / (7 * 86400 * 1_000_000))
+                .astype(np.float32)
+                .tolist(),
                 "visit_segments": np.where(orders > 0, 2 - orders % 2, 0).astype(np.int8).tolist(),
                 "visit_orders": orders.astype(np.int32).tolist(),
                 "event_time_s": seconds.tolist(),
@@ -91,10 +93,17 @@ def test_shards_take_at_most_12_bytes_per_token(synthea_prepared):
     assert size / manifest["counts"]["tokens_total"] <= 12.0
 
 
-def test_a_record_longer_than_136_years_is_a_clear_error():
+def test_records_longer_than_136_years_get_wide_time_offsets(tmp_path):
+    """A corpus with a record over 2**32 s keeps exact times with int64 offsets; a schema sized for shorter
+    records refuses such a row with a clear error instead of wrapping around."""
     seqs = _sequences(np.random.default_rng(0), 2, 300)
     times = seqs["event_time_s"].to_list()
     times[1][-1] = times[1][0] + 140 * YEAR_S
     seqs = seqs.with_columns(pl.Series("event_time_s", times))
-    with pytest.raises(DataError, match=r"subject_id 1001: events span .* more than the 136"):
+    with pytest.raises(DataError, match=r"subject_id 1001: events span \d+ s, more than the 4294967295 s"):
         encode(seqs.to_arrow(), shard_schema(300))
+    writer = SplitShardWriter(tmp_path, "test", 10, 300, max_span_s=141 * YEAR_S)
+    writer.write(seqs)
+    (shard,) = writer.finish()
+    _, streams, _ = read_streams(tmp_path / shard["path"], ("event_time_s",))
+    np.testing.assert_array_equal(streams["event_time_s"], seqs["event_time_s"].explode().to_numpy())
