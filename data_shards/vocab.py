@@ -195,24 +195,34 @@ class Vocabulary:
 
         return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
 
+    def additional_special_tokens(self) -> list[str]:
+        """The special tokens of the HF tokenizer besides [PAD], [UNK], [MASK] and [CLS]."""
+        return [schema.VS, schema.VE, schema.REG, *schema.INTERVAL_TOKENS, *self.task_tokens]
+
     def save(self, folder: Path) -> None:
-        """HF tokenizer files (AutoTokenizer-loadable) plus ``ehrfm_vocab.json`` with edges and counts."""
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        """HF tokenizer files (AutoTokenizer-loadable) plus ``ehrfm_vocab.json`` with edges and counts.
+
+        Written with the ``tokenizers`` library alone: importing transformers would cost `ehrfm prepare` ~2 s of
+        start-up. tokenizer.json is a word-level model over the ids with the special and task tokens added as
+        special; tokenizer_config.json names them the way ``PreTrainedTokenizerFast(...)`` would (a test
+        checks that AutoTokenizer loads the same tokenizer as one made by transformers).
+        """
+        from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
         folder.mkdir(parents=True, exist_ok=True)
         core = Tokenizer(models.WordLevel(vocab=dict(self.ids), unk_token=schema.UNK))
         core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=core,
-            pad_token=schema.PAD,
-            unk_token=schema.UNK,
-            mask_token=schema.MASK,
-            cls_token=schema.CLS,
-            additional_special_tokens=[schema.VS, schema.VE, schema.REG, *schema.INTERVAL_TOKENS, *self.task_tokens],
-            model_max_length=1_000_000,
-        )
-        fast.save_pretrained(str(folder))
+        named = {"pad_token": schema.PAD, "unk_token": schema.UNK, "mask_token": schema.MASK, "cls_token": schema.CLS}
+        extra = self.additional_special_tokens()
+        core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*named.values(), *extra)])
+        core.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **named,
+            "additional_special_tokens": extra,
+            "model_max_length": 1_000_000,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (folder / "ehrfm_vocab.json").write_text(
             json.dumps(
                 {

@@ -41,6 +41,7 @@ NDJSON files may spread a patient's resources over files (bulk export).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -69,6 +70,7 @@ EVENT_COLUMNS = tuple(EVENT_SCHEMA)
 MAX_EXAMPLES = 20  # examples of dropped resources kept in the tally
 
 
+@functools.lru_cache(maxsize=4096)  # a bundle repeats its patient's reference in every resource
 def subject_id_for(patient_ref: str) -> int:
     """Stable int64 subject id for a FHIR Patient id (or reference ``Patient/x`` / ``urn:uuid:x``)."""
     key = patient_ref.rsplit("/", 1)[-1].removeprefix("urn:uuid:")

@@ -7,8 +7,10 @@ import datetime as dt
 import numpy as np
 import polars as pl
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ehrfm.data_shards import schema
 from ehrfm.data_shards.config import PrepareConfig, SplitConfig, VocabConfig
 from ehrfm.data_shards.prepare import prepare
 from ehrfm.data_shards.splits import SPLITS, assign_splits
@@ -115,3 +117,30 @@ def test_every_subject_gets_exactly_one_split():
     assert abs((share["pretrain"] + share["pretrain_val"]) / 20000 - 0.57) < 0.02
     assert abs(share["test"] / 20000 - 0.15) < 0.02
     assert abs(share["pretrain_val"] / (share["pretrain"] + share["pretrain_val"]) - 0.1) < 0.02
+
+
+def test_saved_tokenizer_equals_one_made_by_transformers(tmp_path):
+    """Vocabulary.save writes the HF files without transformers; AutoTokenizer loads from them the tokenizer
+    that transformers' own PreTrainedTokenizerFast would save (ids, special tokens, encoding, decoding)."""
+    counts = {"LOINC/1": 5, "SNOMED/2": 3, "RXNORM/3": 1}
+    vocab = Vocabulary.build(counts, {"LOINC/1": [1.0, 2.0]}, min_frequency=1, task_tokens=["[LOS]", "[MOR1Y]"])
+    vocab.save(tmp_path / "ours")
+    core = Tokenizer(models.WordLevel(vocab=dict(vocab.ids), unk_token=schema.UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=schema.PAD,
+        unk_token=schema.UNK,
+        mask_token=schema.MASK,
+        cls_token=schema.CLS,
+        additional_special_tokens=vocab.additional_special_tokens(),
+        model_max_length=1_000_000,
+    ).save_pretrained(str(tmp_path / "transformers"))
+    ours, theirs = (AutoTokenizer.from_pretrained(tmp_path / name) for name in ("ours", "transformers"))
+    assert len(ours) == len(theirs) == len(vocab)
+    assert ours.all_special_tokens == theirs.all_special_tokens and ours.all_special_ids == theirs.all_special_ids
+    assert (ours.pad_token_id, ours.mask_token_id, ours.cls_token_id, ours.unk_token_id) == (0, 2, 3, 1)
+    text = " ".join(vocab.tokens) + " NOT_IN_VOCAB [VS] [LOS]"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == theirs.decode(theirs(text)["input_ids"])
+    assert ours.model_max_length == theirs.model_max_length == 1_000_000
