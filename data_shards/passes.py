@@ -28,12 +28,15 @@ UNLABELLED_SPLITS = ("pretrain", "pretrain_val")
 
 @dataclasses.dataclass
 class PassContext:
-    """Read-only inputs of a pass. ``vocab``, ``data_end`` and ``tasks`` are set for pass 2 only."""
+    """Read-only inputs of a pass. ``vocab``, ``data_end`` and ``tasks`` are set for pass 2 only. With a
+    ``cache_dir``, pass 1 leaves each shard's cleaned events there (Arrow IPC, LZ4) for pass 2 to read
+    instead of reading and cleaning the shard again."""
 
     cfg: PrepareConfig
     meds_root: Path
     reserved: tuple[str, ...]
     meds_splits: pl.DataFrame | None
+    cache_dir: Path | None = None
     vocab: Vocabulary | None = None
     data_end: dt.datetime | None = None
     tasks: tuple[TaskConfig, ...] = ()
@@ -46,6 +49,12 @@ def _with_splits(frame: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
 
 def _cleaned(frame: pl.DataFrame, ctx: PassContext, tally: Tally) -> pl.DataFrame:
     return prepare_events(clean_events(frame, ctx.cfg.cleaning, tally, ctx.reserved), ctx.cfg.vocab)
+
+
+def _cache_file(path: Path, ctx: PassContext) -> Path | None:
+    if ctx.cache_dir is None:
+        return None
+    return ctx.cache_dir / (str(path.relative_to(ctx.meds_root)).replace("/", "__") + ".arrow")
 
 
 def _time_range_us(events: pl.DataFrame) -> tuple[np.ndarray, int]:
@@ -74,6 +83,9 @@ def vocab_pass(path: Path, ctx: PassContext) -> VocabPassResult:
     frame = read_meds_shard(path, ctx.meds_root)
     tally = Tally()
     events = _cleaned(frame, ctx, tally)
+    cache = _cache_file(path, ctx)
+    if cache is not None:
+        events.write_ipc(cache, compression="lz4")
     pre = _with_splits(events, ctx).filter(pl.col("split") == "pretrain")
     last_times, span_us = _time_range_us(events)
     return VocabPassResult(
@@ -119,7 +131,12 @@ def _sequences(events: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
 
 def token_pass(path: Path, ctx: PassContext) -> TokenPassResult:
     assert ctx.vocab is not None and ctx.data_end is not None
-    events = _cleaned(read_meds_shard(path, ctx.meds_root), ctx, Tally())
+    cache = _cache_file(path, ctx)
+    if cache is not None and cache.exists():
+        events = pl.read_ipc(cache)
+        cache.unlink()
+    else:
+        events = _cleaned(read_meds_shard(path, ctx.meds_root), ctx, Tally())
     after_end = events.filter(pl.col("time") > ctx.data_end).height
     events = _with_splits(events, ctx)
     seqs = _sequences(events, ctx)

@@ -278,7 +278,11 @@ def _prepare_into(
     fingerprint = source_fingerprint(input_files, input_dir if input_dir.is_dir() else input_dir.parent, digests)
     meds_splits = read_subject_splits(meds_root)
     shard_paths = list_meds_shards(meds_root)
-    context = passes.PassContext(cfg=cfg, meds_root=meds_root, reserved=reserved, meds_splits=meds_splits)
+    cache_dir = tmp / "_cleaned"  # pass 1's cleaned events, read by pass 2 (inside the output: atomic)
+    cache_dir.mkdir()
+    context = passes.PassContext(
+        cfg=cfg, meds_root=meds_root, reserved=reserved, meds_splits=meds_splits, cache_dir=cache_dir
+    )
 
     # Pass 1: vocabulary and value bins from the pretraining split.
     counts: Counter = Counter()
@@ -341,6 +345,7 @@ def _prepare_into(
             labels.setdefault(key, []).append(part)
         for name, task_tally in result.task_tallies.items():
             task_tallies[name].merge(task_tally)
+    shutil.rmtree(cache_dir)
     shard_lists = {s: w.finish() for s, w in writers.items()}
     if fhir_tally is not None:  # the MEDS folder written from FHIR gets its metadata once the splits are known
         meds_dataset.write_metadata(
