@@ -247,6 +247,9 @@ def _quantity(item: dict, invalid) -> tuple[float | None, str | None]:
 def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tally: FhirTally) -> None:
     rtype = resource.get("resourceType")
     tally.resources[rtype] += 1
+    if rtype != "Patient" and rtype not in _TIME_FIELDS:  # before any other work: most resources are ignored
+        tally.ignored_types[rtype] += 1
+        return
     rid = resource.get("id")
     source = f"{source_file}|{rtype}/{rid}"
     if rtype == "Patient":
@@ -267,9 +270,6 @@ def _convert_resource(resource: dict, source_file: Path, out: _EventBuffer, tall
             out.add(sid, death, "MEDS_DEATH", None, None, None, "OTHER", source)
         return
     subject_ref = _ref_id(resource.get("subject") or resource.get("patient"))
-    if rtype not in _TIME_FIELDS:
-        tally.ignored_types[rtype] += 1
-        return
     if subject_ref is None:
         tally.drop("no_subject", source_file, resource)
         return
