@@ -22,8 +22,8 @@ when unknown) and ``length``: 8 bytes per token (more only with a vocabulary ove
 * ``event_time_s = base_time_s + time_offsets_s``
 * ``visit_orders = cumsum(visit_steps)``; ``visit_segments = 0`` where the order is 0, else ``2 - order % 2``
   (1, 2, 1, ... per visit, as :func:`.timeline.assign_visits` numbers them)
-* ``times = event_time_s * 1e6 / US_PER_WEEK`` and ``ages = (event_time_s - birth_s) * 1e6 / (US_PER_DAY *
-  365.25)`` in float64, then float32; ``ages = 0`` without a birth time. :func:`.timeline.build_sequences`
+* ``times = event_time_s / SECONDS_PER_WEEK`` and ``ages = (event_time_s - birth_s) / SECONDS_PER_YEAR``
+  (365.25 days) in float64, then float32; ``ages = 0`` without a birth time. :func:`.timeline.build_sequences`
   computes them from whole seconds with the same operations, so prepared streams and decoded ones agree bit
   for bit.
 
@@ -36,9 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import DataError
-from .schema import DAYS_PER_YEAR, US_PER_DAY, US_PER_WEEK
+from .schema import SECONDS_PER_WEEK, SECONDS_PER_YEAR
 
-US_PER_YEAR = US_PER_DAY * DAYS_PER_YEAR  # the float that build_sequences divides by
 MAX_OFFSET_S = 2**32 - 1
 ROW_COLUMNS = ("subject_id", "base_time_s", "birth_s", "length")
 STORED_TOKEN_COLUMNS = ("input_ids", "type_ids", "visit_steps", "time_offsets_s")
@@ -132,25 +131,34 @@ def decode(
         out["input_ids"] = stored["input_ids"].astype(np.int32)
     if "type_ids" in stored:
         out["type_ids"] = stored["type_ids"].astype(np.int8, copy=False)
+    single = len(lengths) == 1  # the loader's case: per-row values are scalars, no repeats
     if "visit_steps" in stored:
-        cumulative = np.cumsum(stored["visit_steps"], dtype=np.int64)
-        if len(lengths) > 1:  # restart the sum at each row
+        orders = np.cumsum(stored["visit_steps"], dtype=np.int32)
+        if not single:  # restart the sum at each row
             starts = _row_starts(lengths)
-            before = np.where(starts > 0, cumulative[np.maximum(starts - 1, 0)], 0)
-            cumulative -= np.repeat(before, lengths)
-        out["visit_orders"] = cumulative.astype(np.int32)
-        out["visit_segments"] = np.where(cumulative > 0, 2 - cumulative % 2, 0).astype(np.int8)
+            before = np.where(starts > 0, orders[np.maximum(starts - 1, 0)], 0)
+            orders -= np.repeat(before, lengths).astype(np.int32)
+        out["visit_orders"] = orders
+        segments = (2 - (orders & 1)).astype(np.int8)
+        if single:  # order 0 ([CLS], static codes) is a row's prefix
+            segments[: np.searchsorted(orders, 1)] = 0
+        else:
+            segments[orders == 0] = 0
+        out["visit_segments"] = segments
     if "time_offsets_s" in stored:
-        seconds = np.repeat(base_time_s.astype(np.int64), lengths) + stored["time_offsets_s"].astype(np.int64)
+        base = int(base_time_s[0]) if single else np.repeat(base_time_s.astype(np.int64), lengths)
+        seconds = stored["time_offsets_s"].astype(np.int64) + base
         out["event_time_s"] = seconds
-        out["times"] = ((seconds * 1_000_000).astype(np.float64) / US_PER_WEEK).astype(np.float32)
-        ages = np.zeros(len(seconds), np.float32)
-        if birth_s is not None:
+        out["times"] = (seconds / SECONDS_PER_WEEK).astype(np.float32)
+        if birth_s is None or (single and np.isnan(birth_s[0])):
+            out["ages"] = np.zeros(len(seconds), np.float32)
+        elif single:
+            out["ages"] = ((seconds - int(birth_s[0])) / SECONDS_PER_YEAR).astype(np.float32)
+        else:
             birth = np.repeat(birth_s, lengths)
             known = ~np.isnan(birth)
-            since = seconds[known] - birth[known].astype(np.int64)
-            ages[known] = ((since * 1_000_000).astype(np.float64) / US_PER_YEAR).astype(np.float32)
-        out["ages"] = ages
+            since = seconds - np.where(known, birth, 0).astype(np.int64)
+            out["ages"] = np.where(known, since / SECONDS_PER_YEAR, 0.0).astype(np.float32)
     return out
 
 

@@ -27,7 +27,7 @@ import polars as pl
 
 from . import schema
 from .config import HistoryConfig, VisitConfig, VocabConfig
-from .schema import DAYS_PER_YEAR, SPECIAL_TYPES, US_PER_DAY, US_PER_WEEK, TokenType
+from .schema import SECONDS_PER_WEEK, SECONDS_PER_YEAR, SPECIAL_TYPES, US_PER_DAY, TokenType
 from .vocab import (
     NON_TOKEN_CODES,
     NON_TOKEN_PREFIXES,
@@ -250,13 +250,13 @@ def build_sequences(
     # (:func:`.shard_codec.decode`), so that the streams read back equal these bit for bit.
     seconds = pl.col("time").dt.epoch("us") // 1_000_000
     birth_s = pl.col("birth").dt.epoch("us") // 1_000_000
-    age_years = (((seconds - birth_s) * 1_000_000).cast(pl.Float64) / (US_PER_DAY * DAYS_PER_YEAR)).fill_null(0.0)
+    age_years = ((seconds - birth_s).cast(pl.Float64) / SECONDS_PER_YEAR).fill_null(0.0)
     rows = rows.select(
         "subject_id",
         token_ids.alias("input_ids"),
         pl.col("type_id").alias("type_ids"),
         age_years.cast(pl.Float32).alias("ages"),
-        ((seconds * 1_000_000).cast(pl.Float64) / US_PER_WEEK).cast(pl.Float32).alias("times"),
+        (seconds.cast(pl.Float64) / SECONDS_PER_WEEK).cast(pl.Float32).alias("times"),
         pl.col("visit_segment").cast(pl.Int8).alias("visit_segments"),
         pl.col("visit_order").cast(pl.Int32).alias("visit_orders"),
         seconds.alias("event_time_s"),
