@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES = (
     "ehrfm.apps.compare",  # compare (001 Table 1)
     "ehrfm.apps.study",  # study convergence, study pretraining-benefit
     "ehrfm.apps.bench",  # bench
+    "ehrfm.apps.plan",  # plan (size a run on paper)
     "ehrfm.finetune.cli",  # finetune, evaluate, baseline, embed
     "ehrfm.finetune.probe",  # probe
     "ehrfm.finetune.text_cli",  # text serialize / finetune / boost / report (002's clinical-text path)

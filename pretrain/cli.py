@@ -47,17 +47,14 @@ def sizes_of(config_cls) -> list[str]:
 
 def parameter_table(vocab_size: int = 4470) -> list[dict]:
     """One row per (architecture, size): our parameter count (built on the meta device) and 003's."""
-    import torch
-
-    from ehrfm.pretrain.models import ARCHITECTURES
+    from ehrfm.pretrain.models import ARCHITECTURES, build_meta_model
     from ehrfm.pretrain.models.embeddings import EhrEmbeddings
 
     rows = []
-    for arch, (config_cls, _base_cls, head_cls) in ARCHITECTURES.items():
+    for arch, (config_cls, _base_cls, _head_cls) in ARCHITECTURES.items():
         for size in sizes_of(config_cls):
-            config = config_cls.from_preset(size, vocab_size=vocab_size)
-            with torch.device("meta"):
-                model = head_cls(config)
+            model = build_meta_model(arch, size, vocab_size=vocab_size)
+            config = model.config
             total = sum(p.numel() for p in model.parameters())  # tied tensors are counted once
             ehr = next(m for m in model.modules() if isinstance(m, EhrEmbeddings))
             word = getattr(ehr, "word_embeddings", None)  # BERT keeps its word table inside

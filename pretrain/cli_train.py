@@ -88,23 +88,24 @@ def load_pretrain_config(path, overrides: list[str]):
     return load_config(PretrainConfig, path, overrides, defaults=recipe) if recipe else cfg
 
 
+def shorthand_overrides(*flags: tuple[object, str]) -> list[str]:
+    """``key=value`` for each (flag value, config key) whose flag was given (not None)."""
+    return [f"{key}={value}" for value, key in flags if value is not None]
+
+
 def build_config(args: argparse.Namespace):
     """PretrainConfig: defaults < the size's recipe < --config YAML < flags < key=value overrides; then the
     accelerate YAML, and --strategy over it."""
     from ..config_flags import config_overrides
     from .accelerate_config import apply_accelerate_config
 
-    shorthand = [
-        f"{key}={flag}"
-        for flag, key in (
-            (args.model, "model.architecture"),
-            (args.size, "model.size"),
-            (args.data, "data.path"),
-            (args.out, "out"),
-            (args.deepspeed_config, "deepspeed.config_file"),
-        )
-        if flag is not None
-    ]
+    shorthand = shorthand_overrides(
+        (args.model, "model.architecture"),
+        (args.size, "model.size"),
+        (args.data, "data.path"),
+        (args.out, "out"),
+        (args.deepspeed_config, "deepspeed.config_file"),
+    )
     # `lambda` is a Python keyword, so the fields are `lam*`; the spelling `dense.lambda=` works too
     overrides = [
         re.sub(r"^dense\.lambda(_sub|_orth)?=", r"dense.lam\1=", item) for item in shorthand + config_overrides(args)

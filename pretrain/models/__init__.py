@@ -93,6 +93,15 @@ def build_model(architecture: str, size: str = "tiny", head: bool = True, **over
     return (head_cls if head else base_cls)(config)
 
 
+def build_meta_model(architecture: str, size: str = "tiny", head: bool = True, **overrides):
+    """``build_model`` on the meta device: the config, shapes and parameter counts without allocating or
+    initialising any weight (``ehrfm models --params``, ``ehrfm plan``)."""
+    import torch
+
+    with torch.device("meta"):
+        return build_model(architecture, size, head=head, **overrides)
+
+
 register_auto_classes()
 
 __all__ = [
@@ -128,6 +137,7 @@ __all__ = [
     "EhrXLNetConfig",
     "EhrXLNetLMHeadModel",
     "EhrXLNetModel",
+    "build_meta_model",
     "build_model",
     "head_auto_class",
     "is_causal",
