@@ -5,7 +5,8 @@ same bytes for any N: the parallel run differs from the sequential one only in *
 With ``jobs == 1`` everything runs in this process (no pool, no pickling).
 
 One :class:`ShardPool` serves a whole `ehrfm prepare` (FHIR conversion and both passes), so its workers start
-once. Workers are started with the ``spawn`` method (polars' thread pool does not survive ``fork``). A map's
+once. Workers are started with the ``spawn`` method (polars' thread pool does not survive ``fork``), each with
+a polars thread pool of ``cores // jobs`` threads so that N workers do not oversubscribe the cores. A map's
 shared, read-only ``context`` (configuration, vocabulary, ...) is pickled once in the parent and unpickled
 once per worker and map, not once per item. At most ``2 * jobs`` items are in flight, so finished results
 never pile up in memory faster than the parent consumes them.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import pickle
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +37,11 @@ def _call_with_context(fn: Callable[[T, Any], R], item: T, map_id: int, blob: by
     return fn(item, _worker_context[1])
 
 
+def _limit_threads(threads: int) -> None:
+    """Pool initializer: runs before the first task imports polars, which reads its thread count once."""
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+
+
 class ShardPool:
     """``jobs`` worker processes (none for ``jobs == 1``) for the lifetime of a ``with`` block."""
 
@@ -47,7 +54,10 @@ class ShardPool:
     def __enter__(self) -> ShardPool:
         if self.jobs > 1:
             context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
+            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.jobs, mp_context=context, initializer=_limit_threads, initargs=(threads,)
+            )
         return self
 
     def __exit__(self, *exc) -> None:
