@@ -68,11 +68,11 @@ CONSTANTS: dict[str, Constant] = {
         "ehrfm prepare on MEDS, one process, 2-core CPU (issue 19, ehrfm bench prepare)",
     ),
     "shard_bytes_per_token": Constant(
-        26.1,
+        8.08,
         "bytes/token",
         "measured",
-        "prepared shards (format 2) of a 40-patient Synthea cohort: 3,815,848 bytes for 145,488 tokens (26.0 on "
-        "the 200-patient demo cohort, format 1); issue 19 will shrink it",
+        "prepared shards (format 3, data_shards/shard_codec.py) of a 40-patient Synthea cohort: 1,176,026 bytes for "
+        "145,488 tokens (format 2 took 26.1)",
     ),
     "events_bytes_per_event": Constant(
         6.7,
