@@ -156,8 +156,9 @@ UNLABELLED_SPLITS = ("pretrain", "pretrain_val")
 
 def _sequences(events: pl.DataFrame, vocab, cfg: PrepareConfig) -> pl.DataFrame:
     """Token sequences of a shard. ``history.lookback`` truncates the pretraining splits here (relative to the
-    last visit); labelled splits keep their whole history and are truncated relative to each prediction time
-    when cut (``examples.cut_at``): truncating them by the end of the record would leak the outcome."""
+    last visit, or stay by stay); labelled splits keep their whole history and are truncated relative to each
+    prediction time when cut (``examples.cut_at``): truncating them by the end of the record would leak the
+    outcome."""
     if cfg.history.lookback == "all":
         return build_sequences(events.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=cfg.history)
     full = dataclasses.replace(cfg.history, lookback="all")
