@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,12 @@ from .schema import SPECIAL_TOKENS
 
 # Token types a history.concept_groups entry may name (the coded event types of schema.TokenType).
 CONCEPT_GROUPS = ("DX", "MED", "LAB", "PRO", "VIT", "IMM", "OTHER")
+
+
+# history.lookback values; the one list of their names (HistoryConfig, `ehrfm bench train-throughput
+# --history-lookback`). What each keeps: HistoryConfig's docstring.
+Lookback = Literal["all", "latest_visit", "1y", "3y", "inpatient_24h"]
+LOOKBACKS: tuple[str, ...] = typing.get_args(Lookback)
 
 
 # A task name becomes a path segment (labels/<name>/<split>.parquet), so it is restricted to a safe set.
@@ -126,11 +133,19 @@ class HistoryConfig:
     lookback: "all", "latest_visit", "1y" or "3y": pretraining splits relative to the end of the patient's
         last visit; task examples relative to their prediction time (``examples.cut_at``), never to the
         record's end, which would leak the outcome.
+        "inpatient_24h" (short histories, like a cohort of ICU stays): for the pretraining splits (pretrain,
+        pretrain_val), one document per patient holding only the patient's inpatient visits (an
+        ``ENCOUNTER/IMP`` event, :data:`.timeline.STAY_WINDOWS`), each cut to its events in [start, start +
+        24 h), start = the visit's first event; a visit's end becomes its last kept event (or encounter end),
+        so its stay token is always [S1D] and interval tokens count from the cut ends. Static codes stay.
+        Patients without an inpatient visit have no pretraining document. Task examples keep their whole
+        history before the prediction time (a task's own window, e.g. 24 h after admission, is its
+        prediction time): cutting labelled splits by stay would drop the patients a task needs.
     aggregate_days: average repeated numeric events of the same code within windows of w days (0 = off).
     concept_groups: token types kept (003 3.5.4 augmentation: DX, VIT, LAB, MED, PRO, IMM, OTHER).
     """
 
-    lookback: Literal["all", "latest_visit", "1y", "3y"] = "all"
+    lookback: Lookback = "all"
     aggregate_days: float = 0.0
     concept_groups: list[str] = field(default_factory=lambda: ["DX", "MED", "LAB", "PRO", "VIT", "IMM", "OTHER"])
 

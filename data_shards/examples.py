@@ -2,9 +2,11 @@
 
 Only tokens whose event time is strictly before the prediction time are kept; then, when the data was
 prepared with ``history.lookback`` (003 truncation), only the visits within that window *of the prediction
-time* (the static prefix stays); then the most recent ``context_length`` tokens (003's right-sided cutoff).
-The lookback must be applied here and not at prepare time for labelled splits: relative to the end of the
-record it would leak the outcome (a record that ends early, e.g. at death, keeps history a survivor loses).
+time* (the static prefix stays; the per-stay windows of ``timeline.STAY_WINDOWS`` cut pretraining
+documents only, so examples keep their whole history); then the most recent ``context_length`` tokens (003's
+right-sided cutoff). The lookback must be applied here and not at prepare time for labelled splits: relative
+to the end of the record it would leak the outcome (a record that ends early, e.g. at death, keeps history a
+survivor loses).
 This is the single place where finetuning inputs are cut, and the property test in
 tests/data_shards/test_leakage.py holds it to that.
 """
@@ -19,7 +21,7 @@ import polars as pl
 from .errors import DataError
 from .shards import read_manifest
 from .stream import ShardReader
-from .timeline import LOOKBACK_DAYS
+from .timeline import LOOKBACK_DAYS, STAY_WINDOWS
 
 LOOKBACK_SECONDS = {name: days * 86400 for name, days in LOOKBACK_DAYS.items()}
 
@@ -45,7 +47,7 @@ def cut_at(
     prediction time (visit orders renumbered from 1 as in pretraining), then the last ``context_length``."""
     keep = sample["event_time_s"] < prediction_time_s
     out = {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim == 1 else v) for k, v in sample.items()}
-    if lookback != "all" and len(out["input_ids"]):
+    if lookback not in ("all", *STAY_WINDOWS) and len(out["input_ids"]):
         keep = _lookback_mask(out["event_time_s"], out["visit_orders"], prediction_time_s, lookback)
         out = {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim == 1 else v) for k, v in out.items()}
         orders = out["visit_orders"]

@@ -114,8 +114,9 @@ class TokenPassResult:
 
 def _sequences(events: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
     """Token sequences of a shard. ``history.lookback`` truncates the pretraining splits here (relative to the
-    last visit); labelled splits keep their whole history and are truncated relative to each prediction time
-    when cut (``examples.cut_at``): truncating them by the end of the record would leak the outcome."""
+    last visit, or stay by stay); labelled splits keep their whole history and are truncated relative to each
+    prediction time when cut (``examples.cut_at``): truncating them by the end of the record would leak the
+    outcome."""
     cfg, vocab = ctx.cfg, ctx.vocab
     assert vocab is not None
     if cfg.history.lookback == "all":

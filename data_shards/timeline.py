@@ -39,6 +39,9 @@ from .vocab import (
 )
 
 LOOKBACK_DAYS = {"1y": 365.25, "3y": 3 * 365.25}
+# history.lookback values that cut every visit of a kind instead of the record (HistoryConfig): name -> (the
+# encounter classes of the visits kept, as in ENCOUNTER/<class>; hours kept from each visit's start)
+STAY_WINDOWS = {"inpatient_24h": (("IMP",), 24.0)}
 
 
 def is_token_code(code: pl.Expr) -> pl.Expr:
@@ -103,6 +106,24 @@ def apply_lookback(events: pl.DataFrame, visits: pl.DataFrame, lookback: str) ->
     return events, visits
 
 
+def first_hours_of_stays(
+    events: pl.DataFrame, timed: pl.DataFrame, visit_rows: pl.DataFrame, window: str, visit_cfg: VisitConfig
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``history.lookback`` = a :data:`STAY_WINDOWS` name: of ``timed`` (token rows with ``visit_key``) and
+    ``visit_rows`` (subject_id, visit_key, time: what visit starts and ends are taken from), only the visits
+    holding an ``ENCOUNTER/<class>`` event of the window's classes (found in ``events``, so concept groups do
+    not matter), and of those only the rows in [start, start + hours), start = the visit's first row."""
+    classes, hours = STAY_WINDOWS[window]
+    opened = events.filter(pl.col("time").is_not_null() & pl.col("code").is_in([f"ENCOUNTER/{c}" for c in classes]))
+    stays = assign_visits(opened, visit_cfg).select("subject_id", "visit_key").unique()
+    keys = ["subject_id", "visit_key"]
+    starts = visit_rows.join(stays, on=keys, how="semi").group_by(keys).agg(_start=pl.col("time").min())
+    in_window = pl.col("time") < pl.col("_start") + pl.duration(microseconds=int(hours * 3600 * 1e6))
+    timed = timed.join(starts, on=keys).filter(in_window).drop("_start")
+    visit_rows = visit_rows.join(starts, on=keys).filter(in_window).drop("_start")
+    return timed, visit_rows.join(timed.select(keys).unique(), on=keys, how="semi")
+
+
 def aggregate_numeric(events: pl.DataFrame, days: float) -> pl.DataFrame:
     """003 aggregation: mean of repeated numeric events of one code within a visit and a w-day window."""
     if days <= 0:
@@ -165,12 +186,14 @@ def build_sequences(
     ends = assign_visits(
         events.filter(pl.col("time").is_not_null() & pl.col("code").str.starts_with("ENCOUNTER_END/")), visit_cfg
     ).select("subject_id", "visit_key", "time")
-    visits = visit_table(
-        pl.concat([timed.select("subject_id", "visit_key", "time"), ends], how="vertical_relaxed").join(
-            timed.select("subject_id", "visit_key").unique(), on=["subject_id", "visit_key"], how="semi"
-        )
+    visit_rows = pl.concat([timed.select("subject_id", "visit_key", "time"), ends], how="vertical_relaxed").join(
+        timed.select("subject_id", "visit_key").unique(), on=["subject_id", "visit_key"], how="semi"
     )
-    timed, visits = apply_lookback(timed, visits, history_cfg.lookback)
+    if history_cfg.lookback in STAY_WINDOWS:
+        timed, visit_rows = first_hours_of_stays(events, timed, visit_rows, history_cfg.lookback, visit_cfg)
+        visits = visit_table(visit_rows)
+    else:
+        timed, visits = apply_lookback(timed, visit_table(visit_rows), history_cfg.lookback)
     timed = aggregate_numeric(timed, history_cfg.aggregate_days)
     timed = timed.with_columns(token=bin_tokens(timed, vocab.bin_edges))
     static = static.with_columns(token=pl.col("code"))
