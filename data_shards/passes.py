@@ -112,13 +112,11 @@ class TokenPassResult:
     task_tallies: dict[str, TaskTally]
 
 
-def _sequences(events: pl.DataFrame, ctx: PassContext) -> pl.DataFrame:
+def split_sequences(events: pl.DataFrame, vocab: Vocabulary, cfg: PrepareConfig) -> pl.DataFrame:
     """Token sequences of a shard. ``history.lookback`` truncates the pretraining splits here (relative to the
     last visit, or stay by stay); labelled splits keep their whole history and are truncated relative to each
     prediction time when cut (``examples.cut_at``): truncating them by the end of the record would leak the
     outcome."""
-    cfg, vocab = ctx.cfg, ctx.vocab
-    assert vocab is not None
     if cfg.history.lookback == "all":
         return build_sequences(events.drop("split"), vocab, visit_cfg=cfg.visits, history_cfg=cfg.history)
     full = dataclasses.replace(cfg.history, lookback="all")
@@ -140,7 +138,7 @@ def token_pass(path: Path, ctx: PassContext) -> TokenPassResult:
         events = _cleaned(read_meds_shard(path, ctx.meds_root), ctx, Tally())
     after_end = events.filter(pl.col("time") > ctx.data_end).height
     events = _with_splits(events, ctx)
-    seqs = _sequences(events, ctx)
+    seqs = split_sequences(events, ctx.vocab, ctx.cfg)
     subject_split = events.select("subject_id", "split").unique()
     seqs = seqs.join(subject_split, on="subject_id", how="left")
     unk_tokens = int(seqs["input_ids"].explode().eq(ctx.vocab.unk_id).sum())

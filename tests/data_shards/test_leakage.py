@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -72,7 +71,7 @@ def test_inputs_precede_prediction_time(frame, extra_days):
     vocab = Vocabulary.build(counts, {}, min_frequency=1, task_tokens=[])
     seqs = build_sequences(events, vocab, visit_cfg=VisitConfig(), history_cfg=HistoryConfig())
     samples = {
-        row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length")}
+        row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length", "birth_s")}
         for row in seqs.iter_rows(named=True)
     }
     data_end = events["time"].max()
@@ -85,7 +84,10 @@ def test_inputs_precede_prediction_time(frame, extra_days):
             assert np.all(cut["event_time_s"] < pred_s)
             # nothing visible is dated after the prediction time in the raw events either
             raw = events.filter((pl.col("subject_id") == sid) & pl.col("time").is_not_null() & (pl.col("time") < pred))
-            assert len(cut["input_ids"]) <= len(raw) * 4 + 2
+            static = events.filter((pl.col("subject_id") == sid) & pl.col("time").is_null())
+            # each visible event, at worst alone in its visit with the visit's five specials (interval, [VS],
+            # stay length, [VE], [REG]), + [CLS] + the static codes
+            assert len(cut["input_ids"]) <= len(raw) * 6 + 1 + len(static)
             checks += 1
     for sample in samples.values():
         for days in extra_days:
@@ -99,15 +101,14 @@ def test_inputs_precede_prediction_time(frame, extra_days):
 
 def _samples(frame, lookback: str, split: str) -> dict:
     from ehrfm.data_shards.config import PrepareConfig
-    from ehrfm.data_shards.passes import PassContext, _sequences
+    from ehrfm.data_shards.passes import split_sequences
 
     events = prepare_events(clean_events(frame, CleaningConfig(), Tally()), VocabConfig())
     counts = dict(events.group_by("code").len().iter_rows())
     vocab = Vocabulary.build(counts, {}, min_frequency=1, task_tokens=[])
     cfg = PrepareConfig()
     cfg.history.lookback = lookback
-    context = PassContext(cfg=cfg, meds_root=Path("."), reserved=(), meds_splits=None, vocab=vocab)
-    seqs = _sequences(events.with_columns(split=pl.lit(split)), context)
+    seqs = split_sequences(events.with_columns(split=pl.lit(split)), vocab, cfg)
     return {
         row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length", "birth_s")}
         for row in seqs.iter_rows(named=True)

@@ -13,7 +13,7 @@ from ehrfm.config import ConfigError, load_config
 from ehrfm.data_shards.cleaning import Tally, clean_events
 from ehrfm.data_shards.config import LOOKBACKS, CleaningConfig, HistoryConfig, PrepareConfig, VocabConfig
 from ehrfm.data_shards.examples import cut_at
-from ehrfm.data_shards.prepare import _sequences
+from ehrfm.data_shards.passes import split_sequences
 from ehrfm.data_shards.timeline import STAY_WINDOWS, prepare_events
 from ehrfm.data_shards.vocab import Vocabulary
 
@@ -76,9 +76,9 @@ def _samples(lookback: str, split: str) -> tuple[dict, Vocabulary]:
     events = prepare_events(clean_events(frame, CleaningConfig(), Tally()), VocabConfig())
     vocab = Vocabulary.build(dict(events.group_by("code").len().iter_rows()), {}, min_frequency=1, task_tokens=[])
     cfg = PrepareConfig(history=HistoryConfig(lookback=lookback))
-    seqs = _sequences(events.with_columns(split=pl.lit(split)), vocab, cfg)
+    seqs = split_sequences(events.with_columns(split=pl.lit(split)), vocab, cfg)
     samples = {
-        row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length")}
+        row["subject_id"]: {k: np.asarray(v) for k, v in row.items() if k not in ("subject_id", "length", "birth_s")}
         for row in seqs.iter_rows(named=True)
     }
     return samples, vocab
