@@ -55,17 +55,18 @@ class Constant:
 
 CONSTANTS: dict[str, Constant] = {
     "fhir_events_per_s": Constant(
-        15_000,
+        13_846,
         "events/s",
         "measured",
-        "ehrfm prepare on FHIR, one process, 2-core CPU: the 320-patient Synthea demo cohort (784k events) in "
-        "51-56 s (issue 19)",
+        "ehrfm bench prepare, FHIR -> shards, one process, 2-core CPU, 100x corpus (1,000 Synthea bundles, 2.63M "
+        "events) in 190 s; `--jobs 2` 28,001 events/s",
     ),
     "meds_events_per_s": Constant(
-        280_000,
+        194_783,
         "events/s",
         "measured",
-        "ehrfm prepare on MEDS, one process, 2-core CPU (issue 19, ehrfm bench prepare)",
+        "ehrfm bench prepare, MEDS -> shards, one process, 2-core CPU, 100x corpus (11.6M events) in 60 s; `--jobs 2` "
+        "344,526 events/s",
     ),
     "shard_bytes_per_token": Constant(
         8.08,
@@ -104,11 +105,11 @@ CONSTANTS: dict[str, Constant] = {
         "tokens in 76,288 slots",
     ),
     "loader_tokens_per_s": Constant(
-        3.3e6,
+        3.2e6,
         "real tokens/s",
         "measured",
-        "packed EhrDataLoader alone, one process (num_workers=0), C=512, batch 8, 40-patient cohort, 2-core CPU "
-        "shared with a test run: 3.3M over 1,000 batches after warm-up (5.2M over 200)",
+        "packed EhrDataLoader alone, one process (num_workers=0), C=512, batch 8, 40-patient cohort, quiet 2-core "
+        "CPU, format-3 shards: median of 3 runs of 400 batches (2.5-3.7M; format 2: 2.6-4.6M, median 4.0M)",
     ),
     "cpu_small_llama_512_tokens_per_s": Constant(
         1_650,
