@@ -46,30 +46,19 @@ def run(args: argparse.Namespace) -> int:
     from .prepare import convert_fhir, prepare
 
     cfg = load_config(PrepareConfig, args.config, config_overrides(args))
+    options = {
+        "progress": not args.no_progress,
+        "overwrite": args.overwrite,
+        "config_file": args.config,
+        "jobs": args.jobs,
+    }
     if args.meds_only:
-        summary = convert_fhir(
-            args.input,
-            args.out,
-            cfg,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-            config_file=args.config,
-            jobs=args.jobs,
-        )
-        meds = summary["meds"]
+        meds = convert_fhir(args.input, args.out, cfg, **options)["meds"]
         print(
             f"wrote MEDS dataset {args.out}: {meds['subjects']} subjects, {meds['shards']} shards, {meds['codes']} codes"
         )
         return 0
-    manifest = prepare(
-        args.input,
-        args.out,
-        cfg,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-        config_file=args.config,
-        jobs=args.jobs,
-    )
+    manifest = prepare(args.input, args.out, cfg, **options)
     counts = manifest["counts"]
     print(
         f"wrote {args.out}: {counts['patients_total']} patients, {counts['tokens_total']} tokens, vocab {manifest['vocab_size']}"
