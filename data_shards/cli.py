@@ -6,6 +6,13 @@ import argparse
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_parser(subparsers) -> None:
     from ..config_flags import add_config_arguments
     from ..outputs import add_overwrite_argument
@@ -29,7 +36,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=_positive_int,
         default=1,
         help="processes for the per-shard work (FHIR conversion, both passes); the output is the same for any N",
     )

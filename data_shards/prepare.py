@@ -75,8 +75,8 @@ def convert_fhir_to_meds(
 ) -> fhir.FhirTally:
     """FHIR bundles / NDJSON -> MEDS folder (``data/<i>.parquet``, whole patients per shard). Groups of
     ``patients_per_shard`` bundle files are converted by the processes of ``pool``; shards, tally and the owner
-    check are folded in group order, so the output is the same for any number of processes. ``digests`` receives each bundle
-    file's content hash (for :func:`source_fingerprint`)."""
+    check are folded in group order, so the output is the same for any number of processes. ``digests``
+    receives each bundle file's content hash (for :func:`source_fingerprint`)."""
     bundles, ndjson = fhir.list_fhir_files(input_dir)
     data_dir = meds_root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)

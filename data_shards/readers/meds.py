@@ -12,7 +12,6 @@ one shard; a subject seen in two shards is an error (we rely on it to stream wit
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import meds
@@ -127,18 +126,3 @@ def read_subject_splits(root: Path) -> pl.DataFrame | None:
     if not {"subject_id", "split"} <= set(frame.columns):
         raise DataError(f"{path}: needs columns subject_id and split, found {frame.columns}")
     return frame.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
-
-
-def iter_meds(root: Path) -> Iterator[tuple[Path, pl.DataFrame]]:
-    """(shard path, events) for each shard; raises if a subject appears in two shards."""
-    seen: dict[int, Path] = {}
-    for path in list_meds_shards(root):
-        frame = read_meds_shard(path, root)
-        subjects = frame["subject_id"].unique()
-        for sid in subjects.to_list():
-            if sid in seen:
-                raise DataError(
-                    f"subject_id {sid} appears in both {seen[sid]} and {path}; MEDS shards must hold whole subjects"
-                )
-        seen.update(dict.fromkeys(subjects.to_list(), path))
-        yield path, frame
