@@ -91,8 +91,8 @@ def test_plan_by_hand(tiny_plan):
     assert r["wall_clock_hours"] == pytest.approx(r["gpu_hours"] / 4)
     assert r["prepared_shards"] == pytest.approx(100_000 * CONSTANTS["shard_bytes_per_token"].value / 1e9)
     events = 100_000 / CONSTANTS["tokens_per_event"].value
-    assert r["prepare_time_fhir"] == pytest.approx(events / 15_000 / 3600)
-    assert r["prepare_time_meds"] == pytest.approx(events / 280_000 / 3600)
+    assert r["prepare_time_fhir"] == pytest.approx(events / 13_846 / 3600)
+    assert r["prepare_time_meds"] == pytest.approx(events / 194_783 / 3600)
     # ddp memory = 16 bytes per parameter + activations of 2 rows x 64 tokens
     params = r["parameters"]
     acts = 2 * 64 * (34 * 256 * 4 + 6 * 500)
