@@ -73,12 +73,7 @@ class TaskExamples:
         self.lookback = _prepared_lookback(Path(data_dir))
         self.reader = ShardReader(data_dir, manifest["shards"][split])
         self.context_length = context_length
-        row_of = {}
-        for shard_idx, shard in enumerate(manifest["shards"][split]):
-            for local in range(shard["rows"]):
-                row_of[int(self.reader._load(shard_idx)["subject_id"][local])] = (
-                    int(self.reader.starts[shard_idx]) + local
-                )
+        row_of = {int(sid): row for row, sid in enumerate(self.reader.subject_ids())}
         self._row_of = row_of
         missing = [s for s in self.labels["subject_id"].to_list() if s not in row_of]
         if missing:

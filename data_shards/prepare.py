@@ -92,9 +92,7 @@ def convert_fhir_to_meds(
         zip(groups, results), total=len(groups), desc="fhir bundles", unit="shard", disable=not progress
     ):
         for sid, path in result.owners.items():
-            first = owners.setdefault(sid, path)
-            if first != path:
-                raise fhir.split_patient_error(result.patient_ids.get(sid, str(sid)), first, path)
+            fhir.claim_patient(owners, sid, path, result.patient_ids)
         tally.merge(result.tally)
         if digests is not None:
             digests.update(result.digests)

@@ -32,6 +32,8 @@ Shards stay uncompressed Arrow IPC (memory-mapped, zero-copy reads); the loader 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 
@@ -176,15 +178,51 @@ def stored_columns_for(streams: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(need[s] for s in streams))
 
 
+@dataclasses.dataclass
+class StoredShard:
+    """The stored columns of one shard file, as numpy views of the memory-mapped file (nothing decoded)."""
+
+    offsets: np.ndarray  # (rows + 1,) token offsets of the rows (every list column shares them)
+    columns: dict[str, np.ndarray]  # stored token column -> flat values over all rows
+    subject_id: np.ndarray  # (rows,)
+    base_time_s: np.ndarray  # (rows,)
+    birth_s: np.ndarray | None  # (rows,) float64, NaN where unknown; None when no row has one
+
+    def streams(self, first: int, stop: int) -> dict[str, np.ndarray]:
+        """The decoded streams of rows ``first`` .. ``stop - 1``, flat (:func:`decode`)."""
+        lo, hi = int(self.offsets[first]), int(self.offsets[stop])
+        return decode(
+            {name: values[lo:hi] for name, values in self.columns.items()},
+            np.diff(self.offsets[first : stop + 1]),
+            self.base_time_s[first:stop],
+            None if self.birth_s is None else self.birth_s[first:stop],
+        )
+
+
+def open_shard(path, streams: tuple[str, ...]) -> StoredShard:
+    """The stored columns that ``streams`` need, of the shard file at ``path`` (memory-mapped)."""
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    offsets, columns = np.zeros(1, np.int64), {}
+    for name in stored_columns_for(streams):
+        offsets, columns[name] = _list_values(table, name)
+    if not columns:  # no token stream asked for: the offsets still come from the row lengths
+        offsets = np.concatenate([[0], np.cumsum(table.column("length").to_numpy())]).astype(np.int64)
+    return StoredShard(
+        offsets=offsets,
+        columns=columns,
+        subject_id=table.column("subject_id").to_numpy(),
+        base_time_s=table.column("base_time_s").to_numpy(),
+        birth_s=birth_as_float(table),
+    )
+
+
 def read_streams(path, streams: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """(lengths, {stream: flat values over all rows}, subject ids) of a whole shard file: for passes over a
     whole corpus (reference perplexities, forecast statistics, tests)."""
-    with pa.memory_map(str(path)) as source:
-        table = pa.ipc.open_file(source).read_all()
-    lengths = table.column("length").to_numpy().astype(np.int64)
-    stored = {name: _list_values(table, name)[1] for name in stored_columns_for(streams)}
-    decoded = decode(stored, lengths, table.column("base_time_s").to_numpy(), birth_as_float(table))
-    return lengths, {s: decoded[s] for s in streams}, table.column("subject_id").to_numpy()
+    shard = open_shard(path, streams)
+    rows = len(shard.subject_id)
+    decoded = shard.streams(0, rows)
+    return np.diff(shard.offsets), {s: decoded[s] for s in streams}, shard.subject_id
 
 
 def birth_as_float(table: pa.Table) -> np.ndarray | None:

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..seeding import derive_seed
@@ -35,7 +34,7 @@ from .collate import assemble_rows, best_fit_pack, cut_document
 from .config import StreamSettings
 from .errors import DataError
 from .schema import SEQUENCE_STREAMS
-from .shard_codec import birth_as_float, decode, stored_columns_for
+from .shard_codec import StoredShard, open_shard
 from .shards import read_manifest
 
 STATE_VERSION = 1
@@ -50,46 +49,31 @@ class ShardReader:
         self.columns = tuple(columns)
         self.row_counts = np.array([s["rows"] for s in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.row_counts)])
-        self._open: dict[int, dict] = {}
+        self._open: dict[int, StoredShard] = {}
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _load(self, shard: int) -> dict:
+    def _load(self, shard: int) -> StoredShard:
         if shard not in self._open:
             if len(self._open) >= 8:
                 self._open.pop(next(iter(self._open)))
-            path = self.root / self.shards[shard]["path"]
-            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            stored = {}
-            for name in stored_columns_for(self.columns):
-                arr = table.column(name).combine_chunks()
-                stored[name] = arr.values.to_numpy(zero_copy_only=False)
-                stored["offsets"] = arr.offsets.to_numpy()
-            self._open[shard] = {
-                "stored": stored,
-                "subject_id": table.column("subject_id").to_numpy(),
-                "base_time_s": table.column("base_time_s").to_numpy(),
-                "birth_s": birth_as_float(table),
-            }
+            self._open[shard] = open_shard(self.root / self.shards[shard]["path"], self.columns)
         return self._open[shard]
+
+    def subject_ids(self) -> np.ndarray:
+        """(rows,) subject id of every row, in row order."""
+        ids = [self._load(shard).subject_id for shard in range(len(self.shards))]
+        return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
     def get(self, row: int) -> dict[str, np.ndarray]:
         """The streams of ``self.columns`` of one row (decoded: :func:`.shard_codec.decode`), and subject_id."""
         shard = int(np.searchsorted(self.starts, row, side="right") - 1)
         local = row - int(self.starts[shard])
-        cols = self._load(shard)
-        stored = cols["stored"]
-        lo, hi = int(stored["offsets"][local]), int(stored["offsets"][local + 1])
-        birth = cols["birth_s"]
-        decoded = decode(
-            {name: values[lo:hi] for name, values in stored.items() if name != "offsets"},
-            np.array([hi - lo]),
-            cols["base_time_s"][local : local + 1],
-            None if birth is None else birth[local : local + 1],
-        )
+        stored = self._load(shard)
+        decoded = stored.streams(local, local + 1)
         sample = {name: decoded[name] for name in self.columns}
-        sample["subject_id"] = cols["subject_id"][local]
+        sample["subject_id"] = stored.subject_id[local]
         return sample
 
 

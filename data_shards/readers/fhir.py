@@ -470,6 +470,14 @@ def split_patient_error(patient: str, first: Path, second: Path) -> DataError:
     )
 
 
+def claim_patient(owners: dict[int, Path], sid: int, path: Path, patient_ids: dict[int, str]) -> None:
+    """Records ``path`` as the bundle file holding subject ``sid``; a second file is a :class:`DataError`
+    naming both files and the Patient id as written (``patient_ids``)."""
+    first = owners.setdefault(sid, path)
+    if first != path:
+        raise split_patient_error(patient_ids.get(sid, str(sid)), first, path)
+
+
 def read_bundle_files(
     paths: Iterable[Path],
     tally: FhirTally,
@@ -492,9 +500,7 @@ def read_bundle_files(
         for resource in _bundle_resources(path, digests):
             _convert_resource(resource, path, buffer, tally)
         for sid in sorted(set(buffer.cols["subject_id"][start:])):
-            first = owners.setdefault(sid, path)
-            if first != path:
-                raise split_patient_error(buffer.patient_ids.get(sid, str(sid)), first, path)
+            claim_patient(owners, sid, path, buffer.patient_ids)
     if patient_ids is not None:
         patient_ids.update(buffer.patient_ids)
     return _to_frame(buffer, tally)
