@@ -95,13 +95,9 @@ def _pad_to(batches, length: int):
 def document_stats(data: Path, shards: list[dict], context: int) -> dict:
     """Sequences of a split, the documents they become cut at ``context`` (``long_sequences="split"``), and
     the documents' mean length."""
-    import pyarrow as pa
+    from ehrfm.data_shards.shard_codec import read_streams
 
-    lengths = [
-        length
-        for shard in shards
-        for length in pa.ipc.open_file(pa.memory_map(str(data / shard["path"]))).read_all().column("length").to_pylist()
-    ]
+    lengths = [int(n) for shard in shards for n in read_streams(data / shard["path"], ())[0]]
     docs = sum(math.ceil(n / context) for n in lengths)
     return {"sequences": len(lengths), "documents": docs, "mean_document_length": sum(lengths) / max(docs, 1)}
 
