@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from ehrfm.outputs import file_sha256, write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
-from .shard_codec import encode, shard_schema
+from .shard_codec import encode, open_shard, shard_schema
 
 FORMAT_VERSION = 3  # 3: compact rows (.shard_codec: 8 bytes per token); 2: stay-length tokens ([S<k>D])
 
@@ -105,7 +105,6 @@ def subject_splits(root: Path, shard_lists: dict) -> pl.DataFrame:
     frames = []
     for split, shards in shard_lists.items():
         for shard in shards:
-            with pa.memory_map(str(Path(root) / shard["path"])) as source:
-                ids = pa.ipc.open_file(source).read_all().column("subject_id")
-            frames.append(pl.DataFrame({"subject_id": pl.Series(ids.to_numpy()), "split": split}))
+            ids = open_shard(Path(root) / shard["path"], ()).subject_id
+            frames.append(pl.DataFrame({"subject_id": pl.Series(ids), "split": split}))
     return pl.concat(frames) if frames else pl.DataFrame(schema={"subject_id": pl.Int64, "split": pl.String})
