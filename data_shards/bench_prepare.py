@@ -36,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ehrfm.config_flags import comma_list
+
 _PREPARE_CHILD = r"""
 import json, resource, sys, time
 launched = float(sys.argv[5])
@@ -136,10 +138,6 @@ def replicate_meds(base: Path, copies: int, out: Path) -> Path:
     return out
 
 
-def _csv_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(
         prog="ehrfm bench prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,8 +148,13 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--age", default="60-90")
     p.add_argument("--base-patients", type=int, default=10, help="bundles of the 1x FHIR corpus")
     p.add_argument("--meds-base-patients", type=int, default=40, help="bundles converted into the 1x MEDS corpus")
-    p.add_argument("--scales", type=_csv_ints, default=[1, 10, 100])
-    p.add_argument("--jobs", type=_csv_ints, default=[1, 2], help="`ehrfm prepare --jobs` values run at each scale")
+    p.add_argument("--scales", type=lambda s: comma_list(s, int), default=[1, 10, 100])
+    p.add_argument(
+        "--jobs",
+        type=lambda s: comma_list(s, int),
+        default=[1, 2],
+        help="`ehrfm prepare --jobs` values run at each scale",
+    )
     p.add_argument("--bundles-per-shard", type=int, default=25, help="shards.fhir_bundles_per_shard of the runs")
     p.add_argument("--formats", default="fhir,meds")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary folder)")
@@ -162,7 +165,7 @@ def run(argv: list[str]) -> dict:
     source = args.fhir or generate_cohort(args.patients, seed=args.seed, age=args.age)
     bundles, _ = list_fhir_files(source)
     overrides = [f"shards.fhir_bundles_per_shard={args.bundles_per_shard}"]
-    formats = args.formats.split(",")
+    formats = comma_list(args.formats)
     results: dict = {"source": str(source), "scales": args.scales, "jobs": args.jobs, "overrides": overrides}
     with tempfile.TemporaryDirectory(prefix="ehrfm-bench-prepare-", dir=args.work) as tmp:
         tmp = Path(tmp)

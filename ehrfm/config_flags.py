@@ -21,9 +21,20 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 FLAGS_DEST = "config_flags"
+
+T = TypeVar("T")
+
+
+def comma_list(text: str | None, item: Callable[[str], T] = str) -> list[T]:  # type: ignore[assignment]
+    """A comma-separated command-line value as a list: ``"a, b,,c"`` -> ``["a", "b", "c"]``; ``None`` or ``""``
+    -> ``[]``. Items are stripped, blank ones dropped, the rest passed through ``item`` (``int``, ``float``, ...;
+    its ValueError becomes argparse's "invalid value" error when this is an argument's ``type``). The one parser
+    of such values for every command."""
+    return [item(part.strip()) for part in (text or "").split(",") if part.strip()]
 
 
 def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:

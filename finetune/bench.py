@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from ehrfm.config_flags import comma_list
+
 
 def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[dict]:
     """Synthetic patient histories of the given lengths (code ids drawn uniformly above the special tokens,
@@ -84,7 +86,7 @@ def run(argv: list[str]) -> dict:
     prompts = random_prompts([args.history] * args.examples, args.vocab, args.seed)
     cfg = SamplingConfig(samples=args.samples, max_new_tokens=args.new, seed=args.seed)
     results = {}
-    for arch in args.archs.split(","):
+    for arch in comma_list(args.archs):
         torch.manual_seed(args.seed)
         model = build_model(arch, args.size, vocab_size=args.vocab).to(device).eval()
         rows = args.examples * args.samples

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ehrfm.config_flags import comma_list
+
 # earlier spellings kept beside the generated ``--section.field`` flags
 FINETUNE_FLAG_ALIASES = {
     "learning_rate": ["--lr"],
@@ -34,10 +36,6 @@ FORECAST_FLAG_ALIASES = {
     "sampling.max_new_tokens": ["--max-new-tokens"],
     "sampling.seed": ["--seed"],
 }
-
-
-def _tasks(text: str | None) -> list[str]:
-    return [t for t in (text or "").split(",") if t]
 
 
 def add_parser(subparsers) -> None:
@@ -178,7 +176,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.data,
         args.split,
         args.out,
-        tasks=_tasks(args.tasks),
+        tasks=comma_list(args.tasks),
         n_boot=args.bootstrap,
         seed=args.seed,
         overwrite=args.overwrite,
@@ -192,7 +190,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             args.split,
             Path(args.out) / "attention",
             examples=args.attention_plots,
-            tasks=_tasks(args.tasks),
+            tasks=comma_list(args.tasks),
         )
         print(f"attention diagnostics: {paths['histograms_png']}, {paths['distance_png']}")
     print((Path(args.out) / "report.md").read_text())
@@ -220,7 +218,7 @@ def run_baseline(args: argparse.Namespace) -> int:
         run_meds_tab(
             args.data,
             args.out,
-            tasks=_tasks(args.tasks),
+            tasks=comma_list(args.tasks),
             split=args.split,
             n_boot=args.bootstrap,
             seed=args.seed,
@@ -231,7 +229,7 @@ def run_baseline(args: argparse.Namespace) -> int:
             args.model,
             args.data,
             args.out,
-            tasks=_tasks(args.tasks),
+            tasks=comma_list(args.tasks),
             split=args.split,
             embeddings=args.embeddings,
             n_boot=args.bootstrap,
@@ -270,6 +268,6 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
     from .baselines import export_embeddings
 
-    paths = export_embeddings(args.model, args.data, args.out, tuple(_tasks(args.splits)), overwrite=args.overwrite)
+    paths = export_embeddings(args.model, args.data, args.out, tuple(comma_list(args.splits)), overwrite=args.overwrite)
     print(f"wrote {len(paths)} embedding files under {args.out}")
     return 0

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import _tasks as _list
+from ehrfm.config_flags import comma_list
 
 
 def add_parser(subparsers) -> None:
@@ -79,8 +79,8 @@ def run_serialize(args: argparse.Namespace) -> int:
     paths = serialize(
         args.data,
         args.out,
-        tasks=_list(args.tasks),
-        splits=tuple(_list(args.splits)),
+        tasks=comma_list(args.tasks),
+        splits=tuple(comma_list(args.splits)),
         encoder=args.encoder,
         max_length=args.max_length,
         codes=args.codes,
@@ -125,12 +125,12 @@ def run_text_boost(args: argparse.Namespace) -> int:
         args.data,
         args.run,
         args.out,
-        _list(args.models),
+        comma_list(args.models),
         n_boot=args.bootstrap,
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    for name in _list(args.models):
+    for name in comma_list(args.models):
         print((Path(args.out) / name / "report.md").read_text())
     return 0
 
@@ -146,7 +146,7 @@ def run_text_report(args: argparse.Namespace) -> int:
         if not sep or not label or not folder:
             raise TextInputError(f"--row {item!r}: expected LABEL=EVAL_DIR")
         rows.append((label, Path(folder)))
-    table = comparison_table(rows, _list(args.tasks) or None)
+    table = comparison_table(rows, comma_list(args.tasks) or None)
     if args.out is not None:
         if Path(args.out).exists() and not args.overwrite:
             raise TextInputError(f"{args.out} exists; pass --overwrite to replace it")

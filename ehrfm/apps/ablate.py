@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..config_flags import comma_list
+
 BACKBONES = ("bert", "xlnet", "modernbert", "llama", "mamba", "mamba2")  # 003's column order
 CONCEPT_ORDER = ("DX", "VIT", "LAB", "MED", "PRO")
 ALWAYS_KEPT_GROUPS = ["IMM", "OTHER"]  # demographics and other events are kept in every concept variant
@@ -459,7 +461,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         grid = full_grid(args.steps or 2000, args.epochs or 10)
     if args.backbones:
-        chosen = tuple(b.strip() for b in args.backbones.split(",") if b.strip())
+        chosen = tuple(comma_list(args.backbones))
         unknown = [b for b in chosen if b not in BACKBONES]
         if unknown:
             raise SystemExit(f"--backbones: unknown {unknown}; choose from {list(BACKBONES)}")
@@ -470,13 +472,13 @@ def main(args: argparse.Namespace) -> int:
         source, fmt = generate_cohort(args.patients, seed=args.seed, age=args.age), "fhir"
     else:
         source, fmt = args.input, args.format
-    tasks = args.tasks.split(",") if args.tasks else None
+    tasks = comma_list(args.tasks) or None
     records = run_grid(
         source,
         fmt,
         args.out,
         grid,
-        task_sets=args.task_sets.split(","),
+        task_sets=comma_list(args.task_sets),
         tasks=tasks,
         n_boot=args.bootstrap,
         jobs=args.jobs,

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config_flags import comma_list
+
 TABLE_METRICS = {"auroc": "AUROC", "auprc": "AUPRC", "best_f1": "F1-Score"}
 
 
@@ -264,7 +266,7 @@ def main(args: argparse.Namespace) -> int:
 
     rows = PRESETS[args.preset]
     if args.rows:
-        chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+        chosen = comma_list(args.rows)
         unknown = [r for r in chosen if r not in {row.name for row in rows}]
         if unknown:
             raise SystemExit(f"--rows: unknown {unknown}; the {args.preset} preset has {[r.name for r in rows]}")
@@ -272,11 +274,7 @@ def main(args: argparse.Namespace) -> int:
     if args.context_scale <= 0:
         raise SystemExit(f"--context-scale must be > 0, got {args.context_scale}")
     manifest = read_manifest(args.data)
-    tasks = (
-        [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if args.tasks
-        else [t for t, info in manifest["tasks"].items() if info["labels"] > 0]
-    )
+    tasks = comma_list(args.tasks) or [t for t, info in manifest["tasks"].items() if info["labels"] > 0]
     settings = Settings(
         size=args.size,
         steps=args.steps,

@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+from ..config_flags import comma_list
 from ..pretrain.config import SIZE_NAMES
 
 DEMO_TASKS = ["los_7d", "readmission_30d", "mortality_1y"]
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     started = time.time()
-    backbones = [m.strip() for m in args.model.split(",") if m.strip()]
+    backbones = comma_list(args.model)
     bad = [m for m in backbones if m not in ("llama", "mamba", "mamba2")]
     if bad or not backbones:
         raise SystemExit(f"--model: choose causal backbones among llama, mamba, mamba2 (got {args.model!r})")
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         timer.start("cohort", f"your data: {args.input} ({args.format})")
         source, fmt = args.input, args.format
-        task_sets = [t for t in (args.tasks or "demo").split(",") if t]
+        task_sets = comma_list(args.tasks or "demo")
     data = out / "data"
     timer.start("prepare", f"{source} -> {data}")
     if not (data / "manifest.json").exists():

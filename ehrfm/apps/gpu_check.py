@@ -32,6 +32,8 @@ import time
 import traceback
 from pathlib import Path
 
+from ..config_flags import comma_list
+
 TOL = {"fp32": 2e-2, "bf16": 6e-2}
 
 
@@ -517,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ehrfm-gpu-check-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        report = run_checks(device, work, args.only.split(",") if args.only else None)
+        report = run_checks(device, work, comma_list(args.only) or None)
     from ..outputs import write_text_atomic
 
     write_text_atomic(args.out, json.dumps(report, indent=1, default=str) + "\n")

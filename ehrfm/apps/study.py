@@ -28,6 +28,7 @@ import math
 import time
 from pathlib import Path
 
+from ..config_flags import comma_list
 from ..pretrain.config import SIZE_NAMES
 
 STUDY_TASKS = ("los_7d", "readmission_30d")
@@ -38,7 +39,7 @@ METRICS = ("auroc", "auprc")
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(comma_list(text, float))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values or not all(0 < v <= 1 for v in values):
@@ -138,7 +139,7 @@ def run_convergence(args: argparse.Namespace) -> int:
     from ..pretrain.curves import plot_validation_curves
     from .pipeline import pretrain_stage
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = comma_list(args.models)
     unknown = [m for m in models if m not in ARCHITECTURE_NAMES]
     if unknown or not models:
         raise SystemExit(f"--models: choose among {', '.join(ARCHITECTURE_NAMES)} (got {args.models!r})")
@@ -286,10 +287,10 @@ def run_benefit(args: argparse.Namespace) -> int:
     timer.start("prepare", f"{source} -> {data}")
     if not (data / "manifest.json").exists():
         cfg = load_config(PrepareConfig, None, [f"format={fmt}", *args.prepare_option])
-        cfg.tasks = ["demo"] if args.input is None else list(args.task_sets.split(","))
+        cfg.tasks = ["demo"] if args.input is None else comma_list(args.task_sets)
         prepare(source, data, cfg)
     manifest = read_manifest(data)
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = comma_list(args.tasks)
     missing = [t for t in tasks if t not in manifest["tasks"]]
     if missing:
         raise SystemExit(f"--tasks: {missing} not in {data / 'manifest.json'} (has {sorted(manifest['tasks'])})")

@@ -21,12 +21,14 @@ import subprocess
 import sys
 import time
 
+from ehrfm.config_flags import comma_list
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ehrfm bench anaa", description=__doc__)
     p.add_argument(
         "--sizes",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=lambda s: comma_list(s, int),
         default=[256, 1024, 2048, 4096],
         help="comma-separated sequence lengths",
     )
@@ -115,7 +117,7 @@ def run(argv: list[str]) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    impls = args.impls.split(",") if args.impls else (["triton", "sdpa"] if cuda else ["reference", "factorized"])
+    impls = comma_list(args.impls) or (["triton", "sdpa"] if cuda else ["reference", "factorized"])
     passthrough = [
         "--batch",
         str(args.batch),

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ehrfm.config_flags import comma_list
+
 from .reference import orthogonality_loss, spectral_loss
 
 GRID = [(n, d) for n in (256, 1024, 4096) for d in (256, 1024, 4096)]
@@ -23,7 +25,7 @@ GRID = [(n, d) for n in (256, 1024, 4096) for d in (256, 1024, 4096)]
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
-    for item in text.split(","):
+    for item in comma_list(text):
         n, d = item.lower().split("x")
         sizes.append((int(n), int(d)))
     return sizes
@@ -85,7 +87,7 @@ def run(argv: list[str]) -> dict:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    impls = [i for i in args.impls.split(",") if i]
+    impls = comma_list(args.impls)
     rows = []
     for n, d in args.sizes:
         # A fresh compiled function per shape: recompilations would otherwise hit dynamo's cache limit and
