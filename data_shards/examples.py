@@ -19,11 +19,12 @@ import numpy as np
 import polars as pl
 
 from .errors import DataError
+from .schema import SECONDS_PER_DAY
 from .shards import read_manifest
 from .stream import ShardReader
 from .timeline import LOOKBACK_DAYS, STAY_WINDOWS
 
-LOOKBACK_SECONDS = {name: days * 86400 for name, days in LOOKBACK_DAYS.items()}
+LOOKBACK_SECONDS = {name: days * SECONDS_PER_DAY for name, days in LOOKBACK_DAYS.items()}
 
 
 def _lookback_mask(times: np.ndarray, orders: np.ndarray, prediction_time_s: int, lookback: str) -> np.ndarray:

@@ -40,7 +40,7 @@ from .parallel import ShardPool
 from .readers import fhir
 from .readers.meds import list_meds_shards, read_subject_splits
 from .reference_ppl import reference_perplexities
-from .schema import SPECIAL_TOKENS
+from .schema import SPECIAL_TOKENS, US_PER_DAY
 from .shards import FORMAT_VERSION, SplitShardWriter, subject_splits, write_json_atomic
 from .tasks import TaskConfig, TaskTally, external_task_names, load_tasks, read_external_labels
 from .vocab import ValueReservoir, Vocabulary
@@ -143,7 +143,7 @@ def derive_data_end(last_times_us: np.ndarray, cfg: CleaningConfig) -> tuple[dt.
     last = np.sort(np.asarray(last_times_us, dtype=np.int64))
     n = len(last)
     p99 = int(last[(99 * (n - 1)) // 100])
-    margin_us = int(round(cfg.data_end_margin_days * 86400 * 1_000_000))
+    margin_us = int(round(cfg.data_end_margin_days * US_PER_DAY))
     derived = int(last[np.searchsorted(last, p99 + margin_us, side="right") - 1])
     if cfg.data_end is not None:
         data_end, source = parse_time(cfg.data_end, "cleaning.data_end"), "config (cleaning.data_end)"

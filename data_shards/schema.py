@@ -24,10 +24,11 @@ STAY_TOKENS = tuple(f"[S{k}D]" for k in STAY_EDGES_DAYS) + ("[SLT]",)
 SPECIAL_TOKENS = (PAD, UNK, MASK, CLS, VS, VE, REG) + INTERVAL_TOKENS + STAY_TOKENS
 PAD_ID = 0
 # Time units of the ages (years) and times (weeks since the epoch) streams.
-US_PER_DAY = 86400 * 1_000_000
+SECONDS_PER_DAY = 86400
+US_PER_DAY = SECONDS_PER_DAY * 1_000_000
 DAYS_PER_YEAR = 365.25
-SECONDS_PER_WEEK = 7 * 86400
-SECONDS_PER_YEAR = 86400 * DAYS_PER_YEAR
+SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
+SECONDS_PER_YEAR = SECONDS_PER_DAY * DAYS_PER_YEAR
 # Input codes that are spelled like a reserved token (a special token or a task token), or that already start
 # with this prefix, get it prepended during cleaning, so "[PAD]" in the data becomes the ordinary code token
 # "CODE//[PAD]" and never the id of a special/task token (escaping stays one-to-one).

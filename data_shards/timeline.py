@@ -27,7 +27,7 @@ import polars as pl
 
 from . import schema
 from .config import HistoryConfig, VisitConfig, VocabConfig
-from .schema import SECONDS_PER_WEEK, SECONDS_PER_YEAR, SPECIAL_TYPES, US_PER_DAY, TokenType
+from .schema import DAYS_PER_YEAR, SECONDS_PER_WEEK, SECONDS_PER_YEAR, SPECIAL_TYPES, US_PER_DAY, TokenType
 from .vocab import (
     NON_TOKEN_CODES,
     NON_TOKEN_PREFIXES,
@@ -38,7 +38,7 @@ from .vocab import (
     normalize_codes,
 )
 
-LOOKBACK_DAYS = {"1y": 365.25, "3y": 3 * 365.25}
+LOOKBACK_DAYS = {"1y": DAYS_PER_YEAR, "3y": 3 * DAYS_PER_YEAR}
 # history.lookback values that cut every visit of a kind instead of the record (HistoryConfig): name -> (the
 # encounter classes of the visits kept, as in ENCOUNTER/<class>; hours kept from each visit's start)
 STAY_WINDOWS = {"inpatient_24h": (("IMP",), 24.0)}

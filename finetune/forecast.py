@@ -113,7 +113,7 @@ def token_statistics(
     """From ``split``'s shards: the type the data gives each token id (its most frequent type_id) and, per
     stay-length token id, the mean length in days of the visits it closes (token time minus the time of the
     visit's first token)."""
-    from ehrfm.data_shards.schema import NUM_TOKEN_TYPES, TokenType
+    from ehrfm.data_shards.schema import NUM_TOKEN_TYPES, SECONDS_PER_DAY, TokenType
     from ehrfm.data_shards.shard_codec import read_streams
 
     columns: dict[str, list[np.ndarray]] = {"input_ids": [], "type_ids": [], "event_time_s": [], "visit_orders": []}
@@ -141,7 +141,7 @@ def token_statistics(
     new_run[1:] = (row[1:] != row[:-1]) | (orders[1:] != orders[:-1])
     run_start = times[np.nonzero(new_run)[0]][np.cumsum(new_run) - 1]
     stay = types == int(TokenType.STAY)
-    days = (times[stay] - run_start[stay]) / 86400.0
+    days = (times[stay] - run_start[stay]) / SECONDS_PER_DAY
     total = np.bincount(ids[stay], weights=days, minlength=vocab_size)
     number = np.bincount(ids[stay], minlength=vocab_size)
     stay_days = {int(i): float(total[i] / number[i]) for i in np.nonzero(number)[0]}

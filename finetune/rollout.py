@@ -29,10 +29,12 @@ import torch
 
 from ehrfm.data_shards.schema import (
     CLS,
+    DAYS_PER_YEAR,
     INTERVAL_TOKENS,
     LONG_TERM,
     MASK,
     PAD,
+    SECONDS_PER_DAY,
     STAY_TOKENS,
     UNK,
     VS,
@@ -42,7 +44,6 @@ from ehrfm.data_shards.schema import (
 
 from .config import SamplingConfig
 
-DAYS_PER_YEAR = 365.25
 DAYS_PER_WEEK = 7.0
 
 
@@ -73,7 +74,7 @@ def open_visit_days(sample: dict, prediction_time_s: int) -> float:
     if len(orders) == 0 or orders[-1] == 0 or types[-1] == int(TokenType.REG):
         return 0.0
     start = int(np.asarray(sample["event_time_s"])[orders == orders[-1]].min())
-    return max(0.0, (prediction_time_s - start) / 86400.0)
+    return max(0.0, (prediction_time_s - start) / SECONDS_PER_DAY)
 
 
 @dataclasses.dataclass
