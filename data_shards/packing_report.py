@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from .stream import EhrDataLoader, PatientStream, StreamConfig
+
+
+def count_slots(batches: Iterable[dict]) -> dict[str, int]:
+    """Token slots of ``batches`` (each with an ``attention_mask`` (B, T)): real tokens (mask 1), all slots
+    (B x T summed), batches and rows."""
+    counts = {"real_tokens": 0, "token_slots": 0, "batches": 0, "rows": 0}
+    for batch in batches:
+        mask = batch["attention_mask"]
+        counts["real_tokens"] += int(mask.sum())
+        counts["token_slots"] += mask.numel()
+        counts["batches"] += 1
+        counts["rows"] += mask.shape[0]
+    return counts
 
 
 def packing_report(
@@ -25,21 +39,13 @@ def packing_report(
             infinite=False,
             long_sequences=long_sequences,
         )
-        real = slots = batches = rows = 0
         started = time.perf_counter()
-        for batch in EhrDataLoader(PatientStream(data_dir, split, cfg)):
-            mask = batch["attention_mask"]
-            real += int(mask.sum())
-            slots += mask.numel()
-            batches += 1
-            rows += mask.shape[0]
+        counts = count_slots(EhrDataLoader(PatientStream(data_dir, split, cfg)))
         seconds = time.perf_counter() - started
+        real = counts["real_tokens"]
         report[mode] = {
-            "real_tokens": real,
-            "token_slots": slots,
-            "real_token_fraction": real / max(slots, 1),
-            "batches": batches,
-            "rows": rows,
+            **counts,
+            "real_token_fraction": real / max(counts["token_slots"], 1),
             "loader_tokens_per_s": real / max(seconds, 1e-9),
         }
     # naive padding: one patient per row, every row padded to the full context length

@@ -31,6 +31,7 @@ Targets: packed / padded >= 2.5x real tokens/s; loader / training >= 10x.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import sys
@@ -110,11 +111,10 @@ def slot_bound(packed_pad_fraction: float, padded_pad_fraction: float) -> float:
 
 def pad_fraction(batches, n: int) -> float:
     """Padded slots / all slots of the next ``n`` batches."""
-    real = slots = 0
-    for _ in range(n):
-        mask = next(batches)["attention_mask"]
-        real, slots = real + int(mask.sum()), slots + mask.numel()
-    return 1 - real / slots
+    from ..data_shards.packing_report import count_slots
+
+    counts = count_slots(itertools.islice(batches, n))
+    return 1 - counts["real_tokens"] / counts["token_slots"]
 
 
 def _interleaved_training(loops: dict, build, steps: int, warmup: int) -> dict:

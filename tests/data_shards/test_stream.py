@@ -157,3 +157,13 @@ def test_packing_report_counts_the_same_real_tokens_in_both_modes(stream_data):
     assert report["packed"]["real_tokens"] == report["padded"]["real_tokens"] > 0
     assert report["packed"]["real_token_fraction"] >= report["padded_to_context"]["real_token_fraction"]
     assert report["packed"]["rows"] <= report["padded"]["rows"]
+
+
+def test_count_slots_by_hand():
+    import torch
+
+    from ehrfm.data_shards.packing_report import count_slots
+
+    batches = [{"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}, {"attention_mask": torch.tensor([[1, 1, 1]])}]
+    assert count_slots(batches) == {"real_tokens": 6, "token_slots": 9, "batches": 2, "rows": 3}
+    assert count_slots([]) == {"real_tokens": 0, "token_slots": 0, "batches": 0, "rows": 0}
