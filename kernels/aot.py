@@ -18,9 +18,7 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ARCHS = (80, 90)
@@ -154,7 +152,7 @@ def _dense_cases() -> list[KernelCase]:
                 {"BLOCK_N": block, "BLOCK_D": block},
             )
         )
-        for warps, stages in GRAM_TILES:
+        for warps, stages in GRAM_TILES[kind]:
             cases.append(
                 KernelCase(
                     f"{mod}:_dual_gram_kernel",
@@ -225,18 +223,18 @@ def kernel_cases() -> list[KernelCase]:
     return _anaa_cases() + _dense_cases()
 
 
-def _ptxas(arch: int) -> str:
-    """The ptxas Triton itself uses for ``arch`` (its bundled legacy one below sm_90, the newer one above)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    return get_ptxas(arch).path
-
-
 def compile_case(case: KernelCase, arch: int) -> dict:
-    """Compile one case for ``sm_{arch}``; returns registers, spill bytes and shared memory (bytes)."""
+    """Compile one case for ``sm_{arch}``; returns registers, spill bytes and shared memory (bytes).
+
+    The numbers are those of the cubin Triton itself builds: Triton runs ``ptxas -v`` with its own flags (the
+    register-allocation level among them) and prints that log when ``dump_ptxas_log`` is on; the compile skips
+    Triton's cache so that the log is always there."""
+    import contextlib
     import importlib
+    import io
 
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -250,25 +248,21 @@ def compile_case(case: KernelCase, arch: int) -> dict:
     if missing:
         raise ValueError(f"{case.kernel}: no type or constexpr for {missing}")
     constexprs = {(params.index(k),): v for k, v in case.constexprs.items()}
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": case.num_warps, "num_stages": case.num_stages},
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "kernel.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        arch_name = f"sm_{arch}a" if arch == 90 and "sm_90a" in compiled.asm["ptx"] else f"sm_{arch}"
-        out = subprocess.run(
-            [_ptxas(arch), "-v", "--gpu-name", arch_name, str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(
-                f"ptxas {arch_name} failed on {case.kernel} ({case.variant}): {out.stderr.strip()[-2000:]}"
+    ptxas_log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(ptxas_log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        try:
+            compiled = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": case.num_warps, "num_stages": case.num_stages},
             )
-    info = out.stderr
+        except Exception as error:
+            raise RuntimeError(f"sm_{arch} compile failed on {case.kernel} ({case.variant}): {error}") from error
+    info = ptxas_log.getvalue()
+    if "Used " not in info:
+        raise RuntimeError(f"{case.kernel} ({case.variant}) sm_{arch}: Triton printed no ptxas log")
     registers = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {

@@ -269,6 +269,8 @@ def test_quick_ablation_end_to_end_and_resume(cohort, tmp_path):
         "1",
         "--bootstrap",
         "10",
+        "--jobs",
+        "2",  # two pretraining runs at a time (mostly start-up on 2 cores); also the --jobs path
         *[f"--prepare-option={o}" for o in SMALL_SPLITS],
     ]
     first = _ehrfm(*args, timeout=1500)

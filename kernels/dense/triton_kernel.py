@@ -33,15 +33,19 @@ from ..tuning import HALF_DTYPES, autotuner, operand_dtype, operand_kind
 from .reference import DEFAULT_EPS
 
 BLOCK = 32  # tl.dot needs >= 16 per dimension; 32 keeps the interpreter fast and registers modest
-# GPU autotuning candidates of the two dot kernels, all spill-free on sm_80 and sm_90 (python -m ehrfm.kernels.aot;
-# tests/kernels/test_triton_aot.py). tf32x3 splits every fp32 operand into two tf32 halves: 64- and 128-row tiles
-# spilled 0.5-1.7 KB, and 4 warps spilled at 32 x 32, so the resident tiles stay 32 rows and the tuner picks the
-# column width, warps and pipelining depth. The row tile is fixed so the per-program partial-sum buffers keep
-# one layout whatever the tuner picks.
-GRAM_TILES: list[tuple[int, int]] = [(8, 2), (8, 3)]  # _dual_gram_kernel: (num_warps, num_stages), 32 x 32 tiles
+# GPU autotuning candidates of the two dot kernels per operand kind, all spill-free on sm_80 and sm_90 in the cubin
+# Triton itself builds (its ptxas flags; python -m ehrfm.kernels.aot, tests/kernels/test_triton_aot.py). tf32x3
+# splits every fp32 operand into two tf32 halves: 64- and 128-row tiles spilled 0.5-1.7 KB, so the resident tiles
+# stay 32 rows. On sm_90 the fp32 Gram spills 24-40 bytes once pipelined (2-3 stages), and every matmul tile but
+# 32 x 64 with 8 warps spills 12-716 bytes (32 x 32 and 32 x 128 tiles, 4 warps). The row tile is fixed so the
+# per-program partial-sum buffers keep one layout whatever the tuner picks.
+GRAM_TILES: dict[str, list[tuple[int, int]]] = {  # _dual_gram_kernel: (num_warps, num_stages), 32 x 32 tiles
+    "fp32": [(8, 1), (4, 1)],
+    "half": [(8, 2), (8, 3)],
+}
 MATMUL_TILES: dict[str, list[tuple[int, int, int]]] = {  # _dual_matmul_kernel: (BLOCK_D, num_warps, num_stages)
-    "fp32": [(32, 8, 2), (64, 8, 2), (128, 8, 2)],
-    "half": [(32, 8, 2), (64, 8, 2), (128, 8, 2), (64, 4, 2)],
+    "fp32": [(64, 8, 2), (64, 8, 3)],
+    "half": [(64, 8, 2), (64, 8, 3)],
 }
 
 
@@ -259,8 +263,15 @@ def _gram_launcher(on_gpu: bool, grid: tuple[int, int]):
     """(kernel launcher, constexprs the caller adds): the autotuner on a GPU, fixed 32 x 32 tiles on CPU."""
     if not on_gpu:
         return _dual_gram_kernel[grid], {"BLOCK_R": BLOCK, "num_warps": 4}
-    configs = [triton.Config({"BLOCK_R": BLOCK}, num_warps=w, num_stages=st) for w, st in GRAM_TILES]
-    return autotuner("dense:gram", _dual_gram_kernel, configs, key=["PREC", "HALF_GRAM"])[grid], {}
+    every = sorted({t for tiles in GRAM_TILES.values() for t in tiles})
+    configs = [triton.Config({"BLOCK_R": BLOCK}, num_warps=w, num_stages=st) for w, st in every]
+
+    def prune(configs, named_args, **kwargs):
+        keep = GRAM_TILES[operand_kind(named_args["A"].dtype)]
+        return [c for c in configs if (c.num_warps, c.num_stages) in keep]
+
+    tuner = autotuner("dense:gram", _dual_gram_kernel, configs, key=["PREC", "HALF_GRAM"], prune=prune)
+    return tuner[grid], {}
 
 
 def _matmul_launcher(on_gpu: bool, dtype: torch.dtype, d: int, n_row_blocks: int):

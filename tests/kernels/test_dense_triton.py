@@ -85,3 +85,14 @@ def test_gpu_matmul_autotuner_prunes_to_the_dtype_candidates(dtype, kind):
     assert sorted((c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in kept) == sorted(
         triton_kernel.MATMUL_TILES[kind]
     )
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "half"), (torch.float16, "half"), (torch.float32, "fp32")])
+def test_gpu_gram_autotuner_prunes_to_the_dtype_candidates(dtype, kind):
+    from ehrfm.kernels import tuning
+    from ehrfm.kernels.dense import triton_kernel
+
+    triton_kernel._gram_launcher(True, (2, 2))  # builds the autotuner (launches nothing)
+    tuner = tuning._AUTOTUNERS["dense:gram"]
+    kept = tuner.early_config_prune(tuner.configs, {"A": torch.empty(0, dtype=dtype)})
+    assert sorted((c.num_warps, c.num_stages) for c in kept) == sorted(triton_kernel.GRAM_TILES[kind])
