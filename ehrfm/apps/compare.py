@@ -217,7 +217,7 @@ def compare_plots(records: list[dict], tasks: list[str], folder: Path) -> list[P
     written = []
     width = 0.8 / max(len(records), 1)
     for key, label in TABLE_METRICS.items():
-        fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(tasks), 3.6))
+        fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(tasks), 4.4))
         for i, record in enumerate(records):
             xs, ys, err_lo, err_hi = [], [], [], []
             for t, task in enumerate(tasks):
@@ -229,10 +229,13 @@ def compare_plots(records: list[dict], tasks: list[str], folder: Path) -> list[P
                 err_lo.append(whiskers[1])
                 err_hi.append(whiskers[2])
             ax.bar(xs, ys, width, yerr=[err_lo, err_hi], capsize=2, label=record["cell"])
+        if key == "auroc":
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8, label="chance")
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel(label)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, ncol=min(len(records), 3))
+        # below the axes: inside, the legend hid the tallest bars
+        ax.legend(fontsize=7, ncol=min(len(records) + 1, 4), loc="upper center", bbox_to_anchor=(0.5, -0.12))
         ax.set_title(f"001 comparison: {label} (95% CI)")
         fig.tight_layout()
         written.append(save_figure_atomic(fig, folder / f"compare_{key}.png"))
