@@ -36,7 +36,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ehrfm.config_flags import comma_list
+from ehrfm.config_flags import comma_ints, comma_list
 
 _PREPARE_CHILD = r"""
 import json, resource, sys, time
@@ -148,10 +148,10 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--age", default="60-90")
     p.add_argument("--base-patients", type=int, default=10, help="bundles of the 1x FHIR corpus")
     p.add_argument("--meds-base-patients", type=int, default=40, help="bundles converted into the 1x MEDS corpus")
-    p.add_argument("--scales", type=lambda s: comma_list(s, int), default=[1, 10, 100])
+    p.add_argument("--scales", type=comma_ints, default=[1, 10, 100])
     p.add_argument(
         "--jobs",
-        type=lambda s: comma_list(s, int),
+        type=comma_ints,
         default=[1, 2],
         help="`ehrfm prepare --jobs` values run at each scale",
     )

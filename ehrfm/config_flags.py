@@ -37,6 +37,11 @@ def comma_list(text: str | None, item: Callable[[str], T] = str) -> list[T]:  # 
     return [item(part.strip()) for part in (text or "").split(",") if part.strip()]
 
 
+def comma_ints(text: str | None) -> list[int]:
+    """:func:`comma_list` of integers, as an argparse ``type`` (its errors read "invalid comma_ints value")."""
+    return comma_list(text, int)
+
+
 def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
     """(dotted key, annotated type, default, help) of every non-dataclass field of ``cls``, nested ones included;
     help is the field's ``metadata["help"]`` (or empty)."""

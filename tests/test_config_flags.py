@@ -10,7 +10,7 @@ import pytest
 
 from ehrfm.cli import build_parser
 from ehrfm.config import load_config
-from ehrfm.config_flags import add_config_arguments, comma_list, config_overrides, flag_name, leaf_fields
+from ehrfm.config_flags import add_config_arguments, comma_ints, comma_list, config_overrides, flag_name, leaf_fields
 
 
 def _subparser(*path: str) -> argparse.ArgumentParser:
@@ -149,7 +149,7 @@ def test_comma_list_strips_drops_blanks_and_converts():
     assert comma_list("1, 10,100", int) == [1, 10, 100]
     assert comma_list("0.25,1", float) == [0.25, 1.0]
     parser = argparse.ArgumentParser(prog="x", exit_on_error=False)
-    parser.add_argument("--scales", type=lambda s: comma_list(s, int))
+    parser.add_argument("--scales", type=comma_ints)
     assert parser.parse_args(["--scales", "1,2"]).scales == [1, 2]
-    with pytest.raises(argparse.ArgumentError, match="invalid"):
+    with pytest.raises(argparse.ArgumentError, match="invalid comma_ints value"):
         parser.parse_args(["--scales", "1,x"])

@@ -21,14 +21,14 @@ import subprocess
 import sys
 import time
 
-from ehrfm.config_flags import comma_list
+from ehrfm.config_flags import comma_ints, comma_list
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ehrfm bench anaa", description=__doc__)
     p.add_argument(
         "--sizes",
-        type=lambda s: comma_list(s, int),
+        type=comma_ints,
         default=[256, 1024, 2048, 4096],
         help="comma-separated sequence lengths",
     )
